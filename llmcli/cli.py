@@ -127,6 +127,9 @@ def train_cmd(
                                           "exactly where its last checkpoint left off.",
                                           file_okay=False),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune: start from this "
+                                             "checkpoint's weights, model and tokenizer.",
+                                             file_okay=False),
 ) -> None:
     """Train a model; checkpoints, metrics and the effective config go to the run directory.
 
@@ -139,11 +142,15 @@ def train_cmd(
       llmcli train -c configs/shakespeare-char.yaml --out runs/char train.max_minutes=5
 
       llmcli train --resume runs/char train.max_steps=4000      # continue, with more steps
+
+      llmcli train --init-from runs/gpt2 --out runs/ft data.source=notes/ train.lr=1e-4
     """
     from llmcli.config import load_config
-    from llmcli.train import print_summary, resume_config, train
+    from llmcli.train import init_from_config, print_summary, resume_config, train
 
     if resume is not None:
+        if init_from is not None:
+            raise UserError("--init-from starts a new run; --resume continues one (use one of them)")
         if out is not None and out.resolve() != resume.resolve():
             raise UserError("--out and --resume name different directories; --resume continues in place")
         cfg = resume_config(resume, config, overrides or [])
@@ -151,8 +158,11 @@ def train_cmd(
     else:
         if out is None:
             raise UserError("missing --out RUN_DIR (or --resume RUN_DIR to continue a run)")
-        cfg = load_config(config, overrides or [])
-        summary = train(cfg, out, overwrite=overwrite)
+        if init_from is not None:
+            cfg = init_from_config(init_from, config, overrides or [])
+        else:
+            cfg = load_config(config, overrides or [])
+        summary = train(cfg, out, overwrite=overwrite, init_from=init_from)
     if summary:
         from accelerate import PartialState
 
@@ -162,7 +172,7 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    targets: list[str] = typer.Argument(..., metavar="RUN_DIR... [OVERRIDES]...",
+    targets: list[str] = typer.Argument(..., metavar="RUN_DIR [RUN_DIR|OVERRIDE]",
                                         help="Run or checkpoint directories (a run dir, or its best/ or "
                                              "last/), then optional data.key=value overrides."),
     split: str = typer.Option("val", "--split", help="Which split of the data to score (val, test, train)."),
@@ -273,7 +283,8 @@ def generate_cmd(
 
 @app.command("export")
 def export_cmd(
-    run_dir: Path = typer.Argument(..., help="Run or checkpoint directory (a run dir exports its final "
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                   help="Run or checkpoint directory (a run dir exports its final "
                                    "weights; name its best/ for the best ones)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
     format: str = typer.Option("hf", "--format", help="Output format: hf (Hugging Face transformers)."),
@@ -301,7 +312,8 @@ def export_cmd(
 
 @app.command("import")
 def import_cmd(
-    source: str = typer.Argument(..., help="A local Hugging Face model folder, or a hub id (gpt2, owner/name)."),
+    source: str = typer.Argument(..., metavar="SOURCE",
+                                 help="A local Hugging Face model folder, or a hub id (gpt2, owner/name)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to create."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights to store: float32, bfloat16, float16 "

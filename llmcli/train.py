@@ -125,6 +125,31 @@ def resume_config(run_dir: Path, config_path: Path | None, overrides: list[str])
     return load_config(saved, overrides)
 
 
+def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list[str]) -> Config:
+    """The config to fine-tune `checkpoint` with: its model and tokenizer, the user's data and train.
+
+    Only model.dropout may differ from the checkpoint; other model settings define its weights.
+    """
+    from llmcli.checkpoint import MODEL_CONFIG, TOKENIZER, resolve_checkpoint
+    from llmcli.model import model_config_from_json
+    from llmcli.quantize import read_quantization
+
+    directory = resolve_checkpoint(checkpoint)
+    if read_quantization(directory / MODEL_CONFIG) is not None:
+        raise UserError(f"{directory} is quantized; fine-tune from the full-precision checkpoint")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith(("model.", "tokenizer.")) and key != "model.dropout":
+            raise UserError(f"override '{item}': with --init-from the model and tokenizer come from "
+                            f"{directory}; only model.dropout can change")
+    cfg = load_config(config_path, overrides)
+    dropout = cfg.model.dropout
+    cfg.model = model_config_from_json(directory / MODEL_CONFIG)
+    cfg.model.dropout = dropout
+    cfg.tokenizer.path = str((directory / TOKENIZER).resolve())
+    return cfg
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out must be a directory: {out_dir}")
@@ -248,8 +273,11 @@ def evaluate(model: torch.nn.Module, windows: RandomWindows, batches: int, accel
 
 
 def train(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
-          console: Console = ui.stderr) -> dict[str, Any]:
-    """Train `cfg` into `out_dir` (or continue the run there); returns the final summary."""
+          init_from: Path | None = None, console: Console = ui.stderr) -> dict[str, Any]:
+    """Train `cfg` into `out_dir` (or continue the run there); returns the final summary.
+
+    `init_from` starts from a checkpoint's weights (fine-tuning); see `init_from_config`.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -299,6 +327,11 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool =
 
     set_seed(t.seed)
     model = Transformer(cfg.model)
+    if init_from is not None and not resume:
+        from llmcli.checkpoint import resolve_checkpoint
+        from llmcli.model import load_model
+
+        model.load_state_dict(load_model(resolve_checkpoint(init_from)).state_dict())
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,3 +22,12 @@ def cache_dir(tmp_path_factory, monkeypatch) -> Path:
 def sample_txt() -> Path:
     """data/sample.txt: a few Shakespeare sonnets, about 5 KB."""
     return REPO / "data" / "sample.txt"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests use tiny models, where extra threads only add contention (and noise) on small CI boxes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -98,7 +98,7 @@ def test_resume_is_bit_identical_to_one_run(corpus, tmp_path):
     assert metrics(tmp_path / "straight") == [
         {**r, "elapsed": s["elapsed"], "tokens_per_second": s["tokens_per_second"]}
         if "elapsed" in r else r
-        for r, s in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"))
+        for r, s in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"), strict=True)
     ]
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
@@ -190,3 +190,21 @@ def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path):
     two = [r["train_loss"] for r in metrics(tmp_path / "two") if "train_loss" in r]
     assert len(one) == len(two) == 6
     assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)
+
+
+def test_init_from_fine_tunes_from_a_checkpoint(corpus, tmp_path):
+    base = tmp_path / "base"
+    train(load_config(None, tiny(corpus, "train.max_steps=30", "train.lr=1e-2")), base)
+    result = runner.invoke(app, ["train", "--init-from", str(base), "--out", str(tmp_path / "ft"),
+                                 f"data.source={corpus}", "train.max_steps=2", "train.batch_size=4",
+                                 "train.eval_batches=2", "train.log_interval=1", "model.dropout=0.1"])
+    assert result.exit_code == 0, result.output
+    scratch = metrics(base)[0]["train_loss"]
+    tuned = metrics(tmp_path / "ft")[0]["train_loss"]
+    assert tuned < scratch - 0.5, (tuned, scratch)
+    cfg = load_config(tmp_path / "ft" / "config.yaml")
+    assert cfg.model.n_layer == 2 and cfg.model.dropout == 0.1
+    assert (tmp_path / "ft" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    result = runner.invoke(app, ["train", "--init-from", str(base), "--out", str(tmp_path / "ft2"),
+                                 "model.n_layer=4"])
+    assert result.exit_code == 2 and "only model.dropout can change" in result.output

@@ -1,0 +1,183 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmcli.checkpoint import write_checkpoint
+from llmcli.cli import app
+from llmcli.config import ModelConfig, TokenizerConfig, load_config
+from llmcli.errors import UserError
+from llmcli.evaluate import evaluate_checkpoint, metrics_from_sums, score_tokens, split_targets, window_plan
+from llmcli.model import Transformer
+from llmcli.tokenizer import save_tokenizer, train_tokenizer
+
+runner = CliRunner()
+TEXT = "".join(f"Line {i}: to be, or not to be; that is the question {i % 5}. Ça va?\n" for i in range(120))
+
+
+
+def make_model(vocab: int, block_size: int = 16, uniform: bool = False, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=block_size, vocab_size=vocab, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+        if uniform:
+            model.lm_head.weight.zero_()
+    return model
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def make_checkpoint(tmp_path: Path, corpus: Path, name: str, *, uniform: bool = False, seed: int = 0) -> Path:
+    tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
+    tok_path = tmp_path / f"{name}-tokenizer.json"
+    save_tokenizer(tok, tok_path)
+    model = make_model(tok.get_vocab_size(), uniform=uniform, seed=seed)
+    cfg = load_config(None, [f"data.source={corpus}", "data.val_fraction=0.2"])
+    cfg.model = model.config
+    directory = tmp_path / name
+    write_checkpoint(directory, model, cfg, tok_path, {"step": 3})
+    return directory
+
+
+# --- windows -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,block,stride", [(2, 8, 4), (5, 8, 4), (9, 8, 4), (50, 8, 4), (50, 8, 1),
+                                            (50, 8, 8), (51, 8, 3), (100, 16, 5)])
+def test_window_plan_scores_every_token_once_with_enough_context(n, block, stride):
+    plan = window_plan(n, block, stride)
+    length = min(block, n - 1)
+    scored = []
+    for i, (start, skip) in enumerate(plan):
+        assert 0 <= start and start + length <= n - 1 and 0 <= skip < length
+        targets = [start + j + 1 for j in range(skip, length)]
+        if i > 0:
+            assert len(targets) <= stride
+            assert min(t - start for t in targets) >= length - stride + 1  # context of each target
+        scored += targets
+    assert scored == list(range(1, n))
+
+
+def test_window_plan_rejects_bad_strides():
+    for stride in (0, 9):
+        with pytest.raises(UserError, match="--stride must be between 1 and the block size"):
+            window_plan(100, 8, stride)
+
+
+@pytest.mark.parametrize("stride,batch_size", [(8, 1), (3, 4), (1, 64)])
+def test_score_tokens_matches_scoring_each_token_by_hand(stride, batch_size):
+    model = make_model(20, block_size=8)
+    tokens = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0))
+    got = score_tokens(model, tokens.numpy().astype(np.uint16), stride=stride, batch_size=batch_size,
+                       first_token=19)
+    seq = torch.cat([torch.tensor([19]), tokens])
+    nll, correct, correct5 = 0.0, 0, 0
+    with torch.no_grad():
+        for start, skip in window_plan(len(seq), 8, stride):
+            for i in range(skip, 8):
+                target = start + i + 1
+                logits = model(seq[start:target][None])[0, -1]  # the window's context only
+                nll -= torch.log_softmax(logits, -1)[seq[target]].item()
+                correct += int(logits.argmax() == seq[target])
+                correct5 += int(seq[target] in logits.topk(5).indices)
+    assert got["tokens"] == 40
+    assert got["nll"] == pytest.approx(nll, rel=1e-5)
+    assert (got["correct"], got["correct_top5"]) == (correct, correct5)
+
+
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary():
+    vocab = 37
+    model = make_model(vocab, uniform=True)
+    tokens = np.random.default_rng(0).integers(0, vocab, 200)
+    metrics = metrics_from_sums(score_tokens(model, tokens, first_token=0), n_bytes=300)
+    assert metrics["perplexity"] == pytest.approx(vocab, abs=1e-4)
+    assert metrics["loss"] == pytest.approx(math.log(vocab), abs=1e-6)
+    assert metrics["tokens"] == 200
+    assert metrics["bits_per_byte"] == pytest.approx(math.log2(vocab) * 200 / 300, rel=1e-6)
+
+
+def test_split_targets_separates_overrides():
+    assert split_targets(["runs/a", "data.val_fraction=0.2", "runs/lr=3", "runs/b/best"]) == (
+        ["runs/a", "runs/lr=3", "runs/b/best"], ["data.val_fraction=0.2"])
+
+
+# --- checkpoints and the command ---------------------------------------------------------------
+
+
+def test_evaluate_checkpoint_on_a_text_file_uniform(tmp_path, corpus):
+    run = make_checkpoint(tmp_path, corpus, "uniform", uniform=True)
+    text = "to be, or not to be — Ça va?\n"  # '—' is unseen: scored as <unk>, with a warning
+    path = tmp_path / "eval.txt"
+    path.write_text(text, encoding="utf-8")
+    result = evaluate_checkpoint(run, text_file=path, progress=False)
+    vocab = train_tokenizer(TokenizerConfig(kind="char"), [TEXT]).get_vocab_size()
+    m = result.metrics
+    assert m["tokens"] == len(text)  # one token per character, the first one included
+    assert m["perplexity"] == pytest.approx(vocab, abs=1e-4)
+    assert m["bits_per_byte"] == pytest.approx(math.log2(vocab) * len(text) / len(text.encode()), rel=1e-6)
+    assert result.step == 3
+
+
+def test_cli_eval_json_on_the_checkpoints_own_val_split(tmp_path, corpus):
+    run = make_checkpoint(tmp_path, corpus, "run", uniform=True)
+    result = runner.invoke(app, ["eval", str(run), "--json", "--stride", "5", "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    row = json.loads(line)
+    assert set(row) == {"loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte", "tokens",
+                        "tokens_per_second", "checkpoint"}
+    vocab = json.loads((run / "model.json").read_text())["vocab_size"]
+    assert row["perplexity"] == pytest.approx(vocab, abs=1e-4) and row["checkpoint"] == str(run)
+    # The val split: its text's characters plus one <|endoftext|> per document, all scored.
+    from llmcli.data import prepare_data
+
+    cfg = load_config(run / "config.yaml")
+    cfg.tokenizer.path = str(run / "tokenizer.json")
+    stats = prepare_data(cfg).stats["val"]
+    assert row["tokens"] == stats["tokens"]
+    assert row["bits_per_byte"] == pytest.approx(math.log2(vocab) * stats["tokens"] / stats["bytes"], rel=1e-6)
+
+
+def test_cli_eval_compares_checkpoints_in_one_table(tmp_path, corpus):
+    a = make_checkpoint(tmp_path, corpus, "alpha", seed=1)
+    b = make_checkpoint(tmp_path, corpus, "beta", uniform=True)
+    result = runner.invoke(app, ["eval", str(a), str(b / "."), "data.val_fraction=0.3", "--stride", "16"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for needle in ("checkpoint", "bits/byte", "top-5", "alpha", "beta", "val split of"):
+        assert needle in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--split", "test"], "no 'test' split"),
+    (["--stride", "0"], "--stride must be between 1 and the block size (16)"),
+    (["--stride", "17"], "--stride must be between 1 and the block size (16)"),
+    (["model.n_layer=3"], "only data.* settings apply to eval"),
+    (["--text-file", "missing.txt"], "text file not found"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_cli_eval_errors_are_one_line(tmp_path, corpus, args, message):
+    run = make_checkpoint(tmp_path, corpus, "run")
+    result = runner.invoke(app, ["eval", str(run), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_eval_checkpoint_without_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["eval", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no model.safetensors" in result.stderr
