@@ -25,11 +25,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-# Prepare Shakespeare, train the char model for DEMO_MINUTES (replacing an earlier demo run).
+# Prepare Shakespeare, train the char model for DEMO_MINUTES (replacing an earlier demo run),
+# score it on the held-out test plays and print a sample.
 demo: install
 	$(RUN) data prepare --config configs/shakespeare-char.yaml
 	$(RUN) train --config configs/shakespeare-char.yaml --out $(DEMO_DIR) --overwrite \
 		train.max_minutes=$(DEMO_MINUTES)
+	$(RUN) eval $(DEMO_DIR)/best --split test
+	$(RUN) generate $(DEMO_DIR)/best "ROMEO:" --max-new-tokens 300 --seed 1
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=200)  # wide tables stay readable in logs and pipes
 
 
 def median_seconds(fn: Callable[[], object], *, repeat: int = 5, min_time: float = 0.2,

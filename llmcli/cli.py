@@ -377,5 +377,61 @@ def quantize_cmd(
     print_report(report)
 
 
+@app.command("serve")
+def serve_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="Run or checkpoint directory (float or "
+                                   "quantized)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. 127.0.0.1 = this machine "
+                             "only; 0.0.0.0 = every interface (set an API key then)."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0 = any free port)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCLI_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on every request "
+                                               "except GET /health. Prefer the environment variable: "
+                                               "a command line is visible to other users."),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", "-b", help="Sequences decoded together; "
+                                       "each has a KV-cache slot of the model's full context."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a slot; beyond "
+                                  "that requests get 429."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients use "
+                                             "(default: the run directory's name)."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", dir_okay=False,
+                                                 help="JSON file laying chat messages out as a prompt "
+                                                      "(see above)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="auto (bfloat16 on a GPU, else float32), float32, bfloat16, float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the model (default: "
+                                          "PyTorch's, one per core). Fewer leave a core for the HTTP "
+                                          "side; small models run fastest on 1."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with continuous batching and streaming.
+
+    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream=true gives
+    server-sent events), GET /health. Requests join and leave the running batch at every step;
+    greedy output is the same as `llmcli generate` whatever else runs. Beyond OpenAI's options:
+    top_k, min_p, repetition_penalty, ignore_eos. A prompt longer than the context keeps its last
+    block_size tokens. Ctrl-C stops taking requests (503) and lets running ones finish for a few
+    seconds.
+
+    Our models are base models, not chat-tuned: /v1/chat/completions lays the messages out as
+    "{role}: {content}\\n" each, then "assistant:", and stops at "\\nuser:". A --chat-template
+    file is JSON with any of: "prefix", "message" (e.g. "{role}: {content}\\n"), "roles" (a
+    format per role), "generation_prompt", "stop" (a list); formats use {role} and {content}.
+
+    Examples:
+
+      llmcli serve runs/char
+
+      LLMCLI_API_KEY=secret llmcli serve runs/char-int8 --host 0.0.0.0 --port 8080
+
+      curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
+    """
+    from llmcli.serve import run_server
+
+    run_server(run_dir, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
+               max_queue=max_queue, model_name=model_name, chat_template=chat_template, device=device,
+               dtype=dtype, threads=threads)
+
+
 def main() -> None:
     app(prog_name="llmcli")

@@ -87,7 +87,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache_k=None, cache_v=None, slots=None, positions=None, mask=None):
+    def forward(self, x, rope=None, cache_k=None, cache_v=None, slots=None, positions=None, mask=None,
+                kv_rows=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -101,8 +102,12 @@ class Attention(nn.Module):
             cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)
             cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
             width = mask.shape[-1]
-            k = cache_k[slots, :, :width].to(q.dtype)
-            v = cache_v[slots, :, :width].to(q.dtype)
+            if isinstance(kv_rows, slice):  # consecutive slots: a view, nothing copied
+                k, v = cache_k[kv_rows, :, :width], cache_v[kv_rows, :, :width]
+            else:  # gather only the `width` positions that can be attended
+                k = cache_k[:, :, :width].index_select(0, kv_rows)
+                v = cache_v[:, :, :width].index_select(0, kv_rows)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head
         # SDPA's enable_gqa only reaches the flash kernel, which takes no mask; with a mask,
@@ -148,8 +153,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache_k=None, cache_v=None, slots=None, positions=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), rope, cache_k, cache_v, slots, positions, mask)
+    def forward(self, x, rope=None, cache_k=None, cache_v=None, slots=None, positions=None, mask=None,
+                kv_rows=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache_k, cache_v, slots, positions, mask, kv_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -215,7 +221,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         limit = self.config.block_size
-        mask = None
+        mask, kv_rows = None, None
         if cache is not None:
             if slots is None or positions is None:
                 raise ValueError("forward with a cache needs both slots [B] and positions [B, T]")
@@ -223,10 +229,14 @@ class Transformer(nn.Module):
                 raise ValueError(f"slots must be [{B}] and positions [{B}, {T}]; got "
                                  f"{tuple(slots.shape)} and {tuple(positions.shape)}")
             limit = min(limit, cache.max_len)
-            lo, hi, slot_lo, slot_hi = torch.stack(
-                [positions.min(), positions.max(), slots.min(), slots.max()]).tolist()
+            increasing = (slots[1:] > slots[:-1]).all() if B > 1 else torch.tensor(True)
+            lo, hi, slot_lo, slot_hi, increasing = torch.stack(
+                [positions.min(), positions.max(), slots.min(), slots.max(), increasing.to(slots.device)]
+            ).tolist()
             if slot_lo < 0 or slot_hi >= cache.max_slots:
                 raise ValueError(f"slots must be in [0, {cache.max_slots}); got {slot_lo}..{slot_hi}")
+            # Rows reading slots lo, lo+1, ... can see the cache as a slice instead of a gather.
+            kv_rows = slice(slot_lo, slot_hi + 1) if increasing and slot_hi - slot_lo + 1 == B else slots
             # key_pos <= query_pos, over keys 0..hi only: nothing later can be attended anyway.
             key_positions = torch.arange(hi + 1, device=idx.device)
             mask = (key_positions <= positions[:, :, None])[:, None]  # [B, 1, T, hi+1]
@@ -253,7 +263,7 @@ class Transformer(nn.Module):
         for layer, block in enumerate(self.blocks):
             cache_k = cache.k[layer] if cache is not None else None
             cache_v = cache.v[layer] if cache is not None else None
-            x = block(x, rope, cache_k, cache_v, slots, positions, mask)
+            x = block(x, rope, cache_k, cache_v, slots, positions, mask, kv_rows)
         return self.lm_head(self.final_norm(x)).float()
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -357,7 +367,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     with torch.device("meta"):  # no memory, no random init: every weight comes from the file
         model = Transformer(config)
         if quantization is not None:
-            quantize.swap_in_quantized_modules(model, quantization)
+            quantize.swap_in_quantized_modules(model, quantization, dtype)
     expected = model.state_dict()
     keep_dtype = quantize.quantized_tensor_names(model)
     if config.tie_embeddings and "tok_embed.weight" in tensors and "lm_head.weight" in expected:

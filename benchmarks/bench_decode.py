@@ -1,0 +1,126 @@
+"""Decode benchmark: llmcli's engine vs Hugging Face `generate()` on the same weights, and the
+memory roofline.
+
+    python benchmarks/bench_decode.py            # 4x128 and GPT-2-124M shapes (about 3 minutes)
+
+Both sides run greedy decoding of NEW tokens after a PROMPT-token prompt, fp32, on the same
+weights (ours exported with `llmcli export`). tok/s counts generated tokens over the whole call
+(prefill included), the same way for both. The roofline is what reading every weight once per
+step allows: copy bandwidth / weight bytes (batch 1 decode is memory-bound on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console, copy_bandwidth_gbs, table  # noqa: E402
+
+from llmcli.config import ModelConfig, build_config  # noqa: E402
+from llmcli.generate import Engine, SamplingParams  # noqa: E402
+from llmcli.model import Transformer  # noqa: E402
+
+SHAPES = {
+    "4x128 (char vocab)": dict(n_layer=4, n_head=4, d_model=128, block_size=256, vocab_size=82),
+    "GPT-2 124M": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50257),
+}
+
+
+def ours(model: Transformer, prompts: list[list[int]], new: int) -> float:
+    engine = Engine(model, max_batch_size=len(prompts))
+    params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eot=True)
+    start = time.perf_counter()
+    for prompt in prompts:
+        engine.add(prompt, params)
+    generated = 0
+    while engine.has_work():
+        generated += len(engine.step())
+    return generated / (time.perf_counter() - start)
+
+
+def prefill_rate(model: Transformer, length: int) -> float:
+    engine = Engine(model, max_batch_size=1)
+    prompt = torch.randint(0, model.config.vocab_size, (length,)).tolist()
+    start = time.perf_counter()
+    engine.add(prompt, SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eot=True))
+    while engine.has_work():
+        engine.step()
+    return length / (time.perf_counter() - start)
+
+
+def hf(hf_model, prompts: list[list[int]], new: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                min_new_tokens=new, do_sample=False, pad_token_id=0)
+    generated = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return generated / (time.perf_counter() - start)
+
+
+def measure(model: Transformer, hf_model, args: argparse.Namespace) -> tuple[float, ...]:
+    """Best-of-N tok/s: ours b1, ours b8, HF b1, HF b8, and our prefill rate."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.config.vocab_size, (8, args.prompt), generator=gen).tolist()
+    return (best_of(lambda: ours(model, prompts[:1], args.new), args.repeat),
+            best_of(lambda: ours(model, prompts, args.new), args.repeat),
+            best_of(lambda: hf(hf_model, prompts[:1], args.new), args.repeat),
+            best_of(lambda: hf(hf_model, prompts, args.new), args.repeat),
+            best_of(lambda: prefill_rate(model, min(512, model.config.block_size)), args.repeat))
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up
+    return max(fn() for _ in range(repeat))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new", type=int, default=64, help="tokens to generate per sequence")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from llmcli.hf import export_hf
+
+    bandwidth = copy_bandwidth_gbs()
+    rows = []
+    for name, shape in SHAPES.items():
+        torch.manual_seed(0)
+        cfg = build_config({"model": {"preset": "gpt2", **shape}}).model
+        model = Transformer(cfg).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_checkpoint(model, cfg, Path(tmp) / "ckpt")
+            export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+            hf_model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+        ours_1, ours_8, hf_1, hf_8, prefill = measure(model, hf_model, args)
+        roofline = bandwidth * 1e9 / weight_bytes
+        rows.append([name, f"{weight_bytes / 2**20:.0f} MiB", ours_1, hf_1, ours_1 / hf_1,
+                     100 * ours_1 / roofline, ours_8, ours_8 / ours_1, hf_8, prefill])
+    table(f"Decode, fp32, greedy, {args.prompt}-token prompt + {args.new} new tokens "
+          f"(copy bandwidth {bandwidth:.1f} GB/s)",
+          ["model", "weights", "ours b1 tok/s", "HF b1 tok/s", "ours/HF b1", "% of roofline b1",
+           "ours b8 tok/s", "b8/b1", "HF b8 tok/s", "prefill tok/s"], rows)
+    console.print("targets (124M): ours/HF b1 >= 2, roofline >= 60%, b8/b1 >= 5")
+
+
+def _write_checkpoint(model: Transformer, cfg: ModelConfig, directory: Path) -> None:
+    from llmcli.checkpoint import write_checkpoint
+    from llmcli.config import Config
+    from llmcli.tokenizer import save_tokenizer, train_tokenizer
+
+    tokenizer_path = directory.parent / "tokenizer.json"
+    save_tokenizer(train_tokenizer(Config().tokenizer, ["abc"]), tokenizer_path)
+    write_checkpoint(directory, model, Config(model=cfg), tokenizer_path, {"step": 0})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Training benchmarks: machine limits, training throughput (tok/s, MFU) and learning efficiency.
+
+    python benchmarks/bench_train.py                  # all three tables (about 8 minutes)
+    python benchmarks/bench_train.py --skip-learning  # machine + throughput only (about 2 minutes)
+
+MFU = training FLOPs/token (matmuls incl. attention, Transformer.flops_per_token) x tokens/s
+divided by the fp32 matmul peak measured in the same run. The baseline is the plain PyTorch path:
+eager model, for-loop AdamW, a host sync (`loss.item()`) every step, same model and batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console, copy_bandwidth_gbs, matmul_peak_gflops, table  # noqa: E402
+
+from llmcli.config import load_config  # noqa: E402
+from llmcli.data import prepare_data  # noqa: E402
+from llmcli.model import Transformer  # noqa: E402
+from llmcli.train import RandomWindows, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL_GPT = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.block_size=64",
+               "train.batch_size=12"]
+
+
+def plain_tokens_per_second(cfg, tokens, seconds: float) -> float:
+    """The baseline: the textbook eager loop a newcomer would write."""
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    windows = RandomWindows(tokens, cfg.model.block_size, cfg.train.batch_size, seed=0)
+    step, start = 0, None
+    while True:
+        if step == 3:
+            start = time.perf_counter()
+        x, y = windows.batch(step, 0)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        loss.item()
+        step += 1
+        if start is not None and time.perf_counter() - start > seconds:
+            break
+    return (step - 3) * cfg.train.batch_size * cfg.model.block_size / (time.perf_counter() - start)
+
+
+def llmcli_tokens_per_second(overrides: list[str], steps: int, workdir: Path) -> tuple[float, float]:
+    """Steady-state tok/s of `llmcli train` (from its metrics log) and its warm-up seconds."""
+    run = workdir / f"run{len(list(workdir.iterdir()))}"
+    cfg = load_config(REPO / "configs/shakespeare-char.yaml",
+                      [*overrides, f"train.max_steps={steps}", "train.max_minutes=null",
+                       "train.log_interval=10", f"train.eval_interval={steps}", "train.eval_batches=1"])
+    train(cfg, run, console=_quiet())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_second" in r]
+    steady = sorted(r["tokens_per_second"] for r in rows[2:])
+    tok_s = steady[len(steady) // 2]
+    tokens_per_step = cfg.train.batch_size * cfg.model.block_size * cfg.train.grad_accum
+    warmup = rows[0]["elapsed"] - rows[0]["step"] * tokens_per_step / tok_s
+    shutil.rmtree(run, ignore_errors=True)
+    return tok_s, max(warmup, 0.0)
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+def throughput(peak: float, workdir: Path) -> None:
+    rows = []
+    for name, overrides, steps in [("4x128, block 64, batch 12", MINIMAL_GPT, 150),
+                                   ("shakespeare-char", [], 60)]:
+        cfg = load_config(REPO / "configs/shakespeare-char.yaml", overrides)
+        prepared = prepare_data(cfg, console=_quiet())
+        cfg.model.vocab_size = prepared.vocab_size
+        flops = Transformer(cfg.model).flops_per_token()
+        plain = plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=15)
+        eager, _ = llmcli_tokens_per_second([*overrides, "train.compile=false"], steps, workdir)
+        compiled, warm = llmcli_tokens_per_second([*overrides, "train.compile=true"], steps, workdir)
+        for label, tok_s, extra in [("plain PyTorch loop", plain, "-"),
+                                    ("llmcli train (eager)", eager, "-"),
+                                    ("llmcli train (compile)", compiled, f"{warm:.0f}s")]:
+            rows.append([name, label, tok_s, 100 * flops * tok_s / (peak * 1e9), tok_s / plain, extra])
+    table("Training throughput (fp32, 1 process)",
+          ["shape", "path", "tok/s", "MFU %", "vs plain", "compile+warm-up"], rows)
+
+
+def learning(workdir: Path, seconds: int) -> None:
+    from llmcli.evaluate import evaluate_checkpoint
+
+    run = workdir / "learning"
+    cfg = load_config(REPO / "configs/shakespeare-char.yaml",
+                      [f"train.max_minutes={seconds / 60}", "train.max_steps=null"])
+    start = time.perf_counter()
+    train(cfg, run, console=_quiet())
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    elapsed_at = {r["step"]: r["elapsed"] for r in rows if "elapsed" in r}
+    bits = [(elapsed_at.get(r["step"], math.nan), r["val_loss"] / math.log(2)) for r in evals]
+    first = next((t for t, b in bits if b <= 2.72), None)
+    at_100 = min((b for t, b in bits if t <= 100), default=math.nan)
+    results = {split: evaluate_checkpoint(run / "best", split=split, batch_size=16, progress=False)
+               for split in ("val", "test")}
+    table(f"Learning efficiency: shakespeare-char, {seconds} s budget from scratch",
+          ["measure", "value", "target"],
+          [["val bits/char at 100 s (eval samples)", at_100, "<= 2.72"],
+           ["first time val <= 2.72 bits/char", f"{first:.0f} s" if first else "never", "<= 100 s"],
+           ["val bits/char, full split (best ckpt)", results["val"].metrics["bits_per_byte"], "<= 2.40"],
+           ["test bits/char, full split (best ckpt)", results["test"].metrics["bits_per_byte"], "-"],
+           ["steps / wall seconds", f"{rows[-1]['step']} / {wall:.0f}", "-"]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-learning", action="store_true")
+    parser.add_argument("--learning-seconds", type=int, default=300)
+    args = parser.parse_args()
+    os.environ.setdefault("LLMCLI_CACHE_DIR", str(REPO / ".bench-cache"))
+    peak, bandwidth = matmul_peak_gflops(), copy_bandwidth_gbs()
+    table("Machine limits", ["measure", "value"],
+          [["fp32 matmul peak (GFLOP/s, 2048^3)", peak], ["memory copy bandwidth (GB/s)", bandwidth],
+           ["torch threads", torch.get_num_threads()]])
+    with tempfile.TemporaryDirectory() as tmp:
+        throughput(peak, Path(tmp))
+        if not args.skip_learning:
+            learning(Path(tmp), args.learning_seconds)
+    console.print("ratios are measured in this run; absolute numbers vary by machine")
+
+
+if __name__ == "__main__":
+    main()
