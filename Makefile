@@ -34,6 +34,14 @@ demo: install
 	$(RUN) eval $(DEMO_DIR)/best --split test
 	$(RUN) generate $(DEMO_DIR)/best "ROMEO:" --max-new-tokens 300 --seed 1
 
+# Every table prints ratios against a baseline measured in the same run (about 14 minutes on 2 cores).
+bench: install
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_serve.py
+
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks
 

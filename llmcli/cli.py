@@ -40,7 +40,7 @@ class _Group(TyperGroup):
 
 def _make_app(help: str) -> typer.Typer:
     return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False, rich_markup_mode="rich")
+                       pretty_exceptions_enable=False, rich_markup_mode="markdown")
 
 
 app = _make_app("Train, evaluate, sample from, quantize and serve transformer language models.")

@@ -190,7 +190,6 @@ class Reporter:
         self.enabled, self.console = enabled, console
         self.total_steps, self.max_seconds = total_steps, max_seconds
         self.live = enabled and ui.interactive(console)
-        self.smoothed: float | None = None
         self.eval_header_done = False
         self.progress: Progress | None = None
 
@@ -220,8 +219,7 @@ class Reporter:
              start_step: int) -> None:
         if not self.enabled:
             return
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        stats = f"loss {self.smoothed:.4f}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
+        stats = f"loss {loss:.4f}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
         eta = self._eta(step, elapsed, start_step)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats, eta=eta)
