@@ -52,6 +52,7 @@ import torch
 
 from llmcli.config import Config, ModelConfig, TokenizerConfig, build_config
 from llmcli.errors import ConfigError, UserError
+from llmcli.io import read_json_object
 
 GPT2, LLAMA = "gpt2", "llama"
 ARCHITECTURE = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
@@ -357,17 +358,9 @@ def _rope_theta(hf: dict[str, Any], unsupported: Any) -> float:
 
 
 def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise UserError(f"{path} not found")
+    if not path.is_file() and not required:
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return value
+    return read_json_object(path)
 
 
 def _parse_dtype(name: str | None, *, allow_auto: bool) -> torch.dtype | None:

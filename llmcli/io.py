@@ -101,3 +101,17 @@ def ensure_writable_dir(path: str | Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"output directory is not writable: {path}")
     return path
+
+
+def read_json_object(path: str | Path, *, what: str = "a JSON object") -> dict[str, Any]:
+    """Parse a JSON file that must hold an object; a one-line UserError names the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected {what}")
+    return value

@@ -12,7 +12,6 @@ start and finish independently (continuous batching); see `Transformer.forward`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig, build_config
 from llmcli.errors import UserError
-from llmcli.io import atomic_write, atomic_write_json
+from llmcli.io import atomic_write, atomic_write_json, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -328,12 +327,7 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model config not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object of model settings")
+    raw = read_json_object(path, what="a JSON object of model settings")
     raw.pop("quantization", None)  # not a model setting: load_model reads it (llmcli/quantize.py)
     return build_config({"model": raw}, {f"model.{key}": str(path) for key in raw}).model
 

@@ -24,14 +24,6 @@ TEXT = "".join(f"LINE {i}: the quick brown fox jumps over the lazy dog, and so o
 FBGEMM = Q._fbgemm_available()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(preset: str = "gpt2", seed: int = 0, **overrides) -> Transformer:
     fields = dict(PRESETS[preset], preset=preset, n_layer=2, n_head=2, d_model=64, vocab_size=50, block_size=32)
     fields.update(overrides)
