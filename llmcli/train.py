@@ -233,7 +233,7 @@ class Reporter:
         if self.max_seconds is not None:
             remaining.append(max(0.0, self.max_seconds - elapsed))
         if self.total_steps and step > start_step and elapsed > 0:
-            per_step = elapsed / max(1, step)
+            per_step = elapsed / (step - start_step)  # elapsed counts this run only
             remaining.append(per_step * (self.total_steps - step))
         return ui.format_duration(min(remaining)) if remaining else "-"
 
@@ -348,7 +348,9 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool =
     val_windows = RandomWindows(val_tokens, cfg.model.block_size, t.batch_size, t.seed + 1)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * world
     max_seconds = t.max_minutes * 60 if t.max_minutes else None
-    reporter = Reporter(main, t.max_steps, max_seconds, console)
+    # The budget spans resumes; the reporter times this run only, so give it what is left.
+    budget_left = max_seconds - state.elapsed if max_seconds is not None else None
+    reporter = Reporter(main, t.max_steps, budget_left, console)
     metrics_file = open(out_dir / METRICS, "a") if main else None
 
     def record(entry: dict[str, Any]) -> None:
