@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, copy_bandwidth_gbs, matmul_peak_gflops, table  # noqa: E402
+from common import console, copy_bandwidth_gbs, matmul_peak_gflops, median_seconds, table  # noqa: E402
 
 from llmcli.config import load_config  # noqa: E402
 from llmcli.data import prepare_data  # noqa: E402
@@ -101,6 +101,75 @@ def throughput(peak: float, workdir: Path) -> None:
           ["shape", "path", "tok/s", "MFU %", "vs plain", "compile+warm-up"], rows)
 
 
+def step_profile(peak: float) -> None:
+    """Where one compiled training step's time goes at the 4x128/block 64/batch 12 shape.
+
+    torch.profiler's self CPU time per op, grouped; then the step's Linear GEMMs (forward and
+    both backward products, same shapes) timed alone, which bounds the MFU any implementation
+    built on these matmul kernels can reach: every other op only adds time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_config(REPO / "configs/shakespeare-char.yaml", MINIMAL_GPT)
+    cfg.model.vocab_size = prepare_data(cfg, console=_quiet()).vocab_size
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    compiled = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=True)
+    shape = (cfg.train.batch_size, cfg.model.block_size)
+    x, y = torch.randint(0, cfg.model.vocab_size, shape), torch.randint(0, cfg.model.vocab_size, shape)
+
+    def step() -> None:
+        loss = F.cross_entropy(compiled(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    steps = 20
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    groups = {"Linear GEMMs (aten::mm/addmm)": 0.0, "attention (SDPA forward + backward)": 0.0,
+              "optimizer + grad clipping": 0.0, "everything else (compiled fused kernels, loss, ...)": 0.0}
+    total = 0.0
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / steps
+        total += ms
+        name = event.key.lower()
+        if name in ("aten::mm", "aten::addmm"):
+            groups["Linear GEMMs (aten::mm/addmm)"] += ms
+        elif "scaled_dot_product" in name:
+            groups["attention (SDPA forward + backward)"] += ms
+        elif "adamw" in name or "foreach" in name or "vector_norm" in name or "zero_grad" in name:
+            groups["optimizer + grad clipping"] += ms
+        else:
+            groups["everything else (compiled fused kernels, loss, ...)"] += ms
+    rows = [[part, ms, 100 * ms / total] for part, ms in groups.items()]
+
+    tokens = shape[0] * shape[1]
+    gemms = []
+    for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        w, inp, grad_out = linear.weight.detach(), torch.randn(tokens, linear.in_features), \
+            torch.randn(tokens, linear.out_features)
+        gemms += [(inp, w.t()), (grad_out, w), (grad_out.t(), inp)]  # forward, dX, dW
+    outs = [torch.empty(a.shape[0], b.shape[1]) for a, b in gemms]
+    gemm_flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in gemms)
+
+    def gemms_alone() -> None:
+        for (a, b), out in zip(gemms, outs, strict=True):
+            torch.mm(a, b, out=out)
+
+    alone = median_seconds(gemms_alone, min_time=1.0)
+    table("One compiled training step, 4x128, block 64, batch 12 (torch.profiler, self CPU time)",
+          ["part", "ms/step", "% of step"], rows)
+    console.print(f"the step's Linear GEMMs alone, same shapes: {alone * 1e3:.1f} ms, "
+                  f"{gemm_flops / alone / 1e9:.0f} GFLOP/s = {100 * gemm_flops / alone / (peak * 1e9):.0f}% "
+                  f"of the matmul peak: the MFU ceiling for these kernels at this shape")
+
+
 def learning(workdir: Path, seconds: int) -> None:
     from llmcli.evaluate import evaluate_checkpoint
 
@@ -139,6 +208,7 @@ def main() -> None:
            ["torch threads", torch.get_num_threads()]])
     with tempfile.TemporaryDirectory() as tmp:
         throughput(peak, Path(tmp))
+        step_profile(peak)
         if not args.skip_learning:
             learning(Path(tmp), args.learning_seconds)
     console.print("ratios are measured in this run; absolute numbers vary by machine")

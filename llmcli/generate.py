@@ -212,7 +212,9 @@ class Engine:
     """Continuous-batching generation over a slot KV cache (see the module docstring).
 
     `max_batch_size` sequences run at once; more requests wait in a FIFO queue. The model should
-    already be on its device and dtype; the cache takes both from the model's parameters. Tokens
+    already be on its device and dtype; the cache takes both from the model's parameters. On the
+    CPU its large float32 Linear layers are repacked for oneDNN in place (`pack_for_cpu_decoding`:
+    faster few-row products; the model still runs and saves, but must not be trained). Tokens
     with ids >= `vocab_size` (a model vocabulary padded beyond the tokenizer's) are never sampled.
     `prefill_tokens` bounds the padded tokens of one batched prefill (its logits are
     [rows, length, vocab] floats).
@@ -220,11 +222,12 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 8, vocab_size: int | None = None,
                  prefill_tokens: int = 4096, record_logits: bool = False):
-        from llmcli.model import KVCache
+        from llmcli.model import KVCache, pack_for_cpu_decoding
 
         if max_batch_size < 1:
             raise UserError(f"batch size must be at least 1; got {max_batch_size}")
         self.model = model.eval()
+        pack_for_cpu_decoding(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.config = model.config

