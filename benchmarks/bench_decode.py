@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new", type=int, default=64, help="tokens to generate per sequence")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 

@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed decode runs per model (best counts)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed decode runs per model (best counts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fbgemm "
