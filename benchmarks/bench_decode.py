@@ -67,17 +67,17 @@ def hf(hf_model, prompts: list[list[int]], new: int) -> float:
 def measure(model: Transformer, hf_model, args: argparse.Namespace) -> tuple[float, ...]:
     """Best-of-N tok/s: ours b1, ours b8, HF b1, HF b8, and our prefill rate.
 
-    The five measurements take turns (all five, then all five again, ...) after one warm-up
+    The five measurements take turns (all five, then all five again, ...) after a short warm-up
     round, so a slow spell on a shared machine hits ours and HF's alike.
     """
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.config.vocab_size, (8, args.prompt), generator=gen).tolist()
-    runs = [lambda: ours(model, prompts[:1], args.new), lambda: ours(model, prompts, args.new),
-            lambda: hf(hf_model, prompts[:1], args.new), lambda: hf(hf_model, prompts, args.new),
-            lambda: prefill_rate(model, min(512, model.config.block_size))]
-    for run in runs:
-        run()
-    rounds = [[run() for run in runs] for _ in range(args.repeat)]
+    def runs(new: int, prefill: int) -> list[float]:
+        return [ours(model, prompts[:1], new), ours(model, prompts, new), hf(hf_model, prompts[:1], new),
+                hf(hf_model, prompts, new), prefill_rate(model, prefill)]
+
+    runs(4, 16)  # warm-up: every code path once, briefly
+    rounds = [runs(args.new, min(512, model.config.block_size)) for _ in range(args.repeat)]
     return tuple(max(column) for column in zip(*rounds, strict=True))
 
 

@@ -9,9 +9,10 @@ run, quantized against float32, with the same code paths as `llmcli quantize` / 
 
 Models:
 
-1. The trained Shakespeare char model (`--char-run`; default runs/bench-quantize/char, trained
-   on first use with configs/shakespeare-char.yaml for 300 steps, about 2 minutes). Perplexity
-   is on the first --eval-tokens of its val split.
+1. The trained Shakespeare char model (`--char-run`; default: the 300-second run that
+   bench_train.py leaves in runs/bench-learning, else runs/bench-quantize/char, trained on first
+   use with configs/shakespeare-char.yaml for 300 steps). Perplexity is on the first
+   --eval-tokens of its val split.
 2. The GPT-2-small shape (12 layers, 12 heads, d_model 768), >= 50M parameters, twice:
    a. with the char vocabulary (85M parameters, nearly all in Linear layers), and
    b. with GPT-2's 50257-token vocabulary (124M, of which 38.6M are the tied embedding: the size
@@ -74,7 +75,13 @@ def variant_name(method: str, group: int | None, embeddings: bool) -> str:
     return method + (f" g{group}" if group else "") + (" +emb" if embeddings else "")
 
 
-def ensure_char_run(path: Path) -> Path:
+LEARNING_RUN = REPO / "runs/bench-learning"  # written by bench_train.py, which make bench runs first
+
+
+def ensure_char_run(path: Path | None) -> Path:
+    if path is None:
+        learned = LEARNING_RUN / "best" / "model.safetensors"
+        path = LEARNING_RUN if learned.is_file() else REPO / "runs/bench-quantize/char"
     if (path / "model.safetensors").is_file():
         return path
     print(f"training {path} (configs/shakespeare-char.yaml, 300 steps; reused by later runs) ...", flush=True)
@@ -115,8 +122,8 @@ def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: boo
     prompt = [Q._eot(source)]
     fp32 = load_model(source).eval()
     base_ppl = Q.measure_perplexity(source, fp32, args.eval_tokens)[0] if ppl else None
+    params = fp32.num_params() / 1e6  # before decoding repacks (and hides) large float32 weights
     base_tokens = Q.measure_decode(fp32, args.decode_tokens, prompt)[1]
-    params = fp32.num_params() / 1e6
     print(f"\n{name}: {params:.1f}M parameters"
           + (f", val perplexity {base_ppl:.4f} ({args.eval_tokens} tokens)" if base_ppl else ""), flush=True)
     rows = []
@@ -175,14 +182,14 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--char-run", type=Path, default=REPO / "runs/bench-quantize/char",
+    parser.add_argument("--char-run", type=Path, default=None,
                         help="trained Shakespeare char run (trained here if missing)")
     parser.add_argument("--big-run", type=Path, default=None,
                         help="a trained GPT-2-small-shaped checkpoint to use instead of GPT-2 init")
     parser.add_argument("--skip-big", action="store_true", help="only the char model")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--eval-tokens", type=int, default=32768)
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed decode runs per model (best counts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

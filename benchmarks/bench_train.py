@@ -32,6 +32,7 @@ from llmcli.model import Transformer  # noqa: E402
 from llmcli.train import RandomWindows, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+LEARNING_RUN = REPO / "runs/bench-learning"
 MINIMAL_GPT = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.block_size=64",
                "train.batch_size=12"]
 
@@ -103,7 +104,7 @@ def throughput(peak: Peak, workdir: Path) -> None:
         prepared = prepare_data(cfg, console=_quiet())
         cfg.model.vocab_size = prepared.vocab_size
         flops = Transformer(cfg.model).flops_per_token()
-        plain = plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=10)
+        plain = plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=6)
         eager, _ = llmcli_tokens_per_second([*overrides, "train.compile=false"], steps, workdir)
         compiled, warm = llmcli_tokens_per_second([*overrides, "train.compile=true"], steps, workdir)
         peak.measure()
@@ -187,16 +188,17 @@ def step_profile(peak: Peak) -> None:
                   f"of the best matmul peak: the MFU ceiling for these kernels at this shape")
 
 
-def learning(workdir: Path, seconds: int) -> None:
+def learning(seconds: int) -> None:
+    """The run stays in runs/bench-learning: bench_quantize quantizes its best checkpoint."""
     from llmcli.evaluate import evaluate_checkpoint
 
-    run = workdir / "learning"
+    run = LEARNING_RUN
     # Evaluating every 125 steps (the recipe: 250) times the first crossing of 2.72 twice as finely;
     # the extra evaluations (about 0.3 s each) count against the budget like any other.
     cfg = load_config(REPO / "configs/shakespeare-char.yaml",
                       [f"train.max_minutes={seconds / 60}", "train.max_steps=null", "train.eval_interval=125"])
     start = time.perf_counter()
-    train(cfg, run, console=_quiet())
+    train(cfg, run, overwrite=True, console=_quiet())
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
@@ -204,7 +206,7 @@ def learning(workdir: Path, seconds: int) -> None:
     bits = [(elapsed_at.get(r["step"], math.nan), r["val_loss"] / math.log(2)) for r in evals]
     first = next((t for t, b in bits if b <= 2.72), None)
     at_100 = min((b for t, b in bits if t <= 100), default=math.nan)
-    results = {split: evaluate_checkpoint(run / "best", split=split, batch_size=16, progress=False)
+    results = {split: evaluate_checkpoint(run / "best", split=split, batch_size=64, progress=False)
                for split in ("val", "test")}
     table(f"Learning efficiency: shakespeare-char, {seconds} s budget from scratch",
           ["measure", "value", "target"],
@@ -229,7 +231,7 @@ def main() -> None:
         throughput(peak, Path(tmp))
         step_profile(peak)
         if not args.skip_learning:
-            learning(Path(tmp), args.learning_seconds)
+            learning(args.learning_seconds)
     console.print("ratios are measured in this run; absolute numbers vary by machine")
 
 
