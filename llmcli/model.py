@@ -428,9 +428,8 @@ class PackedLinear(nn.Module):
 
 
 def _can_pack(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and weight.numel() >= PACK_MIN_WEIGHTS)
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32 and module.weight.numel() >= PACK_MIN_WEIGHTS)
 
 
 def pack_for_cpu_decoding(model: nn.Module) -> int:
