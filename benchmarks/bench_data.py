@@ -19,13 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, table  # noqa: E402
 
 from llmcli.config import load_config  # noqa: E402
-from llmcli.data import (  # noqa: E402
-    _document_encoder,
-    _write_tokens,
-    load_corpus,
-    prepare_data,
-    train_tokenizer_for_config,
-)
+from llmcli.data.encode import _document_encoder  # noqa: E402
+from llmcli.data.prepare import _write_tokens, prepare_data, train_tokenizer_for_config  # noqa: E402
+from llmcli.data.sources import load_corpus  # noqa: E402
 from llmcli.tokenizer import eot_id, load_tokenizer  # noqa: E402
 
 RUNS = 3

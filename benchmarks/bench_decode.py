@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import console, copy_bandwidth_gbs, table  # noqa: E402
 
 from llmcli.config import ModelConfig, build_config  # noqa: E402
-from llmcli.generate import Engine, SamplingParams  # noqa: E402
-from llmcli.model import Transformer  # noqa: E402
+from llmcli.generate.engine import Engine  # noqa: E402
+from llmcli.models.transformer import Transformer  # noqa: E402
+from llmcli.options import ExportOptions, SamplingParams  # noqa: E402
 
 SHAPES = {
     "4x128 (char vocab)": dict(n_layer=4, n_head=4, d_model=128, block_size=256, vocab_size=82),
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from llmcli.hf import export_hf
+    from llmcli.hf.export import export_hf
 
     bandwidth = copy_bandwidth_gbs()  # the best of this and one after each shape: see bench_train's Peak
     rows = []
@@ -100,7 +101,7 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         with tempfile.TemporaryDirectory() as tmp:
             _write_checkpoint(model, cfg, Path(tmp) / "ckpt")
-            export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+            export_hf(ExportOptions(run_dir=Path(tmp) / "ckpt", out=Path(tmp) / "hf"))
             hf_model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
         ours_1, ours_8, hf_1, hf_8, prefill = measure(model, hf_model, args)
         bandwidth = max(bandwidth, copy_bandwidth_gbs())
@@ -122,7 +123,7 @@ def _write_checkpoint(model: Transformer, cfg: ModelConfig, directory: Path) -> 
 
     tokenizer_path = directory.parent / "tokenizer.json"
     save_tokenizer(train_tokenizer(Config().tokenizer, ["abc"]), tokenizer_path)
-    write_checkpoint(directory, model, Config(model=cfg), tokenizer_path, {"step": 0})
+    write_checkpoint(directory, model, Config(model=cfg), tokenizer_path.read_bytes(), {"step": 0})
 
 
 if __name__ == "__main__":

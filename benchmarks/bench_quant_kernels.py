@@ -6,7 +6,7 @@
 Prints microseconds per call and the ratio to fp32 `F.linear` measured in the same run (> 1 means
 faster than fp32). Every candidate uses the same random weight; the last column is the max error
 of its output against fp32 relative to the output's max, so a fast-but-wrong kernel shows up.
-This is how llmcli/quantize.py's runtime kernels were chosen (see its module docstring).
+This is how the runtime kernels of llmcli/quantize/modules.py were chosen (see its module docstring).
 
 Measured on the 2-core AVX2 dev machine (torch 2.13 CPU, 1 thread, torchao 0.18), x fp32 speed
 at 1 token / 8 tokens:

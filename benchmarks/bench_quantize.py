@@ -50,10 +50,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmcli import quantize as Q  # noqa: E402
-from llmcli.checkpoint import resolve_checkpoint, write_checkpoint  # noqa: E402
-from llmcli.config import PRESETS, ModelConfig, load_config  # noqa: E402
-from llmcli.model import Transformer, load_model  # noqa: E402
+from llmcli.checkpoint import load_model, resolve_checkpoint, write_checkpoint  # noqa: E402
+from llmcli.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
+from llmcli.models.transformer import Transformer  # noqa: E402
+from llmcli.options import QuantizeOptions  # noqa: E402
+from llmcli.quantize import command as Q  # noqa: E402
+from llmcli.quantize import modules as QM  # noqa: E402
+from llmcli.quantize.kernels import fbgemm_available  # noqa: E402
 
 TARGETS = {"int8": {"size": 0.28, "ppl": 0.5, "speed": 2.0}, "int4": {"size": 0.16, "ppl": 3.0, "speed": None}}
 VARIANTS = [("int8", None, False), ("int4", 32, False), ("int4", 64, False)]
@@ -98,8 +101,8 @@ def big_checkpoint(char_run: Path, vocab: int | None, where: Path) -> Path:
                   vocab_size=vocab or cfg.model.vocab_size)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**fields)).eval()
-    cfg.model = model.config
-    write_checkpoint(where, model, cfg, char_run / "tokenizer.json", {"step": 0})
+    cfg = Config(data=cfg.data, tokenizer=cfg.tokenizer, model=model.config, train=cfg.train)
+    write_checkpoint(where, model, cfg, (char_run / "tokenizer.json").read_bytes(), {"step": 0})
     return where
 
 
@@ -131,8 +134,9 @@ def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: boo
         label = variant_name(method, group, embeddings)
         out = out_root / f"{name.split()[0]}-{label.replace(' ', '-').replace('+', '')}"
         start = time.perf_counter()
-        Q.quantize_checkpoint(source, out, method=method, group_size=group, include_embeddings=embeddings,
-                              overwrite=True, measure=False, eval_tokens=0, decode_tokens=0)
+        Q.quantize_checkpoint(QuantizeOptions(run_dir=source, out=out, method=method, group_size=group,
+                                              include_embeddings=embeddings, overwrite=True, eval_tokens=0,
+                                              decode_tokens=0))
         seconds = time.perf_counter() - start
         quantized = load_model(out).eval()
         size = (out / "model.safetensors").stat().st_size / (source / "model.safetensors").stat().st_size
@@ -194,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fbgemm "
-          f"{'available' if Q._fbgemm_available() else 'NOT available'}, load average "
+          f"{'available' if fbgemm_available() else 'NOT available'}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     started = time.perf_counter()
     char_run = ensure_char_run(args.char_run)
@@ -203,7 +207,7 @@ def main() -> None:
         root = Path(tmp)
         rows += measure("shakespeare char", resolve_checkpoint(char_run), VARIANTS, args, root, ppl=True)
         if not args.skip_big:
-            from llmcli.data import prepare_data
+            from llmcli.data.prepare import prepare_data
             from llmcli.evaluate import data_config
 
             val = prepare_data(data_config(char_run, None, [])).tokens("val")
@@ -222,7 +226,7 @@ def main() -> None:
     print()
     print_table(rows)
     print("Notes: the 0.9M-parameter char model runs int8 on float32 copies by design (below "
-          f"FBGEMM_MIN_MODEL_WEIGHTS={Q.FBGEMM_MIN_MODEL_WEIGHTS:,}; fbgemm measured 0.66x of float32 there), so no "
+          f"FBGEMM_MIN_MODEL_WEIGHTS={QM.FBGEMM_MIN_MODEL_WEIGHTS:,}; fbgemm measured 0.66x of float32 there), so no "
           "kernel measured here reaches 2x on it. The 50k-vocab rows without +emb keep the 38.6M-parameter tied "
           "embedding in float32: the size targets need --include-embeddings. int4 is for size; it runs on "
           "dequantized float32 weights, at float32 speed.")

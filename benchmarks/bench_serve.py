@@ -42,7 +42,7 @@ def make_model(directory: Path) -> Path:
 
     from llmcli.checkpoint import write_checkpoint
     from llmcli.config import Config, ModelConfig, TokenizerConfig
-    from llmcli.model import Transformer
+    from llmcli.models.transformer import Transformer
     from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(TokenizerConfig(kind="char"), [(REPO / "data" / "sample.txt").read_text()])
@@ -50,9 +50,8 @@ def make_model(directory: Path) -> Path:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=4, n_head=4, d_model=128, block_size=256,
                                     vocab_size=tok.get_vocab_size())).eval()
-    cfg = Config()
-    cfg.model = model.config
-    write_checkpoint(directory / "bench-model", model, cfg, directory / "tokenizer.json", {"step": 0})
+    write_checkpoint(directory / "bench-model", model, Config(model=model.config),
+                     (directory / "tokenizer.json").read_bytes(), {"step": 0})
     return directory / "bench-model"
 
 

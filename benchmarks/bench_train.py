@@ -11,6 +11,7 @@ eager model, for-loop AdamW, a host sync (`loss.item()`) every step, same model 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,14 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import console, copy_bandwidth_gbs, matmul_peak_gflops, median_seconds, table  # noqa: E402
 
 from llmcli.config import load_config  # noqa: E402
-from llmcli.data import prepare_data  # noqa: E402
-from llmcli.model import Transformer  # noqa: E402
-from llmcli.train import RandomWindows, train  # noqa: E402
+from llmcli.data.prepare import prepare_data  # noqa: E402
+from llmcli.models.transformer import Transformer  # noqa: E402
+from llmcli.options import EvalOptions  # noqa: E402
+from llmcli.train.loop import train  # noqa: E402
+from llmcli.train.run_dir import RunPlan  # noqa: E402
+from llmcli.train.schedule import RandomWindows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LEARNING_RUN = REPO / "runs/bench-learning"
 MINIMAL_GPT = ["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.block_size=64",
                "train.batch_size=12"]
+
+
+def with_vocab(cfg, vocab_size: int):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
 
 
 def plain_tokens_per_second(cfg, tokens, seconds: float) -> float:
@@ -66,7 +74,7 @@ def llmcli_tokens_per_second(overrides: list[str], steps: int, workdir: Path) ->
     cfg = load_config(REPO / "configs/shakespeare-char.yaml",
                       [*overrides, f"train.max_steps={steps}", "train.max_minutes=null",
                        "train.log_interval=10", f"train.eval_interval={steps}", "train.eval_batches=1"])
-    train(cfg, run, console=_quiet())
+    train(RunPlan(cfg, run), console=_quiet())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_second" in r]
     steady = sorted(r["tokens_per_second"] for r in rows[2:])
@@ -102,7 +110,7 @@ def throughput(peak: Peak, workdir: Path) -> None:
                                    ("shakespeare-char", [], 60)]:
         cfg = load_config(REPO / "configs/shakespeare-char.yaml", overrides)
         prepared = prepare_data(cfg, console=_quiet())
-        cfg.model.vocab_size = prepared.vocab_size
+        cfg = with_vocab(cfg, prepared.vocab_size)
         flops = Transformer(cfg.model).flops_per_token()
         plain = plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=6)
         eager, _ = llmcli_tokens_per_second([*overrides, "train.compile=false"], steps, workdir)
@@ -128,7 +136,7 @@ def step_profile(peak: Peak) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     cfg = load_config(REPO / "configs/shakespeare-char.yaml", MINIMAL_GPT)
-    cfg.model.vocab_size = prepare_data(cfg, console=_quiet()).vocab_size
+    cfg = with_vocab(cfg, prepare_data(cfg, console=_quiet()).vocab_size)
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     compiled = torch.compile(model)
@@ -198,7 +206,7 @@ def learning(seconds: int) -> None:
     cfg = load_config(REPO / "configs/shakespeare-char.yaml",
                       [f"train.max_minutes={seconds / 60}", "train.max_steps=null", "train.eval_interval=125"])
     start = time.perf_counter()
-    train(cfg, run, overwrite=True, console=_quiet())
+    train(RunPlan(cfg, run, overwrite=True), console=_quiet())
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
@@ -206,7 +214,8 @@ def learning(seconds: int) -> None:
     bits = [(elapsed_at.get(r["step"], math.nan), r["val_loss"] / math.log(2)) for r in evals]
     first = next((t for t, b in bits if b <= 2.72), None)
     at_100 = min((b for t, b in bits if t <= 100), default=math.nan)
-    results = {split: evaluate_checkpoint(run / "best", split=split, batch_size=64, progress=False)
+    results = {split: evaluate_checkpoint(run / "best", EvalOptions(targets=[str(run / "best")], split=split,
+                                                                   batch_size=64), progress=False)
                for split in ("val", "test")}
     table(f"Learning efficiency: shakespeare-char, {seconds} s budget from scratch",
           ["measure", "value", "target"],

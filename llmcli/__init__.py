@@ -1,3 +1,3 @@
-"""llmcli: train, evaluate, sample from, quantize and serve transformer language models."""
+"""llmcli: train, evaluate, sample from, quantize and serve language models."""
 
 __version__ = "0.1.0"

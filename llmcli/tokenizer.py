@@ -39,13 +39,13 @@ __all__ = [
 ]
 
 
-def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], *, show_progress: bool = False) -> Tokenizer:
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     """Train a `cfg.kind` tokenizer on `texts` (the training split only)."""
     check_config(cfg)
     if cfg.kind == "char":
         return _train_char(texts)
     if cfg.kind == "bpe":
-        return _train_bpe(cfg, texts, show_progress=show_progress)
+        return _train_bpe(cfg, texts)
     raise UserError(f"tokenizer.kind: unknown kind {cfg.kind!r} (expected char or bpe)")
 
 
@@ -77,7 +77,7 @@ def check_config(cfg: TokenizerConfig) -> None:
                         f"the minimum is {minimum} (256 bytes + {EOT})")
 
 
-def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str], *, show_progress: bool) -> Tokenizer:
+def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -86,7 +86,7 @@ def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str], *, show_progress: boo
         min_frequency=cfg.min_frequency,
         special_tokens=[AddedToken(EOT, special=True, normalized=False)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok

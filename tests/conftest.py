@@ -1,13 +1,24 @@
-"""Shared fixtures: every test gets its own empty llmcli cache, so nothing touches ~/.cache."""
+"""Shared fixtures: a fresh llmcli cache per test, tiny models and checkpoints, the CLI runner and the
+one-line-error check every command's tests use."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from llmcli.checkpoint import write_checkpoint
+from llmcli.config import PRESETS, Config, ModelConfig, TokenizerConfig, load_config
+from llmcli.models.transformer import Transformer
+from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "ROMEO:\nBut, soft! what light through yonder window breaks?\n") * 3
 
 
 @pytest.fixture(autouse=True)
@@ -18,12 +29,6 @@ def cache_dir(tmp_path_factory, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture
-def sample_txt() -> Path:
-    """data/sample.txt: a few Shakespeare sonnets, about 5 KB."""
-    return REPO / "data" / "sample.txt"
-
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tests use tiny models, where extra threads only add contention (and noise) on small CI boxes."""
@@ -31,3 +36,125 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Each test trains as a new process would: Accelerate keeps one state per process (its mixed
+    precision among it), so forget whatever an earlier test in this process set up."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+
+
+@pytest.fixture
+def sample_txt() -> Path:
+    """data/sample.txt: a few Shakespeare sonnets, about 5 KB."""
+    return REPO / "data" / "sample.txt"
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., Transformer]:
+    """tiny_model(vocab, preset=, seed=, std=, **config): a 2-layer, 32-wide random Transformer in
+    eval mode. `std` redraws every matrix with that spread (large weights keep logits far from ties)."""
+
+    def make(vocab: int = 50, *, preset: str | None = "gpt2", seed: int = 0, std: float | None = None,
+             **overrides) -> Transformer:
+        fields = dict(PRESETS[preset], preset=preset) if preset else {}
+        fields.update(n_layer=2, n_head=4, d_model=32, block_size=96, vocab_size=vocab)
+        fields.update(overrides)
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig(**fields)).eval()
+        if std is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0.0, std)
+        return model
+
+    return make
+
+
+@pytest.fixture
+def char_tokenizer():
+    """A char tokenizer trained on a few lines of Shakespeare (TEXT)."""
+    return train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
+
+
+@pytest.fixture
+def write_run() -> Callable[..., Path]:
+    """write_run(directory, model, tokenizer, cfg=None, info=None): a complete checkpoint directory."""
+
+    def write(directory: Path, model: torch.nn.Module, tokenizer, cfg: Config | None = None,
+              info: dict | None = None) -> Path:
+        tok_path = directory.parent / f"{directory.name}-tokenizer.json"
+        save_tokenizer(tokenizer, tok_path)
+        cfg = cfg or Config()
+        cfg = Config(data=cfg.data, tokenizer=cfg.tokenizer, model=model.config, train=cfg.train)
+        write_checkpoint(directory, model, cfg, tok_path.read_bytes(), info or {"step": 7})
+        return directory
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two briefly trained tiny runs on a small corpus: GPT-2 style (tied, biases) and Llama style
+    (untied, SwiGLU)."""
+    from llmcli.train.loop import train
+    from llmcli.train.run_dir import RunPlan
+
+    root = tmp_path_factory.mktemp("trained-runs")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"LINE {i}: the quick brown fox jumps over the lazy dog, and so on {i % 7}.\n"
+                              for i in range(600)))
+    runs = {}
+    for preset in ("gpt2", "llama"):
+        cfg = load_config(None, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
+                                 f"model.preset={preset}", "model.n_layer=2", "model.n_head=2",
+                                 "model.d_model=32", "model.block_size=32", "train.batch_size=8",
+                                 "train.max_steps=60", "train.warmup_steps=5", "train.lr=3e-3",
+                                 "train.eval_interval=60", "train.eval_batches=2", "train.log_interval=60"])
+        train(RunPlan(cfg, root / preset))
+        runs[preset] = root / preset
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return runs
+
+
+@pytest.fixture
+def cli():
+    """cli("generate", run, "ROMEO:", input=...): run llmcli in-process; the click Result."""
+    from llmcli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+@pytest.fixture
+def one_line_error():
+    """one_line_error(result, *fragments, alone=False): the command failed with exit code 2, no
+    traceback, and one `error:` line on stderr (its last line; with `alone`, its only line)
+    containing every fragment."""
+
+    def check(result, *fragments: str, alone: bool = False) -> str:
+        assert result.exit_code == 2, (result.exit_code, result.output)
+        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr
+        assert result.stderr.rstrip("\n").splitlines()[-1] == errors[0]
+        if alone:
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        for fragment in fragments:
+            assert fragment in errors[0], errors[0]
+        return errors[0]
+
+    return check

@@ -1,3 +1,6 @@
+"""Scoring: the window plan, exact sums against a by-hand computation, and `llmcli eval`."""
+
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -5,32 +8,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from llmcli.checkpoint import write_checkpoint
-from llmcli.cli import app
-from llmcli.config import ModelConfig, TokenizerConfig, load_config
+from llmcli.config import TokenizerConfig, load_config
 from llmcli.errors import UserError
 from llmcli.evaluate import evaluate_checkpoint, metrics_from_sums, score_tokens, split_targets, window_plan
-from llmcli.model import Transformer
-from llmcli.tokenizer import save_tokenizer, train_tokenizer
+from llmcli.options import EvalOptions
+from llmcli.tokenizer import train_tokenizer
 
-runner = CliRunner()
 TEXT = "".join(f"Line {i}: to be, or not to be; that is the question {i % 5}. Ça va?\n" for i in range(120))
 
 
+@pytest.fixture
+def make_model(tiny_model):
+    """A 1-layer model with large weights; `uniform` zeroes the head (every token equally likely)."""
 
-def make_model(vocab: int, block_size: int = 16, uniform: bool = False, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=block_size, vocab_size=vocab, tie_embeddings=False)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
+    def make(vocab: int, block_size: int = 16, uniform: bool = False, seed: int = 0):
+        model = tiny_model(vocab, preset=None, seed=seed, std=0.3, n_layer=1, n_head=2, d_model=16,
+                           block_size=block_size, tie_embeddings=False)
         if uniform:
-            model.lm_head.weight.zero_()
-    return model
+            with torch.no_grad():
+                model.lm_head.weight.zero_()
+        return model
+
+    return make
 
 
 @pytest.fixture
@@ -40,16 +40,15 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-def make_checkpoint(tmp_path: Path, corpus: Path, name: str, *, uniform: bool = False, seed: int = 0) -> Path:
-    tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
-    tok_path = tmp_path / f"{name}-tokenizer.json"
-    save_tokenizer(tok, tok_path)
-    model = make_model(tok.get_vocab_size(), uniform=uniform, seed=seed)
-    cfg = load_config(None, [f"data.source={corpus}", "data.val_fraction=0.2"])
-    cfg.model = model.config
-    directory = tmp_path / name
-    write_checkpoint(directory, model, cfg, tok_path, {"step": 3})
-    return directory
+@pytest.fixture
+def make_checkpoint(tmp_path, corpus, make_model, write_run):
+    def make(name: str, *, uniform: bool = False, seed: int = 0) -> Path:
+        tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
+        cfg = load_config(None, [f"data.source={corpus}", "data.val_fraction=0.2"])
+        return write_run(tmp_path / name, make_model(tok.get_vocab_size(), uniform=uniform, seed=seed), tok, cfg,
+                         {"step": 3})
+
+    return make
 
 
 # --- windows -----------------------------------------------------------------------------------
@@ -73,12 +72,12 @@ def test_window_plan_scores_every_token_once_with_enough_context(n, block, strid
 
 def test_window_plan_rejects_bad_strides():
     for stride in (0, 9):
-        with pytest.raises(UserError, match="--stride must be between 1 and the block size"):
+        with pytest.raises(UserError, match="stride must be between 1 and the block size"):
             window_plan(100, 8, stride)
 
 
 @pytest.mark.parametrize("stride,batch_size", [(8, 1), (3, 4), (1, 64)])
-def test_score_tokens_matches_scoring_each_token_by_hand(stride, batch_size):
+def test_score_tokens_matches_scoring_each_token_by_hand(make_model, stride, batch_size):
     model = make_model(20, block_size=8)
     tokens = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0))
     got = score_tokens(model, tokens.numpy().astype(np.uint16), stride=stride, batch_size=batch_size,
@@ -98,7 +97,7 @@ def test_score_tokens_matches_scoring_each_token_by_hand(stride, batch_size):
     assert (got["correct"], got["correct_top5"]) == (correct, correct5)
 
 
-def test_uniform_model_has_perplexity_equal_to_the_vocabulary():
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary(make_model):
     vocab = 37
     model = make_model(vocab, uniform=True)
     tokens = np.random.default_rng(0).integers(0, vocab, 200)
@@ -117,12 +116,12 @@ def test_split_targets_separates_overrides():
 # --- checkpoints and the command ---------------------------------------------------------------
 
 
-def test_evaluate_checkpoint_on_a_text_file_uniform(tmp_path, corpus):
-    run = make_checkpoint(tmp_path, corpus, "uniform", uniform=True)
+def test_evaluate_checkpoint_on_a_text_file_uniform(tmp_path, make_checkpoint):
+    run = make_checkpoint("uniform", uniform=True)
     text = "to be, or not to be — Ça va?\n"  # '—' is unseen: scored as <unk>, with a warning
     path = tmp_path / "eval.txt"
     path.write_text(text, encoding="utf-8")
-    result = evaluate_checkpoint(run, text_file=path, progress=False)
+    result = evaluate_checkpoint(run, EvalOptions(targets=[str(run)], text_file=path), progress=False)
     vocab = train_tokenizer(TokenizerConfig(kind="char"), [TEXT]).get_vocab_size()
     m = result.metrics
     assert m["tokens"] == len(text)  # one token per character, the first one included
@@ -131,9 +130,9 @@ def test_evaluate_checkpoint_on_a_text_file_uniform(tmp_path, corpus):
     assert result.step == 3
 
 
-def test_cli_eval_json_on_the_checkpoints_own_val_split(tmp_path, corpus):
-    run = make_checkpoint(tmp_path, corpus, "run", uniform=True)
-    result = runner.invoke(app, ["eval", str(run), "--json", "--stride", "5", "--batch-size", "3"])
+def test_cli_eval_json_on_the_checkpoints_own_val_split(make_checkpoint, cli):
+    run = make_checkpoint("run", uniform=True)
+    result = cli("eval", run, "--json", "--stride", "5", "--batch-size", "3")
     assert result.exit_code == 0, result.output
     (line,) = result.stdout.splitlines()
     row = json.loads(line)
@@ -142,19 +141,19 @@ def test_cli_eval_json_on_the_checkpoints_own_val_split(tmp_path, corpus):
     vocab = json.loads((run / "model.json").read_text())["vocab_size"]
     assert row["perplexity"] == pytest.approx(vocab, abs=1e-4) and row["checkpoint"] == str(run)
     # The val split: its text's characters plus one <|endoftext|> per document, all scored.
-    from llmcli.data import prepare_data
+    from llmcli.data.prepare import prepare_data
 
     cfg = load_config(run / "config.yaml")
-    cfg.tokenizer.path = str(run / "tokenizer.json")
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=str(run / "tokenizer.json")))
     stats = prepare_data(cfg).stats["val"]
     assert row["tokens"] == stats["tokens"]
     assert row["bits_per_byte"] == pytest.approx(math.log2(vocab) * stats["tokens"] / stats["bytes"], rel=1e-6)
 
 
-def test_cli_eval_compares_checkpoints_in_one_table(tmp_path, corpus):
-    a = make_checkpoint(tmp_path, corpus, "alpha", seed=1)
-    b = make_checkpoint(tmp_path, corpus, "beta", uniform=True)
-    result = runner.invoke(app, ["eval", str(a), str(b / "."), "data.val_fraction=0.3", "--stride", "16"])
+def test_cli_eval_compares_checkpoints_in_one_table(make_checkpoint, cli):
+    a = make_checkpoint("alpha", seed=1)
+    b = make_checkpoint("beta", uniform=True)
+    result = cli("eval", a, b / ".", "data.val_fraction=0.3", "--stride", "16")
     assert result.exit_code == 0, result.output
     out = result.stdout
     for needle in ("checkpoint", "bits/byte", "top-5", "alpha", "beta", "val split of"):
@@ -169,15 +168,10 @@ def test_cli_eval_compares_checkpoints_in_one_table(tmp_path, corpus):
     (["--text-file", "missing.txt"], "text file not found"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
-def test_cli_eval_errors_are_one_line(tmp_path, corpus, args, message):
-    run = make_checkpoint(tmp_path, corpus, "run")
-    result = runner.invoke(app, ["eval", str(run), *args])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_cli_eval_errors_are_one_line(make_checkpoint, cli, one_line_error, args, message):
+    one_line_error(cli("eval", make_checkpoint("run"), *args), message, alone=True)
 
 
-def test_cli_eval_checkpoint_without_weights(tmp_path):
+def test_cli_eval_checkpoint_without_weights(tmp_path, cli, one_line_error):
     (tmp_path / "empty").mkdir()
-    result = runner.invoke(app, ["eval", str(tmp_path / "empty")])
-    assert result.exit_code == 2 and "no model.safetensors" in result.stderr
+    one_line_error(cli("eval", tmp_path / "empty"), "no model.safetensors")

@@ -1,0 +1,323 @@
+"""Continuous batching in token ids: sequences join and leave a running batch at any step.
+
+`Engine.add(prompt_ids, params)` queues a request. Every `step()` admits queued requests into free
+slots of the model's decode state (a KV cache for a transformer) and prefills each one's prompt
+once, then advances every running sequence by exactly one token and returns one `TokenEvent` per
+sequence that moved. A finished sequence frees its slot at once; the next queued request takes it
+in the following step. Each sequence has its own position, sampling settings and random generator,
+so a seeded request gives the same tokens whatever else is in the batch (greedy decoding gives the
+tokens of running it alone).
+
+Context window. A prompt longer than the model's context keeps only its last `context_length`
+tokens. When a sequence has filled its slot and needs one more token, the slot is refilled with
+its last half (one prefill, positions restart at 0) and decoding continues: the model always sees
+between half and all of its context, like nanoGPT's cropping without recomputing the window at
+every step. A family without a context limit never slides.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmcli.device import pack_for_cpu_decoding
+from llmcli.errors import UserError
+from llmcli.generate.sampling import apply_repetition_penalty, sample
+from llmcli.models.base import LanguageModel, Rows
+from llmcli.options import SamplingParams
+
+FINISH_EOT = "eot"  # the model produced <|endoftext|> (or another stop token)
+FINISH_STOP = "stop"  # a stop string appeared in the text
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass
+class Request:
+    """One sequence in the engine. Read its fields; the engine alone changes them."""
+
+    id: int
+    params: SamplingParams
+    prompt_ids: list[int]  # after left truncation to the context window
+    dropped_prompt_tokens: int
+    stop_token_ids: frozenset[int]
+    seed: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    slot: int = -1
+    position: int = 0  # tokens of this sequence currently in its slot
+    generated: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    slides: int = 0  # times the context window was slid
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    added_at: float = 0.0
+    first_token_at: float | None = None
+
+
+@dataclass
+class TokenEvent:
+    """What one `Engine.step()` did for one sequence."""
+
+    id: int
+    token: int
+    finished: bool
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The hot path: one forward for the decoding rows, one per group of prompts to prefill
+
+
+def decode(model: LanguageModel, state, requests: list[Request], device: torch.device) -> torch.Tensor:
+    """Next-token logits [n, V] of running sequences, each fed its last token at its position."""
+    idx = torch.tensor([[r.tokens[-1]] for r in requests], device=device)
+    rows = Rows([r.slot for r in requests], [r.position for r in requests], [1] * len(requests))
+    return model(idx, state=state, rows=rows)[:, -1]
+
+
+def prefill(model: LanguageModel, state, group: list[tuple[Request, int]], device: torch.device) -> torch.Tensor:
+    """Next-token logits [n, V] after writing each request's last `count` tokens from position 0."""
+    width = max(count for _, count in group)
+    idx = torch.zeros(len(group), width, dtype=torch.long)
+    for i, (r, count) in enumerate(group):
+        idx[i, :count] = torch.tensor(r.tokens[-count:])
+    rows = Rows([r.slot for r, _ in group], [0] * len(group), [count for _, count in group])
+    out = model(idx.to(device), state=state, rows=rows)
+    last = torch.tensor([count - 1 for _, count in group], device=device)
+    return out[torch.arange(len(group), device=device), last]
+
+
+def prefill_groups(items: list[tuple[Request, int]], max_tokens: int) -> list[list[tuple[Request, int]]]:
+    """Consecutive prompts batched while the padded batch stays within `max_tokens` tokens."""
+    groups: list[list[tuple[Request, int]]] = []
+    for item in items:
+        if groups and max(n for _, n in groups[-1] + [item]) * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+class Engine:
+    """Continuous-batching generation over a model's decode state (see the module docstring).
+
+    `max_batch_size` sequences run at once; more requests wait in a FIFO queue. The model should
+    already be on its device and dtype; the decode state takes both from the model's parameters.
+    On the CPU its large float32 Linear layers are repacked for oneDNN in place
+    (`pack_for_cpu_decoding`: faster few-row products; the model still runs and saves, but must
+    not be trained). Tokens with ids >= `vocab_size` (a model vocabulary padded beyond the
+    tokenizer's) are never sampled. `prefill_tokens` bounds the padded tokens of one batched
+    prefill (its logits are [rows, length, vocab] floats).
+    """
+
+    def __init__(self, model: LanguageModel, *, max_batch_size: int = 8, vocab_size: int | None = None,
+                 prefill_tokens: int = 4096):
+        if max_batch_size < 1:
+            raise UserError(f"batch size must be at least 1; got {max_batch_size}")
+        self.model = model.eval()
+        pack_for_cpu_decoding(model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_len = model.context_length
+        self.slide_keep = max(1, self.max_len // 2) if self.max_len else None
+        self.model_vocab = model.config.vocab_size
+        self.vocab_size = min(vocab_size or self.model_vocab, self.model_vocab)
+        self.max_batch_size = max_batch_size
+        self.prefill_tokens = prefill_tokens
+        self.state = model.new_decode_state(max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, Request] = {}
+        self._next_id = 0
+        self._seen: torch.Tensor | None = None  # [slots, V] bool, for repetition penalties
+        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
+            stop_token_ids: Iterable[int] = ()) -> int:
+        """Queue a request; returns its id. The prompt keeps its last context_length tokens."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise UserError("the prompt has no tokens")
+        bad = [t for t in ids if not 0 <= t < self.model_vocab]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{self.model_vocab - 1})")
+        dropped = max(0, len(ids) - self.max_len) if self.max_len else 0
+        ids = ids[dropped:]
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        request = Request(id=self._next_id, params=params, prompt_ids=ids, dropped_prompt_tokens=dropped,
+                          stop_token_ids=frozenset(int(t) for t in stop_token_ids), seed=seed,
+                          generator=generator, tokens=list(ids), added_at=time.perf_counter())
+        self._next_id += 1
+        self._waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a queued or running request (no further events for it); its slot is free at once."""
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                self._finish(request, FINISH_CANCELLED)
+                return
+        request = self._running.get(request_id)
+        if request is not None:
+            self._finish(request, FINISH_CANCELLED)
+
+    def get(self, request_id: int) -> Request | None:
+        """A queued or running request (finished ones are forgotten after their last event)."""
+        if request_id in self._running:
+            return self._running[request_id]
+        return next((r for r in self._waiting if r.id == request_id), None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit queued requests into free slots, then produce one token for every running sequence."""
+        self._admit()
+        if not self._running:
+            return []
+        decoding, prefilling = self._schedule()
+        rows: list[Request] = []
+        logits: list[torch.Tensor] = []
+        if decoding:
+            started = time.perf_counter()
+            logits.append(decode(self.model, self.state, decoding, self.device))
+            self._record(decoding, self._since(started), decoded=True)
+            rows += decoding
+        for group in prefill_groups(prefilling, self.prefill_tokens):
+            started = time.perf_counter()
+            logits.append(prefill(self.model, self.state, group, self.device))
+            for request, count in group:
+                request.position = count
+            self._record([r for r, _ in group], self._since(started), decoded=False,
+                         tokens=sum(n for _, n in group))
+            rows += [r for r, _ in group]
+        started = time.perf_counter()
+        tokens = self._sample(rows, torch.cat(logits) if len(logits) > 1 else logits[0]).tolist()
+        elapsed = time.perf_counter() - started
+        return [self._emit(request, token, elapsed) for request, token in zip(rows, tokens, strict=True)]
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            request = self._waiting.popleft()
+            request.slot = self._free_slots.pop()
+            request.position = 0
+            self._running[request.id] = request
+            self._mark_seen_prompt(request)
+
+    def _schedule(self) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """(sequences to decode, in slot order; (sequence, tokens) to prefill)."""
+        decoding, prefilling = [], []
+        for request in self._running.values():
+            if request.position == 0:
+                prefilling.append((request, len(request.tokens)))  # new: the whole (truncated) prompt
+            elif self.max_len is not None and request.position >= self.max_len:
+                request.slides += 1
+                prefilling.append((request, self.slide_keep))  # window full: refill with the last half
+            else:
+                decoding.append(request)
+        decoding.sort(key=lambda r: r.slot)  # ascending slots (often 0..n-1) keep state reads regular
+        return decoding, prefilling
+
+    def _since(self, started: float) -> float:
+        """Seconds since `started`, once the device has finished the work queued so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _record(self, requests: list[Request], seconds: float, *, decoded: bool, tokens: int = 0) -> None:
+        for r in requests:
+            if decoded:
+                r.position += 1
+            if decoded or r.slides:
+                r.decode_seconds += seconds
+            else:
+                r.prefill_seconds += seconds
+        if decoded:
+            self.stats["decode_tokens"] += len(requests)
+            self.stats["decode_seconds"] += seconds
+        else:
+            self.stats["prefill_tokens"] += tokens
+            self.stats["prefill_seconds"] += seconds
+
+    def _emit(self, request: Request, token: int, seconds: float) -> TokenEvent:
+        request.decode_seconds += seconds
+        request.tokens.append(token)
+        request.generated += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        reason = None
+        if token in request.stop_token_ids:
+            reason = FINISH_EOT
+        elif request.generated >= request.params.max_new_tokens:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self._finish(request, reason)
+        return TokenEvent(request.id, token, reason is not None, reason)
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab_size < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, self.vocab_size:] = -math.inf
+        params = [r.params for r in rows]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = self._seen[torch.tensor([r.slot for r in rows], device=self._seen.device)]
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device)
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(-1)
+        else:
+            def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+                return torch.tensor(values, dtype=dtype).to(logits.device, non_blocking=True)
+
+            # One uniform per sampled token from each sequence's own generator: a seeded request
+            # draws the same numbers whatever else is in the batch.
+            uniforms = [0.0 if p.greedy else float(torch.rand((), generator=r.generator))
+                        for r, p in zip(rows, params, strict=True)]
+            tokens = sample(logits, per_row([p.temperature for p in params], torch.float32),
+                            per_row([p.top_k for p in params], torch.long),
+                            per_row([p.top_p for p in params], torch.float32),
+                            per_row([p.min_p for p in params], torch.float32),
+                            per_row(uniforms, torch.float32))
+        if self._seen is not None:
+            slots = torch.tensor([r.slot for r in rows], device=logits.device)
+            self._seen[slots, tokens] = True
+        return tokens
+
+    def _mark_seen_prompt(self, request: Request) -> None:
+        if request.params.repetition_penalty == 1.0 and self._seen is None:
+            return
+        if self._seen is None:
+            self._seen = torch.zeros(self.max_batch_size, self.model_vocab, dtype=torch.bool, device=self.device)
+        self._seen[request.slot] = False
+        self._seen[request.slot, torch.tensor(request.tokens, device=self.device)] = True
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finished, request.finish_reason = True, reason
+        if request.slot >= 0:
+            self._running.pop(request.id, None)
+            self._free_slots.append(request.slot)
+            request.slot = -1

@@ -1,0 +1,207 @@
+"""Text in, text out, on top of the token engine: prompts, incremental decoding and stop strings.
+
+`Generator` takes a prompt as text or token ids, decodes incrementally (an incomplete UTF-8
+character at the end is held back until its last byte arrives) and applies stop strings exactly:
+the text is cut right before the first occurrence, even when it spans several tokens, and text
+that might be the start of a stop string is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llmcli.errors import UserError
+from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Engine, Request
+from llmcli.models.base import LanguageModel
+from llmcli.options import SamplingParams
+from llmcli.tokenizer import encode, eot_id, unknown_chars
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never splitting a multi-byte character across two pieces.
+
+    Decodes a short window of recent ids and emits what it adds to the previous window's text,
+    unless that ends in U+FFFD (an incomplete UTF-8 sequence from byte-level BPE): then it waits.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+class StopText:
+    """Releases text as it grows, cut right before the first stop string.
+
+    Holds back the longest tail that could still become a stop string, so released text is never
+    taken back. `stopped` turns True when a stop string was found; nothing is released after it.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+        self.text = ""
+        self.stopped = False
+
+    def push(self, delta: str, final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        buffer = self.pending + delta
+        hits = [i for i in (buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = buffer[:min(hits)], "", True
+        else:
+            hold = 0 if final else self._holdback(buffer)
+            out, self.pending = buffer[:len(buffer) - hold], buffer[len(buffer) - hold:]
+        self.text += out
+        return out
+
+    def _holdback(self, buffer: str) -> int:
+        for size in range(min(len(buffer), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = buffer[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+
+@dataclass
+class TextEvent:
+    """New text of one sequence after one step ("" while text is held back)."""
+
+    id: int
+    token: int
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    id: int
+    completion: str
+    tokens: int  # tokens sampled, including a final <|endoftext|>
+    prompt_tokens: int  # tokens of the prompt the model saw (after truncation)
+    dropped_prompt_tokens: int
+    finish_reason: str
+    seed: int
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+
+
+@dataclass
+class _TextState:
+    decoder: IncrementalDecoder
+    stop: StopText
+    request: Request
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """A text prompt's ids; "" is <|endoftext|> alone (the start of a document). Characters a
+    char-level tokenizer never saw are refused, naming them."""
+    unknown = unknown_chars(tokenizer, prompt)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        raise UserError(f"the prompt contains {len(unknown)} character(s) this model's tokenizer never saw: {shown}")
+    return encode(tokenizer, prompt) or [eot_id(tokenizer)]
+
+
+class Generator:
+    """Prompts in, streamed text out, on top of an `Engine` (see the module docstring)."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8, **engine_kwargs: Any):
+        self.tokenizer = tokenizer
+        self.eot = eot_id(tokenizer)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab > model.config.vocab_size:
+            raise UserError(f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
+        self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
+        self._states: dict[int, _TextState] = {}
+        self._done: dict[int, Completion] = {}
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> int:
+        """Queue a prompt (text, or token ids already encoded); returns its request id."""
+        ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        stop_ids = () if params.ignore_eot else (self.eot,)
+        request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
+        request = self.engine.get(request_id)
+        assert request is not None
+        self._states[request_id] = _TextState(IncrementalDecoder(self.tokenizer), StopText(params.stop), request)
+        return request_id
+
+    def request(self, request_id: int) -> Request:
+        return self._states[request_id].request
+
+    def cancel(self, request_id: int) -> None:
+        self.engine.cancel(request_id)
+        self._states.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[TextEvent]:
+        events = []
+        for ev in self.engine.step():
+            state = self._states[ev.id]
+            finished, reason = ev.finished, ev.finish_reason
+            text = ""
+            if reason != FINISH_EOT:  # the stop token itself is not part of the text
+                text = state.stop.push(state.decoder.push(ev.token))
+            if state.stop.stopped and not finished:
+                self.engine.cancel(ev.id)
+                finished, reason = True, FINISH_STOP
+            elif state.stop.stopped:
+                reason = FINISH_STOP
+            if finished:
+                text += state.stop.push(state.decoder.flush(), final=True)
+                self._done[ev.id] = self._completion(state, reason or FINISH_LENGTH)
+                del self._states[ev.id]
+            events.append(TextEvent(ev.id, ev.token, text, finished, reason))
+        return events
+
+    def completion(self, request_id: int) -> Completion:
+        """The finished request's result (each can be taken once)."""
+        return self._done.pop(request_id)
+
+    def _completion(self, state: _TextState, reason: str) -> Completion:
+        r = state.request
+        prefill_tps = len(r.prompt_ids) / r.prefill_seconds if r.prefill_seconds > 0 else 0.0
+        decode_tps = (r.generated - 1) / r.decode_seconds if r.decode_seconds > 0 and r.generated > 1 else 0.0
+        return Completion(id=r.id, completion=state.stop.text, tokens=r.generated,
+                          prompt_tokens=len(r.prompt_ids), dropped_prompt_tokens=r.dropped_prompt_tokens,
+                          finish_reason=reason, seed=r.seed, prefill_tokens_per_second=prefill_tps,
+                          decode_tokens_per_second=decode_tps)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 on_event: Callable[[TextEvent], None] | None = None) -> list[Completion]:
+        """Run prompts to completion (batched); results in the order of `prompts`."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        while self.has_work():
+            for ev in self.step():
+                if on_event is not None:
+                    on_event(ev)
+        return [self.completion(i) for i in ids]

@@ -1,0 +1,92 @@
+"""The interface every model family provides, so that no command needs to know which one it holds.
+
+A family is an `nn.Module` subclass of `LanguageModel` that:
+* maps token ids [B, T] to float32 logits [B, T, vocab] (`forward(idx)`: training and scoring);
+* decodes incrementally: `new_decode_state(max_slots, max_len)` makes whatever carries a sequence
+  from one step to the next (a KV cache, a recurrent hidden state, an encoder's memory), one slot
+  per sequence in flight, and `forward(idx, state=state, rows=rows)` reads and advances the slots
+  that `rows` names;
+* says how much it costs (`flops_per_token`) and which weights it shares (`tied_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from llmcli.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where each row of a batch lives in a decode state: its slot, the position of its first
+    token, and how many of its tokens are real (the rest is right padding). Plain host-side
+    integers, so that a model never reads them back from the device."""
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    def __init__(self, slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int]):
+        object.__setattr__(self, "slots", tuple(int(s) for s in slots))
+        object.__setattr__(self, "starts", tuple(int(s) for s in starts))
+        object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
+        if not len(self.slots) == len(self.starts) == len(self.lengths):
+            raise ValueError("rows need one slot, start and length per row")
+
+
+class LanguageModel(nn.Module):
+    """Base class of every model family (see the module docstring)."""
+
+    config: ModelConfig
+    # Modules holding token embedding tables (`quantize --include-embeddings` applies to these).
+    token_embeddings: tuple[str, ...] = ("tok_embed",)
+
+    def forward(self, idx: torch.Tensor, *, state: Any = None, rows: Rows | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> Any:
+        """Room for `max_slots` sequences of up to `max_len` tokens (default: the context length)."""
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens a sequence can attend to; None if the family has no limit."""
+        return self.config.block_size
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward); a forward pass costs a third of it."""
+        raise NotImplementedError
+
+    def tied_weights(self) -> dict[str, str]:
+        """State-dict names that are the same tensor as another: {alias: source}."""
+        return {}
+
+    def tie_weights(self) -> None:
+        """Point every alias back at its source (after loading with `load_state_dict(assign=True)`,
+        which gives each name its own Parameter)."""
+        for alias, source in self.tied_weights().items():
+            owner, _, name = alias.rpartition(".")
+            module = self.get_submodule(owner)
+            if isinstance(getattr(module, name, None), nn.Parameter):  # a quantized head has none
+                setattr(module, name, self.get_parameter(source))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once; `non_embedding` leaves out every embedding table."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() already dedups ties
+        if non_embedding:
+            total -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return total
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: decay matrices and embeddings (>= 2-D), not biases or norm weights."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

@@ -1,0 +1,310 @@
+"""A decoder-only transformer whose maths matches Hugging Face GPT-2 and Llama exactly.
+
+One `ModelConfig` picks the variant: LayerNorm or RMSNorm, learned or rotary positions, GELU or
+SwiGLU MLP, biases or not, grouped-query attention, tied or separate LM head. The `gpt2` and `llama`
+presets reproduce `GPT2LMHeadModel` and `LlamaForCausalLM` to float rounding, so weights can move
+between the two worlds by renaming (and, for GPT-2's Conv1D layers, transposing).
+
+For generation, `KVCache` keeps keys/values in fixed "slots", one per sequence in flight, so that a
+batch's sequences can start and finish independently (continuous batching).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcli.config import ModelConfig
+from llmcli.errors import UserError
+from llmcli.models.base import LanguageModel, Rows
+
+# SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """Llama's norm: scale by the root-mean-square, computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)  # same order of casts as HF
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every position < block_size, shape [block_size, head_dim], float32.
+
+    HF's non-interleaved layout: frequency i drives dims i and i + head_dim/2.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    angles = torch.arange(config.block_size, dtype=torch.float32, device=device)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, D] already in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values, one row ("slot") per sequence in flight.
+
+    Per layer, `k[layer]` and `v[layer]` have shape [max_slots, n_kv_head, max_len, head_dim]. A
+    slot holds one sequence's keys at their absolute positions; a sequence that finishes gives its
+    slot to the next one, which overwrites it from position 0 (stale entries further along are
+    never attended, because attention only looks at key positions <= query position).
+    """
+
+    def __init__(self, config: ModelConfig, max_slots: int, max_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_slots = max_slots
+        self.max_len = max_len or config.block_size
+        self.block_size = config.block_size
+        shape = (max_slots, config.kv_heads, self.max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+
+    def bind(self, rows: Rows, length: int, device: torch.device) -> CacheStep:
+        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
+        if len(rows.slots) == 0:
+            raise ValueError("forward with a decode state needs rows: one slot, start and length per row")
+        if min(rows.slots) < 0 or max(rows.slots) >= self.max_slots:
+            raise ValueError(f"slots must be in [0, {self.max_slots}); got {min(rows.slots)}..{max(rows.slots)}")
+        limit = min(self.block_size, self.max_len)
+        lo, hi = min(rows.starts), max(rows.starts) + length - 1
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"positions must be in [0, {limit}) (block_size={self.block_size}, cache "
+                             f"max_len={self.max_len}); got {lo}..{hi}")
+        return CacheStep(self, rows, length, hi + 1, device)
+
+
+class CacheStep:
+    """One forward's view of a KVCache: where each row writes, and what it may attend to.
+
+    Rows reading slots lo, lo+1, ... see the cache as a slice (no copy); others gather their slots.
+    Keys are read up to the furthest position written (`width`): nothing later can be attended.
+    """
+
+    def __init__(self, cache: KVCache, rows: Rows, length: int, width: int, device: torch.device):
+        self.cache = cache
+        self.slots = torch.tensor(rows.slots, device=device)
+        starts = torch.tensor(rows.starts, device=device)
+        self.positions = starts[:, None] + torch.arange(length, device=device)  # [B, T]
+        key_positions = torch.arange(width, device=device)
+        self.mask = (key_positions <= self.positions[:, :, None])[:, None]  # [B, 1, T, width]
+        first, count = rows.slots[0], len(rows.slots)
+        consecutive = rows.slots == tuple(range(first, first + count))
+        self.kv_rows = slice(first, first + count) if consecutive else self.slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v [B, H, T, D] at each row's positions; the rows' keys/values to attend."""
+        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
+        rows = self.slots[:, None]
+        cache_k[rows, :, self.positions] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, self.positions] = v.transpose(1, 2).to(cache_v.dtype)
+        width = self.mask.shape[-1]
+        if isinstance(self.kv_rows, slice):
+            k, v = cache_k[self.kv_rows, :, :width], cache_v[self.kv_rows, :, :width]
+        else:
+            k = cache_k[:, :, :width].index_select(0, self.kv_rows)
+            v = cache_v[:, :, :width].index_select(0, self.kv_rows)
+        return k, v
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with optional grouped-query (fewer kv heads) and a KV cache."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: CacheStep | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+            k, v, mask = k.to(q.dtype), v.to(q.dtype), cache.mask
+        gqa = self.n_kv_head != self.n_head
+        # SDPA's enable_gqa only reaches the flash kernel, which takes no mask; with a mask,
+        # repeating the kv heads ourselves lets the memory-efficient kernel run instead.
+        native_gqa = gqa and _SDPA_HAS_GQA and mask is None
+        if gqa and not native_gqa:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        extra = {"enable_gqa": True} if native_gqa else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None, **extra)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.act == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.down_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            hidden = F.gelu(self.up_proj(x), approximate="tanh")  # HF's "gelu_new"
+        return self.dropout(self.down_proj(hidden))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: CacheStep | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(LanguageModel):
+    """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.block_size, config.d_model) if config.pos == "learned" else None
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        # Rope tables are a plain attribute, not a buffer, so model.to(bfloat16) cannot coarsen
+        # them; they are (re)built in float32 on whichever device the input arrives.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # keeps the residual stream's variance flat
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "tok_embed.weight"} if self.config.tie_embeddings else {}
+
+    def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> KVCache:
+        return KVCache(self.config, max_slots, max_len, dtype=dtype, device=device)
+
+    def forward(self, idx: torch.Tensor, *, state: KVCache | None = None, rows: Rows | None = None) -> torch.Tensor:
+        """Float32 logits [B, T, vocab] for token ids `idx` [B, T].
+
+        Without `state`: a plain causal forward over the T tokens at positions 0..T-1. With a
+        `KVCache`: row b uses slot `rows.slots[b]` and its tokens sit at positions
+        `rows.starts[b]`, +1, ...; their keys/values are written into the slot first, then each
+        query attends to the slot's keys at positions <= its own. Rows may be at different
+        lengths, and a right-padded prefill is fine: padding writes beyond a row's end, which is
+        never read before that row overwrites it. Use under torch.no_grad()/inference_mode.
+        """
+        B, T = idx.shape
+        cache = None
+        if state is not None:
+            if rows is None or len(rows.slots) != B:
+                raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
+            cache = state.bind(rows, T, idx.device)
+            positions = cache.positions
+        elif T > self.config.block_size:
+            raise ValueError(f"positions must be in [0, {self.config.block_size}) "
+                             f"(block_size={self.config.block_size}); got 0..{T - 1}")
+        else:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+
+        x = self.tok_embed(idx)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        else:
+            rope = self._rope_at(positions, x.dtype)
+        x = self.embed_dropout(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        return self.lm_head(self.final_norm(x)).float()
+
+    def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != positions.device:
+            self._rope = rope_tables(self.config, positions.device)
+        cos, sin = self._rope
+        return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 * matmul params + 12 * n_layer * d_model * seq_len.
+
+        The matmul params are every Linear weight (all projections and the LM head, tied or not);
+        the second term is the attention score/value products (PaLM, appendix B). 6 = 2 for the
+        forward pass + 4 for the backward.
+        """
+        seq_len = seq_len or self.config.block_size
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * self.config.n_layer * self.config.d_model * seq_len
+
+
+def _check_config(config: ModelConfig) -> None:
+    """The cross-field checks build_config does, for configs constructed directly."""
+    if not config.vocab_size:
+        raise UserError("model.vocab_size is not set (it normally comes from the tokenizer)")
+    if config.d_model % config.n_head:
+        raise UserError(f"model.n_head={config.n_head} must divide model.d_model={config.d_model}")
+    if config.n_head % config.kv_heads:
+        raise UserError(f"model.n_kv_head={config.kv_heads} must divide model.n_head={config.n_head}")
+    if config.pos == "rope" and config.head_dim % 2:
+        raise UserError(f"rope needs an even head size; d_model/n_head = {config.head_dim}")

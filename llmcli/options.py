@@ -1,0 +1,449 @@
+"""Every option of every command, declared once.
+
+Each command's options are a frozen dataclass: its fields (type, default, and `option()` /
+`argument()` metadata: flags and help) are what `llmcli/cli.py` turns into the command line, and
+the same object is what the package function receives, so no option is spelled twice. Range checks
+live on the fields too and run when the object is built; they raise `FieldError` with the field's
+name, which each boundary renders its own way (`--top-p` on the command line, `top_p` in an HTTP
+body). This module imports nothing heavy: the CLI reads it to answer `--help` without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llmcli.errors import FieldError
+
+API_KEY_ENV = "LLMCLI_API_KEY"
+REQUIRED = dataclasses.MISSING  # an option() or argument() without a default must be given
+
+
+# --------------------------------------------------------------------------------------------
+# Declaring fields
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one field appears on the command line."""
+
+    flags: tuple[str, ...]  # e.g. ("--max-new-tokens", "-n"); () for a positional argument
+    help: str
+    argument: bool = False
+    metavar: Optional[str] = None
+    check: Optional[tuple[Callable[[Any], bool], str]] = None  # (value is fine, the rule in words)
+    cli_type: Any = None  # the type Typer parses, when it differs from the field's
+    convert: Optional[Callable[[Any], Any]] = None  # parsed value -> field value
+    typer: dict = field(default_factory=dict)  # more typer.Option arguments (envvar, dir_okay...)
+
+
+def option(default: Any = REQUIRED, *flags: str, help: str, check=None, cli_type=None,
+           convert=None, metavar=None, **typer: Any) -> Any:
+    """A `--flag` option; without `default` it is required."""
+    spec = Spec(flags, help, check=check, cli_type=cli_type, convert=convert, metavar=metavar, typer=typer)
+    return field(default=default, metadata={"cli": spec})
+
+
+def argument(default: Any = REQUIRED, *, help: str, metavar: str | None = None,
+             **typer: Any) -> Any:
+    """A positional argument; without `default` it is required."""
+    return field(default=default, metadata={"cli": Spec((), help, argument=True, metavar=metavar, typer=typer)})
+
+
+def nested(cls: type) -> Any:
+    """A group of options declared by another dataclass (its fields become this command's flags)."""
+    return field(default_factory=cls, metadata={"nested": True})
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+AT_LEAST_ONE = (lambda v: _integer(v) and v >= 1, "at least 1")
+NOT_NEGATIVE = (lambda v: _integer(v) and v >= 0, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of every options dataclass: checks each field's rule, then `check()` (cross-field)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            spec = f.metadata.get("cli")
+            value = getattr(self, f.name)
+            if spec is not None and spec.check is not None and value is not None:
+                ok, rule = spec.check
+                if not ok(value):
+                    raise FieldError(f.name, f"must be {rule}; got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields, or ones a single predicate cannot say; raise FieldError."""
+
+
+def flag_names(cls: type) -> dict[str, str]:
+    """Field name -> its long flag (or its metavar, for arguments), nested groups included."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            names.update(flag_names(f.default_factory))  # type: ignore[arg-type]
+            continue
+        spec: Spec = f.metadata["cli"]
+        longs = [flag for flag in spec.flags if flag.startswith("--")]
+        names[f.name] = longs[0] if longs else (spec.metavar or f.name.upper())
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: one request's decoding settings (generate's flags, serve's request fields)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams(Options):
+    """How one request is decoded; the engine applies them in the order of generate/sampling.py."""
+
+    max_new_tokens: int = option(256, "--max-new-tokens", "-n", help="Tokens to generate at most.",
+                                 check=(lambda v: _integer(v) and v >= 1, "a positive integer"))
+    temperature: float = option(0.8, "--temperature", "-t", help="0 = greedy (always the most likely).",
+                                check=(lambda v: _number(v) and v >= 0, ">= 0 (0 = greedy)"))
+    top_k: int = option(0, "--top-k", help="Sample from the k most likely tokens only (0 = off).",
+                        check=(lambda v: _integer(v) and v >= 0, "an integer >= 0 (0 = off)"))
+    top_p: float = option(1.0, "--top-p", help="Nucleus: the smallest set of tokens with probability >= p, "
+                                               "in (0, 1] (1 = off).",
+                          check=(lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"))
+    min_p: float = option(0.0, "--min-p", help="Drop tokens less likely than min-p x the most likely one, "
+                                               "in [0, 1] (0 = off).",
+                          check=(lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"))
+    repetition_penalty: float = option(1.0, "--repetition-penalty",
+                                       help="Above 1 discourages tokens already in the prompt or output "
+                                            "(1 = off).",
+                                       check=(lambda v: _number(v) and v > 0, "> 0"))
+    seed: Optional[int] = option(None, "--seed", help="Seed for reproducible samples (sample j of each prompt "
+                                                      "uses seed+j).",
+                                 check=(lambda v: _integer(v) and 0 <= v < 2**63, "an integer in [0, 2^63)"))
+    stop: tuple[str, ...] = option((), "--stop", help="Stop before this text (repeatable; \\n and \\t are "
+                                                      "understood).",
+                                   cli_type=Optional[list[str]], convert=lambda items: tuple(map(unescape, items or ())))
+    ignore_eot: bool = option(False, "--ignore-eot", help="Keep going past <|endoftext|>.")
+
+    def check(self) -> None:
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) for s in self.stop):
+            raise FieldError("stop", "must be a tuple of strings")
+        if any(s == "" for s in self.stop):
+            raise FieldError("stop", ": a stop string cannot be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line (e.g. in --stop) as the characters."""
+    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared option groups
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+AUTO_DTYPE_HELP = "auto (bfloat16 on a GPU, else float32), float32, bfloat16, float16."
+
+
+def _config_option(help: str = "YAML config file (see configs/).") -> Any:
+    return option(None, "--config", "-c", help=help, dir_okay=False)
+
+
+def _overrides_argument() -> Any:
+    return argument(None, metavar="[OVERRIDES]...",
+                    help="section.key=value pairs applied over the config, e.g. train.max_steps=50 "
+                         "model.n_layer=2.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigOptions(Options):
+    config: Optional[Path] = _config_option()
+    overrides: Optional[list[str]] = _overrides_argument()
+
+
+# --------------------------------------------------------------------------------------------
+# The commands
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(ConfigOptions):
+    """Load a corpus, train or load its tokenizer, and cache one token array per split.
+
+    Examples:
+
+      llmcli data prepare                                  # Shakespeare, char tokenizer
+
+      llmcli data prepare -c configs/shakespeare-bpe.yaml
+
+      llmcli data prepare data.source=notes/ tokenizer.kind=bpe tokenizer.vocab_size=2048
+    """
+
+    force: bool = option(False, "--force", help="Re-tokenize even if a cached copy exists.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainOptions(ConfigOptions):
+    """Train a tokenizer (tokenizer.kind=char|bpe) on the corpus's training split.
+
+    Examples:
+
+      llmcli tokenizer train --out tok.json tokenizer.kind=bpe tokenizer.vocab_size=8192
+
+      llmcli tokenizer train -c configs/shakespeare-bpe.yaml --out tok.json
+    """
+
+    out: Path = option(REQUIRED, "--out", "-o", help="Where to write tokenizer.json.")
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing file.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(ConfigOptions):
+    """Train a model; checkpoints, metrics and the effective config go to the run directory.
+
+    Works unchanged under `torchrun --nproc_per_node N -m llmcli train ...` and `accelerate launch`.
+
+    Examples:
+
+      llmcli train -c configs/tiny.yaml --out runs/tiny
+
+      llmcli train -c configs/shakespeare-char.yaml --out runs/char train.max_minutes=5
+
+      llmcli train --resume runs/char train.max_steps=4000      # continue, with more steps
+
+      llmcli train --init-from runs/gpt2 --out runs/ft data.source=notes/ train.lr=1e-4
+    """
+
+    out: Optional[Path] = option(None, "--out", "-o", help="Run directory to create.")
+    resume: Optional[Path] = option(None, "--resume", help="Continue the run in this directory exactly where "
+                                                           "its last checkpoint left off.", file_okay=False)
+    overwrite: bool = option(False, "--overwrite", help="Replace a run already in --out.")
+    init_from: Optional[Path] = option(None, "--init-from", help="Fine-tune: start from this checkpoint's "
+                                                                 "weights, model and tokenizer.",
+                                       file_okay=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions(Options):
+    """Score checkpoints on held-out text: loss, perplexity, top-1/top-5 accuracy, bits per byte.
+
+    By default each checkpoint is scored on the val split of the data it was trained on (its own
+    config.yaml, tokenized with its own tokenizer; prepared arrays are cached). Every token is
+    scored exactly once, including each document's first (predicted after <|endoftext|>). Bits per
+    byte = total loss / ln 2 / UTF-8 bytes of the text, comparable across tokenizers. Several
+    checkpoints give one comparison table.
+
+    Examples:
+
+      llmcli eval runs/char
+
+      llmcli eval runs/char runs/bpe --split test data.test_fraction=0.1
+
+      llmcli eval runs/char/best --text-file notes.txt --stride 64 --json
+    """
+
+    targets: list[str] = argument(metavar="RUN_DIR [RUN_DIR|OVERRIDE]",
+                                  help="Run or checkpoint directories (a run dir, or its best/ or last/), then "
+                                       "optional data.key=value overrides.")
+    split: str = option("val", "--split", help="Which split of the data to score (val, test, train).")
+    text_file: Optional[Path] = option(None, "--text-file", help="Score this UTF-8 text file instead of a split.",
+                                       dir_okay=False)
+    config: Optional[Path] = _config_option("Take the data settings from this YAML config instead of the "
+                                            "checkpoint's own config.yaml.")
+    stride: Optional[int] = option(None, "--stride",
+                                   help="How far the window of block_size tokens advances; each window scores "
+                                        "only the tokens the previous one did not, so every token is scored "
+                                        "once with at least block_size-stride+1 tokens of context (after the "
+                                        "first window). Default: block_size/2; block_size = disjoint blocks.")
+    batch_size: int = option(8, "--batch-size", "-b", help="Windows per forward pass.", check=AT_LEAST_ONE)
+    json_out: bool = option(False, "--json", help="One JSON object per checkpoint, one per line.")
+    device: str = option("auto", "--device", help=DEVICE_HELP)
+    dtype: str = option("float32", "--dtype", help="float32, bfloat16 or float16 weights.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateOptions(Options):
+    """Continue a prompt with a trained model, streaming the text as it is produced.
+
+    Generation stops at <|endoftext|>, at a --stop string (cut exactly before it) or after
+    --max-new-tokens. A prompt longer than the context window keeps its last block_size tokens (with
+    a warning); past the window, generation slides on: the slot is refilled with the last
+    block_size/2 tokens and continues. Prompts and samples run batched; a seeded sample is the same
+    whatever else runs in the batch.
+
+    Examples:
+
+      llmcli generate runs/char "ROMEO:" -n 200
+
+      llmcli generate runs/char "" --temperature 0 --stop "\\n\\n"
+
+      llmcli generate runs/bpe -f prompts.txt --lines --num-samples 3 --seed 1 --json
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")
+    prompt: Optional[str] = argument(None, metavar="[PROMPT]",
+                                     help="Text to continue. \"\" starts from <|endoftext|> (a new document). "
+                                          "Without it: --prompt-file, else stdin.")
+    prompt_file: Optional[Path] = option(None, "--prompt-file", "-f", help="Read the prompt from this UTF-8 file.",
+                                         dir_okay=False)
+    lines: bool = option(False, "--lines", help="Each non-blank line of the input is a prompt.")
+    sampling: SamplingParams = nested(SamplingParams)
+    num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt.", check=AT_LEAST_ONE)
+    batch_size: int = option(8, "--batch-size", "-b", help="Sequences generated at once.", check=AT_LEAST_ONE)
+    json_out: bool = option(False, "--json", help="One JSON object per sample, one per line.")
+    no_stream: bool = option(False, "--no-stream", help="Print each sample when complete.")
+    device: str = option("auto", "--device", help=DEVICE_HELP)
+    dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions(Options):
+    """Write a checkpoint as a Hugging Face model folder (GPT2LMHeadModel or LlamaForCausalLM).
+
+    The folder loads with transformers' AutoModelForCausalLM and AutoTokenizer.from_pretrained.
+
+    Examples:
+
+      llmcli export runs/tiny --format hf --out exported/tiny
+
+      llmcli export runs/llama/best --out exported/llama --dtype bfloat16 --overwrite
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (a run dir exports its final "
+                                                     "weights; name its best/ for the best ones).")
+    out: Path = option(REQUIRED, "--out", "-o", help="Folder to write.")
+    format: str = option("hf", "--format", help="Output format: hf (Hugging Face transformers).")
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out folder.")
+    dequantize: bool = option(False, "--dequantize", help="Export a quantized checkpoint as float weights.")
+    dtype: str = option("auto", "--dtype", help="Weights to write: auto (as stored), float32, bfloat16 or "
+                                                "float16.")
+
+    def check(self) -> None:
+        if self.format != "hf":
+            raise FieldError("format", f"must be hf (Hugging Face transformers); got {self.format!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions(Options):
+    """Turn a GPT2LMHeadModel / LlamaForCausalLM folder or hub id into an llmcli checkpoint.
+
+    The result works with eval, generate and quantize like a trained run.
+
+    Examples:
+
+      llmcli import exported/tiny --out runs/tiny-again
+
+      llmcli import openai-community/gpt2 --out runs/gpt2      # downloads from the hub
+    """
+
+    source: str = argument(metavar="SOURCE", help="A local Hugging Face model folder, or a hub id (gpt2, "
+                                                  "owner/name).")
+    out: Path = option(REQUIRED, "--out", "-o", help="Checkpoint directory to create.")
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out directory.")
+    dtype: str = option("float32", "--dtype", help="Weights to store: float32, bfloat16, float16 or auto (as "
+                                                   "in the source).")
+    tokenizer: Optional[Path] = option(None, "--tokenizer", help="Use this tokenizer.json instead of the "
+                                                                 "source's.", dir_okay=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions(Options):
+    """Quantize a model's weights to int8 or int4 into a new, smaller checkpoint.
+
+    The result is an ordinary checkpoint directory (integer weights + scales in model.safetensors)
+    that eval, generate and serve load like any other. A table compares the file size, val
+    perplexity and batch-1 decode speed of the float32 and quantized models, measured in this run.
+
+    Examples:
+
+      llmcli quantize runs/char --method int8 --out runs/char-int8
+
+      llmcli quantize runs/char/best --method int4 --group-size 32 --out runs/char-int4
+
+      llmcli quantize runs/gpt2 --method int8 --include-embeddings --out runs/gpt2-int8 --eval-tokens 0
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (a run dir quantizes its final "
+                                                     "weights; name its best/ for the best ones).")
+    method: str = option(REQUIRED, "--method", "-m", help="int8 (per-channel weights, dynamic int8 activations on "
+                                                     "CPU) or int4 (group-wise weights, two per byte).")
+    out: Path = option(REQUIRED, "--out", "-o", help="Checkpoint directory to write.")
+    group_size: Optional[int] = option(None, "--group-size", "-g", help="int4 only: input columns per scale, 32, "
+                                                                        "64 or 128 (default 64).")
+    include_embeddings: bool = option(False, "--include-embeddings",
+                                      help="Also quantize the token embedding table (and a tied LM head with "
+                                           "it); otherwise they stay float32.")
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out directory.")
+    eval_tokens: int = option(32768, "--eval-tokens", help="Val tokens to measure perplexity on before and after "
+                                                           "(0 = skip).", check=NOT_NEGATIVE)
+    decode_tokens: int = option(64, "--decode-tokens", help="Greedy tokens to time decoding with before and after "
+                                                            "(0 = skip).", check=NOT_NEGATIVE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions(Options):
+    """Serve a model over an OpenAI-compatible HTTP API, with continuous batching and streaming.
+
+    Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream=true gives
+    server-sent events), GET /health. Requests join and leave the running batch at every step;
+    greedy output is the same as `llmcli generate` whatever else runs. Beyond OpenAI's options:
+    top_k, min_p, repetition_penalty, ignore_eos. A prompt longer than the context keeps its last
+    block_size tokens. Ctrl-C stops taking requests (503) and lets running ones finish for a few
+    seconds.
+
+    Our models are base models, not chat-tuned: /v1/chat/completions lays the messages out as
+    "{role}: {content}\\n" each, then "assistant:", and stops at "\\nuser:". A --chat-template
+    file is JSON with any of: "prefix", "message" (e.g. "{role}: {content}\\n"), "roles" (a
+    format per role), "generation_prompt", "stop" (a list); formats use {role} and {content}.
+
+    Examples:
+
+      llmcli serve runs/char
+
+      LLMCLI_API_KEY=secret llmcli serve runs/char-int8 --host 0.0.0.0 --port 8080
+
+      curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (float or quantized).")
+    host: str = option("127.0.0.1", "--host", help="Address to listen on. 127.0.0.1 = this machine only; "
+                                                   "0.0.0.0 = every interface (set an API key then).")
+    port: int = option(8000, "--port", "-p", help="Port to listen on (0 = any free port).",
+                       check=(lambda v: _integer(v) and 0 <= v <= 65535, "in 0..65535"))
+    api_key: Optional[str] = option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+                                    help="Require 'Authorization: Bearer KEY' on every request except GET "
+                                         "/health. Prefer the environment variable: a command line is visible "
+                                         "to other users.")
+    max_batch_size: int = option(16, "--max-batch-size", "-b", help="Sequences decoded together; each has a "
+                                                                    "KV-cache slot of the model's full context.",
+                                 check=AT_LEAST_ONE)
+    max_queue: int = option(64, "--max-queue", help="Sequences that may wait for a slot; beyond that requests "
+                                                    "get 429.", check=(NOT_NEGATIVE[0], "0 or more"))
+    model_name: Optional[str] = option(None, "--model-name", help="The model id clients use (default: the run "
+                                                                  "directory's name).")
+    chat_template: Optional[Path] = option(None, "--chat-template", help="JSON file laying chat messages out as "
+                                                                         "a prompt (see above).", dir_okay=False)
+    device: str = option("auto", "--device", help=DEVICE_HELP)
+    dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
+    threads: Optional[int] = option(None, "--threads", help="CPU threads for the model (default: PyTorch's, one "
+                                                            "per core). Fewer leave a core for the HTTP side; "
+                                                            "small models run fastest on 1.", check=AT_LEAST_ONE)
+
+    def check(self) -> None:
+        if self.model_name is not None and not self.model_name:
+            raise FieldError("model_name", "cannot be empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise FieldError("api_key", f"/ {API_KEY_ENV} is empty")

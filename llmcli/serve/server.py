@@ -1,0 +1,129 @@
+"""`llmcli serve`: a checkpoint loaded, a socket bound, uvicorn running until Ctrl-C.
+
+The first Ctrl-C (or SIGTERM) turns new requests away with 503 and gives running ones
+SHUTDOWN_GRACE_SECONDS to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from llmcli import ui
+from llmcli.checkpoint import load_for_inference, resolve_checkpoint
+from llmcli.device import select_device, select_dtype
+from llmcli.errors import UserError
+from llmcli.generate.text import Generator
+from llmcli.options import API_KEY_ENV, ServeOptions
+from llmcli.serve.app import ServerState, create_app
+from llmcli.serve.chat import ChatTemplate, load_chat_template
+from llmcli.serve.engine_loop import EngineLoop
+from llmcli.serve.protocol import MAX_BODY_BYTES
+from llmcli.tokenizer import eot_id
+
+SHUTDOWN_GRACE_SECONDS = 10
+
+
+def default_model_name(run_dir: str | Path) -> str:
+    """The run directory's name; `runs/char/best` gives `char/best`."""
+    path = Path(run_dir).expanduser().resolve()
+    if path.name in ("best", "last") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
+def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: ChatTemplate | None = None, *,
+                max_body_bytes: int = MAX_BODY_BYTES) -> ServerState:
+    """Everything a server needs for a loaded model (the engine thread starts with the app).
+
+    `template` defaults to the one `opts.chat_template` names.
+    """
+    engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size))
+    name = opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
+    return ServerState(engine=engine, tokenizer=Tokenizer.from_str(tokenizer.to_str()), eot=eot_id(tokenizer),
+                       model_name=name, block_size=model.context_length,
+                       vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+                       max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
+                       template=template if template is not None else load_chat_template(opts.chat_template),
+                       api_key=opts.api_key, max_body_bytes=max_body_bytes)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line UserError (address in use, unknown host...)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only for sockets that
+    # do, and with it on, every streamed chunk after the first waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the address is already in use" if exc.errno in (98, 48, 10048) else (exc.strerror or str(exc))
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def make_uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool = True):
+    """A uvicorn.Server whose first Ctrl-C (or SIGTERM) turns new requests away with 503."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.llm.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, server_header=False)
+    return Server(config)
+
+
+def serve_command(opts: ServeOptions) -> None:
+    """Load the checkpoint, bind, serve until Ctrl-C; a bad template, RUN_DIR or address fails first."""
+    template = load_chat_template(opts.chat_template)
+    resolve_checkpoint(opts.run_dir)
+    device = select_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    sock = bind_socket(opts.host, opts.port)
+    try:
+        _, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+        parameters = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
+        state = build_state(model, tokenizer, opts, template)
+        _announce(opts, state, sock, parameters, device)
+        server = make_uvicorn_server(create_app(state))
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, parameters: int,
+              device: torch.device) -> None:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size}, "
+           f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
+           f"{opts.max_queue}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
+    if opts.api_key is None and not _is_loopback(host):
+        ui.log(f"warning: listening on {opts.host} without an API key: anyone who can reach this port can use "
+               f"the model (set {API_KEY_ENV})")

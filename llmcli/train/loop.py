@@ -1,0 +1,339 @@
+"""The training loop: Accelerate for devices, processes and mixed precision; exact, crash-safe resume.
+
+`Trainer` sets a run up once (accelerator, data, model, optimizer, resumed state), then `run()`
+repeats: train one step, log, every eval_interval steps evaluate and save; and once more at the
+end. Checkpoints go to the run directory as `state/` (what --resume reads), `last/`, `best/` and
+the run directory's own files (see run_dir.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from llmcli import ui
+from llmcli.checkpoint import link_checkpoint, load_model, resolve_checkpoint, write_checkpoint
+from llmcli.config import Config
+from llmcli.errors import UserError
+from llmcli.io import atomic_replace_dir, atomic_write_text
+from llmcli.models.registry import build_model
+from llmcli.options import TrainOptions
+from llmcli.train.report import Reporter, print_summary
+from llmcli.train.run_dir import (
+    METRICS,
+    STATE_DIR,
+    TRAINER_STATE,
+    RunPlan,
+    check_out_dir,
+    clear_run,
+    plan_run,
+    truncate_metrics,
+)
+from llmcli.train.schedule import RandomWindows, TrainState, lr_at
+
+
+def train_command(opts: TrainOptions) -> None:
+    trainer = Trainer(plan_run(opts))
+    summary = trainer.run()
+    if trainer.main:
+        print_summary(summary)
+
+
+def train(plan: RunPlan, console: Console = ui.stderr) -> dict[str, Any]:
+    """Train `plan.cfg` into `plan.out_dir` (or continue the run there); the final summary."""
+    return Trainer(plan, console).run()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: RandomWindows, batches: int, accelerator: Any) -> dict[str, float]:
+    """Loss, perplexity and next-token accuracy on a fixed set of validation windows."""
+    model.eval()
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
+    for index in range(accelerator.process_index, batches, accelerator.num_processes):
+        x, y = windows.eval_batch(index)
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(x)
+        logits = logits.float()
+        totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+        totals[1] += (logits.argmax(-1) == y).sum()
+        totals[2] += y.numel()
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    loss = (totals[0] / totals[2]).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+            "val_acc": (totals[1] / totals[2]).item()}
+
+
+class Trainer:
+    """One training run (see the module docstring)."""
+
+    def __init__(self, plan: RunPlan, console: Console = ui.stderr):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        t = plan.cfg.train
+        self.out_dir, self.resume = Path(plan.out_dir).expanduser(), plan.resume
+        if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast and grad "
+                            "scaling do not run on CPU); use bf16 on CPU")
+        if not plan.resume:
+            check_out_dir(self.out_dir, plan.overwrite)
+
+        # 1) Accelerate. cpu=True without CUDA is what makes it see a torchrun / `accelerate launch
+        # --multi_gpu` world on CPU (gloo); without it every process silently trains alone.
+        logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # tied weights warn on save
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                                       cpu=not torch.cuda.is_available())
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+
+        # 2) Data, and the config resolved with it (the vocabulary size comes from the tokenizer).
+        with self.accelerator.main_process_first():
+            from llmcli.data.prepare import prepare_data
+
+            prepared = prepare_data(plan.cfg, console=console if self.main else Console(quiet=True))
+        self.cfg = _resolve(plan.cfg, prepared)
+        self.tokenizer = prepared.tokenizer_path.read_bytes()
+        self.train_windows = _windows(prepared, "train", self.cfg, t.seed)
+        self.val_windows = _windows(prepared, "val", self.cfg, t.seed + 1)
+        if self.main and not plan.resume:
+            if plan.overwrite:
+                clear_run(self.out_dir)
+            self.cfg.save(self.out_dir / "config.yaml")
+            shutil.copyfile(prepared.tokenizer_path, self.out_dir / "tokenizer.json")
+        self.accelerator.wait_for_everyone()
+
+        # 3) Model and optimizer.
+        set_seed(t.seed)
+        model = build_model(self.cfg.model)
+        if plan.init_from is not None and not plan.resume:
+            model.load_state_dict(load_model(resolve_checkpoint(plan.init_from)).state_dict())
+        self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token()
+        # One fused kernel for every parameter: on the CPU 4x faster than the default per-tensor
+        # loop (1.2 vs 4.8 ms per step for shakespeare-char), about 7% of a training step.
+        fused = self.accelerator.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                      fused=fused or None)
+        if t.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+        # 4) Where we start: step 0, or exactly where the run's last checkpoint left off.
+        self.state = TrainState()
+        if plan.resume:
+            self.accelerator.load_state(str(self.out_dir / STATE_DIR))
+            self.state.load_state_dict(json.loads((self.out_dir / STATE_DIR / TRAINER_STATE).read_text()))
+            if self.main:
+                truncate_metrics(self.out_dir / METRICS, self.state.step)
+        self.tokens_per_step = t.batch_size * self.cfg.model.block_size * t.grad_accum * self.world
+        self.max_seconds = t.max_minutes * 60 if t.max_minutes else None
+        # The budget spans resumes; the reporter times this run only, so give it what is left.
+        budget_left = self.max_seconds - self.state.elapsed if self.max_seconds is not None else None
+        self.reporter = Reporter(self.main, t.max_steps, budget_left, console)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self._announce()
+        self.start_step, self.run_start, self.elapsed_before = self.state.step, time.perf_counter(), self.state.elapsed
+        self._reset_window()
+        self.first_bad_step = torch.full((), -1, device=self.accelerator.device, dtype=torch.long)
+        self.last_train_loss: float | None = None
+        last_val: dict[str, float] | None = None
+        self.metrics_file = open(self.out_dir / METRICS, "a") if self.main else None
+        self.model.train()
+        try:
+            with self.reporter:
+                while not self._done():
+                    lr = lr_at(self.state.step, t, self._elapsed())
+                    self._train_step(lr)
+                    is_eval = self.state.step % t.eval_interval == 0
+                    is_last = t.max_steps is not None and self.state.step >= t.max_steps
+                    if self.state.step % t.log_interval == 0 or is_eval or is_last:
+                        self._log(lr)
+                    if is_eval:
+                        last_val = self._evaluate_and_save()
+                if self.window_count:
+                    self._check_finite()
+                if last_val is None or self.state.step % t.eval_interval:
+                    self.state.elapsed = self._elapsed()
+                    last_val = self._evaluate_and_save()
+        finally:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+        return self._summary(last_val)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (the main process writes them)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(entry) + "\n")
+            self.metrics_file.flush()
+
+    def _elapsed(self) -> float:
+        """Training seconds of the whole run, resumes included."""
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        done = (t.max_steps is not None and self.state.step >= t.max_steps) or \
+               (self.max_seconds is not None and self._elapsed() >= self.max_seconds)
+        if self.world > 1 and self.max_seconds is not None:  # every process stops at the same step
+            flag = torch.tensor(float(done), device=self.accelerator.device)
+            done = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        return done
+
+    def _train_step(self, lr: float) -> None:
+        """One optimizer step over grad_accum micro-batches; losses stay on the device."""
+        t, accelerator, device = self.cfg.train, self.accelerator, self.accelerator.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(t.grad_accum):
+            x, y = self.train_windows.batch(self.state.step, micro * self.world + self.rank)
+            x, y = x.to(device), y.to(device)
+            with accelerator.accumulate(self.model):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            self.window_loss += loss
+            self.window_correct += (logits.detach().argmax(-1) == y).sum() / y.numel()
+            self.window_count += 1
+            self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
+                                              torch.tensor(self.state.step, device=device), self.first_bad_step)
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+
+    def _reset_window(self) -> None:
+        device = self.accelerator.device
+        self.window_loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.window_correct = torch.zeros((), device=device, dtype=torch.float64)
+        self.window_count, self.window_start, self.window_step0 = 0, time.perf_counter(), self.state.step
+
+    def _log(self, lr: float) -> None:
+        """Average the losses since the last log line over steps and processes; one metrics row."""
+        self._check_finite()
+        stats = self.accelerator.reduce(torch.stack([self.window_loss, self.window_correct]), reduction="mean")
+        train_loss, train_acc = (stats / self.window_count).tolist()
+        now = time.perf_counter()
+        tok_s = self.tokens_per_step * (self.state.step - self.window_step0) / max(now - self.window_start, 1e-9)
+        self.state.elapsed = self._elapsed()
+        self.record({"step": self.state.step, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+                     "tokens_per_second": tok_s, "tokens_seen": self.state.tokens_seen,
+                     "elapsed": round(self.state.elapsed, 3)})
+        self.reporter.step(self.state.step, train_loss, train_acc, lr, tok_s,
+                           self.state.elapsed - self.elapsed_before, self.start_step)
+        self.last_train_loss = train_loss
+        self._reset_window()
+
+    def _check_finite(self) -> None:
+        bad = int(self.accelerator.reduce(self.first_bad_step.clone(), reduction="max"))
+        if bad >= 0:
+            saved = self.state.best_step >= 0 or self.resume
+            where = f"the last good checkpoint is in {self.out_dir / 'last'}" if saved else "no checkpoint was written"
+            raise UserError(f"loss became non-finite at step {bad + 1}; stopped ({where})")
+
+    def _evaluate_and_save(self) -> dict[str, float]:
+        val = evaluate(self.model, self.val_windows, self.cfg.train.eval_batches, self.accelerator)
+        if not math.isfinite(val["val_loss"]):
+            raise UserError(f"validation loss is non-finite at step {self.state.step}; stopped "
+                            "(the last good checkpoint stays)")
+        if val["val_loss"] < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_step = val["val_loss"], self.state.step
+        self.record({"step": self.state.step, **val})
+        self.reporter.eval_row(self.state.step, self.last_train_loss, val)
+        self._save(val)
+        return val
+
+    def _save(self, val: dict[str, float]) -> None:
+        """state/ first (what resume reads), then last/, best/ and the run dir's own files."""
+        accelerator, out_dir = self.accelerator, self.out_dir
+        state_tmp = out_dir / f".{STATE_DIR}.saving"
+        if self.main:
+            shutil.rmtree(state_tmp, ignore_errors=True)
+            state_tmp.mkdir()
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(state_tmp))
+        accelerator.wait_for_everyone()
+        if self.main:
+            atomic_write_text(state_tmp / TRAINER_STATE, json.dumps(self.state.state_dict(), indent=2) + "\n")
+            atomic_replace_dir(out_dir / STATE_DIR, lambda tmp: _move_contents(state_tmp, tmp))
+            shutil.rmtree(state_tmp, ignore_errors=True)
+            info = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **val}
+            model = self._unwrapped()
+            write_checkpoint(out_dir / "last", model, self.cfg, self.tokenizer, info)
+            if self.state.best_step == self.state.step:
+                write_checkpoint(out_dir / "best", model, self.cfg, self.tokenizer, info)
+            link_checkpoint(out_dir / "last", out_dir)
+        accelerator.wait_for_everyone()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        if not self.main:
+            return
+        accelerator, t = self.accelerator, self.cfg.train
+        backend = getattr(accelerator.state, "backend", None) or "-"
+        self.reporter.print(f"world size {self.world} ({accelerator.distributed_type.value}, backend {backend}), "
+                            f"device {accelerator.device}, mixed precision {t.mixed_precision}")
+        self.reporter.print(f"model {ui.format_count(self.n_params)} parameters, "
+                            f"{ui.format_count(self.flops_per_token)} training FLOPs/token; "
+                            f"{ui.format_count(self.tokens_per_step)} tokens/step")
+        if self.resume:
+            self.reporter.print(f"resuming {self.out_dir} at step {self.state.step}")
+
+    def _summary(self, final: dict[str, float] | None) -> dict[str, Any]:
+        wall = time.perf_counter() - self.run_start
+        trained = (self.state.step - self.start_step) * self.tokens_per_step
+        best = json.loads((self.out_dir / "best" / "checkpoint.json").read_text()) if self.main else {}
+        return {
+            "parameters": self.n_params, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
+            "wall_seconds": wall, "tokens_per_second": trained / max(wall, 1e-9),
+            "best_val_loss": self.state.best_val_loss,
+            "best_val_ppl": math.exp(min(self.state.best_val_loss, 700.0)), "best_step": self.state.best_step,
+            "best_val_acc": best.get("val_acc"), "final": final, "world_size": self.world,
+            "checkpoint": str(self.out_dir / "best"),
+        }
+
+    def _unwrapped(self) -> torch.nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "_orig_mod", model)
+
+
+def _resolve(cfg: Config, prepared: Any) -> Config:
+    """`cfg` with what the data decides: the vocabulary size, when the config leaves it open."""
+    if cfg.model.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=prepared.vocab_size))
+    if cfg.model.vocab_size < prepared.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({prepared.vocab_size})")
+    return cfg
+
+
+def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows:
+    tokens, block = prepared.tokens(split), cfg.model.block_size
+    if len(tokens) <= block + 1:
+        raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
+                        f"has {len(tokens)}")
+    return RandomWindows(tokens, block, cfg.train.batch_size, seed)
+
+
+def _move_contents(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        os.replace(item, dst / item.name)

@@ -1,0 +1,75 @@
+"""The deterministic pieces of training: every random choice is a function of (seed, step).
+
+So a run that stops and resumes computes the same thing as one that never stopped:
+- batch windows come from a generator seeded with (seed, step, micro-batch index), where the
+  micro-batch index counts across processes, so 2 processes x 1 micro-batch see exactly the
+  sequences of 1 process x 2 micro-batches;
+- the learning rate is a pure function of the step (no scheduler object to restore);
+- the counters below are saved beside Accelerate's model, optimizer and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcli.config import TrainConfig
+
+
+def lr_at(step: int, t: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to min_lr (over steps, or over the time budget)."""
+    # 1) linear warmup
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    # 2) how far through the decay: by steps, or by the fraction of the wall-clock budget used
+    decay_steps = t.lr_decay_steps or t.max_steps
+    if decay_steps is not None:
+        progress = (step - t.warmup_steps) / max(1, decay_steps - t.warmup_steps)
+    else:
+        progress = elapsed / (t.max_minutes * 60)
+    progress = min(max(progress, 0.0), 1.0)
+    # 3) cosine decay down to min_lr
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+class RandomWindows:
+    """Random windows of block_size+1 tokens from a token array (nanoGPT-style batches)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+
+    def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `index` of optimizer step `step`."""
+        return self._windows(np.random.default_rng([self.seed, 0, step, index]))
+
+    def eval_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index-th of a fixed set of batches, the same at every evaluation."""
+        return self._windows(np.random.default_rng([self.seed, 1, index]))
+
+    def _windows(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved as state/trainer_state.json beside Accelerate's own state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,263 @@
+"""The transformer family: shapes, causality, the KV cache, counting, and HF parity of its maths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcli.errors import UserError
+from llmcli.hf.mapping import state_dict_from_hf
+from llmcli.models.base import Rows
+from llmcli.models.transformer import Transformer
+
+VOCAB = 67
+
+PRESET_VARIANTS = [
+    pytest.param("gpt2", {}, id="gpt2"),
+    pytest.param("llama", {}, id="llama"),
+    pytest.param("llama", {"n_kv_head": 2}, id="llama-gqa"),
+]
+
+
+@pytest.fixture
+def make_model(tiny_model):
+    return lambda preset="gpt2", seed=0, **overrides: tiny_model(VOCAB, preset=preset, seed=seed, **overrides)
+
+
+def prefill_rows(slots, lengths):
+    return Rows(slots, [0] * len(slots), lengths)
+
+
+# --- shapes and causality --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+def test_logits_shape_and_dtype(make_model, preset, extra):
+    model = make_model(preset, **extra)
+    idx = torch.randint(0, VOCAB, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, VOCAB)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_gqa_has_fewer_kv_parameters(make_model):
+    full, grouped = make_model("llama"), make_model("llama", n_kv_head=1)
+    assert grouped.blocks[0].attn.k_proj.weight.shape == (8, 32)
+    assert grouped.num_params() < full.num_params()
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+def test_future_tokens_do_not_change_earlier_logits(make_model, preset, extra):
+    model = make_model(preset, **extra)
+    idx = torch.randint(0, VOCAB, (2, 24))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_dropout_only_in_training(make_model):
+    model = make_model("gpt2", dropout=0.2)
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model(idx), rtol=0, atol=0)
+        model.train()
+        assert not torch.allclose(model(idx), model(idx))
+
+
+def test_too_long_input_and_bad_config_raise(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 97, dtype=torch.long))
+    with pytest.raises(UserError, match="vocab_size"):
+        Transformer(dataclasses.replace(model.config, vocab_size=None))
+
+
+def test_overfits_one_batch(make_model):
+    model = make_model("llama", n_kv_head=2).train()
+    idx = torch.randint(0, VOCAB, (4, 33))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_param_groups_split_matrices_from_vectors(make_model):
+    model = make_model("gpt2")
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+# --- KV cache ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@torch.no_grad()
+def test_cached_decoding_matches_full_recompute(make_model, preset, extra):
+    model = make_model(preset, **extra)
+    prompt_len, steps = 8, 64
+    tokens = torch.randint(0, VOCAB, (1, prompt_len))
+    cache = model.new_decode_state(3, 96)
+    logits = model(tokens, state=cache, rows=prefill_rows([1], [prompt_len]))
+    torch.testing.assert_close(logits, model(tokens), rtol=0, atol=1e-5)
+    for step in range(steps):
+        next_token = logits[:, -1].argmax(-1, keepdim=True)
+        position = tokens.shape[1]
+        tokens = torch.cat([tokens, next_token], dim=1)
+        logits = model(next_token, state=cache, rows=Rows([1], [position], [1]))
+        full = model(tokens)[:, -1:]
+        torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+        assert logits[:, -1].argmax() == full[:, -1].argmax(), f"greedy token differs at step {step}"
+    assert tokens.shape[1] == prompt_len + steps
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@torch.no_grad()
+def test_right_padded_batched_prefill_matches_each_row_alone(make_model, preset, extra):
+    model = make_model(preset, **extra)
+    lengths = [5, 11, 8]
+    rows = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    width = max(lengths)
+    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    cache = model.new_decode_state(4)
+    # A stale sequence in slot 2 must not leak into the new one placed there.
+    model(torch.randint(0, VOCAB, (1, 30)), state=cache, rows=prefill_rows([2], [30]))
+    slots = [2, 0, 3]
+    batched = model(padded, state=cache, rows=prefill_rows(slots, lengths))
+    for i, row in enumerate(rows):
+        alone = model(row[None])
+        torch.testing.assert_close(batched[i, : len(row)], alone[0], rtol=0, atol=1e-5)
+    # Then one decode step for all rows at once, each at its own position.
+    next_tokens = torch.randint(0, VOCAB, (len(rows), 1))
+    step = model(next_tokens, state=cache, rows=Rows(slots, lengths, [1] * len(rows)))
+    for i, row in enumerate(rows):
+        alone = model(torch.cat([row, next_tokens[i]])[None])[:, -1]
+        torch.testing.assert_close(step[i], alone, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cache_rejects_out_of_range_positions_and_slots(make_model):
+    model = make_model("llama")
+    cache = model.new_decode_state(2, 16)
+    one = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_len=16"):
+        model(one, state=cache, rows=Rows([0], [16], [1]))
+    with pytest.raises(ValueError, match="slots"):
+        model(one, state=cache, rows=Rows([2], [0], [1]))
+    with pytest.raises(ValueError, match="slots"):
+        model(one, state=cache)
+    big = model.new_decode_state(1, 200)
+    with pytest.raises(ValueError, match="block_size=96"):
+        model(one, state=big, rows=Rows([0], [96], [1]))
+
+
+@torch.no_grad()
+def test_the_cached_forward_never_reads_the_device(make_model, monkeypatch):
+    """Decoding does no host sync: every index the cache needs comes from the host-side Rows."""
+    model = make_model("llama", n_kv_head=2)
+    cache = model.new_decode_state(3)
+    model(torch.randint(0, VOCAB, (2, 6)), state=cache, rows=prefill_rows([0, 2], [6, 4]))
+    synced = []
+    for name in ("tolist", "item", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, _recording(original, name, synced))
+    model(torch.randint(0, VOCAB, (2, 1)), state=cache, rows=Rows([0, 2], [6, 4], [1, 1]))
+    monkeypatch.undo()
+    assert synced == []
+
+
+def _recording(method, name, calls):
+    def wrapper(self, *args, **kwargs):
+        calls.append(name)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+# --- counting -----------------------------------------------------------------------------------
+
+
+def test_num_params_counts_tied_embedding_once(make_model):
+    tied = make_model("gpt2")
+    untied = make_model("gpt2", tie_embeddings=False)
+    unique = sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
+    assert tied.num_params() == unique
+    assert untied.num_params() - tied.num_params() == VOCAB * 32
+    embeddings = VOCAB * 32 + 96 * 32
+    assert tied.num_params(non_embedding=True) == tied.num_params() - embeddings
+
+
+def test_flops_per_token_formula(make_model):
+    model = make_model("gpt2")
+    cfg = model.config
+    d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
+    matmul = L * (4 * d * d + 2 * d * 4 * d) + V * d  # q,k,v,out + up,down; + lm head
+    assert model.flops_per_token(seq_len=50) == 6 * matmul + 12 * L * d * 50
+    assert model.flops_per_token() == 6 * matmul + 12 * L * d * cfg.block_size
+    assert model.flops_per_token(100) > model.flops_per_token(50)
+
+
+# --- Hugging Face parity ----------------------------------------------------------------------
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """HF inits norms to 1 and biases to 0; perturb everything so the mapping is really tested."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_matches_hf_gpt2(make_model):
+    transformers = pytest.importorskip("transformers")
+    cfg = make_model("gpt2", n_layer=3, d_model=48, n_head=4, block_size=64).config
+    hf_config = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=cfg.ff_dim, activation_function="gelu_new",
+        layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    _randomize(hf)
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg, "gpt2"))
+    idx = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    print(f"gpt2 max |logit diff| = {diff:.3e}")
+    assert diff <= 1e-4
+
+
+def test_matches_hf_llama_with_gqa(make_model):
+    transformers = pytest.importorskip("transformers")
+    cfg = make_model("llama", n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=96, block_size=64,
+                     rope_theta=500.0, norm_eps=1e-6).config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
+        rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    _randomize(hf)
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg, "llama"))
+    idx = torch.randint(0, cfg.vocab_size, (2, 50))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    print(f"llama max |logit diff| = {diff:.3e}")
+    assert diff <= 1e-4

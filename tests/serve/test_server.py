@@ -1,0 +1,62 @@
+"""The `llmcli serve` command: one-line errors, and a real process serving until Ctrl-C."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+
+def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        bad_template = tmp_path / "t.json"
+        bad_template.write_text('{"message": "{user}"}')
+        cases = [
+            ((checkpoint, "--port", port), "already in use"),
+            ((tmp_path / "nothing",), "checkpoint not found"),
+            ((checkpoint, "--port", "70000"), "--port must be in"),
+            ((checkpoint, "--chat-template", bad_template), "unknown field {user}"),
+            ((checkpoint, "--max-batch-size", "0", "--port", "0"), "--max-batch-size"),
+            ((checkpoint, "--threads", "0"), "--threads must be at least 1"),
+        ]
+        for args, message in cases:
+            one_line_error(cli("serve", *args), message, alone=True)
+    finally:
+        busy.close()
+    result = cli("serve", "--help")
+    assert "LLMCLI_API_KEY" in result.stdout and "base models" in result.stdout
+
+
+def test_the_command_serves_until_ctrl_c(checkpoint, tmp_path):
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", str(checkpoint), "--port", "0",
+                                 "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "LLMCLI_API_KEY": "k"})
+    try:
+        deadline, url = time.monotonic() + 60, None
+        while url is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            found = [w for w in log_path.read_text().split() if w.startswith("http://127.0.0.1:")]
+            url = found[0].removesuffix("/v1") if found else None
+            time.sleep(0.05)
+        assert "API key required" in log_path.read_text()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)
+        got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
+                                        temperature=0)  # greedy: never an EOT-first sample
+        assert got.choices[0].text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

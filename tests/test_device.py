@@ -1,0 +1,75 @@
+"""Device and dtype choice, and CPU decoding with oneDNN-packed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcli import device as device_mod
+from llmcli.checkpoint import load_model, save_model
+from llmcli.device import PackedLinear, pack_for_cpu_decoding, select_device, select_dtype
+from llmcli.errors import FieldError
+from llmcli.models.base import Rows
+from llmcli.quantize.modules import QuantizedWeight, quantization_entry, quantize_model
+
+VOCAB = 67
+PRESET_VARIANTS = [
+    pytest.param("gpt2", {}, id="gpt2"),
+    pytest.param("llama", {}, id="llama"),
+    pytest.param("llama", {"n_kv_head": 2}, id="llama-gqa"),
+]
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+def test_device_and_dtype_names():
+    assert select_device("cpu").type == "cpu"
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32
+    assert select_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(FieldError, match="unknown device 'gpu0'"):
+        select_device("gpu0")
+    with pytest.raises(FieldError, match="unknown dtype 'int4'"):
+        select_dtype("int4", torch.device("cpu"))
+
+
+@needs_onednn
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@torch.no_grad()
+def test_packed_model_computes_and_saves_like_the_original(tmp_path, monkeypatch, tiny_model, preset, extra):
+    monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", 0)  # the test model's weights are all small
+    model = tiny_model(VOCAB, preset=preset, **extra)
+    tokens = torch.randint(0, VOCAB, (3, 20))
+    reference, state = model(tokens), model.state_dict()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+    assert pack_for_cpu_decoding(model) == linears
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+    torch.testing.assert_close(model(tokens), reference, rtol=0, atol=1e-5)
+    cache = model.new_decode_state(2)
+    cached = model(tokens[:2], state=cache, rows=Rows([0, 1], [0, 0], [20, 20]))
+    torch.testing.assert_close(cached, reference[:2], rtol=0, atol=1e-5)
+
+    packed_state = model.state_dict()
+    assert packed_state.keys() == state.keys()
+    assert all(torch.equal(packed_state[k], state[k]) for k in state)
+    save_model(model, tmp_path)
+    torch.testing.assert_close(load_model(tmp_path)(tokens), reference, rtol=0, atol=0)
+
+
+@needs_onednn
+def test_only_large_float32_cpu_linears_are_packed(monkeypatch, tiny_model):
+    model = tiny_model(VOCAB, preset="llama")
+    big = model.blocks[0].mlp.up_proj.weight.numel()
+    monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", big)
+    large = {name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m.weight.numel() >= big}
+    assert len(large) == 3 * model.config.n_layer  # gate, up and down of each block; q/k/v/out are smaller
+    assert pack_for_cpu_decoding(model) == len(large)
+    assert {name for name, m in model.named_modules() if isinstance(m, PackedLinear)} == large
+
+    monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", 0)
+    assert pack_for_cpu_decoding(tiny_model(VOCAB, preset="llama").to(torch.bfloat16)) == 0
+    quantized = quantize_model(tiny_model(VOCAB, preset="gpt2"), quantization_entry("int8"))
+    layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedWeight)]
+    assert pack_for_cpu_decoding(quantized) == 1  # the float LM head; quantized layers keep their kernels
+    assert isinstance(quantized.lm_head, PackedLinear)
+    assert layers == [name for name, m in quantized.named_modules() if isinstance(m, QuantizedWeight)]

@@ -1,0 +1,188 @@
+"""The training loop and `llmcli train`: a complete run directory, exact resume, refusals, NaN stops,
+bf16 on CPU, two processes = one with double accumulation, fine-tuning."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmcli.config import load_config
+from llmcli.errors import UserError
+from llmcli.train import loop as loop_mod
+from llmcli.train.loop import train
+from llmcli.train.run_dir import RunPlan
+
+TEXT = "".join(
+    f"LINE {i}: the quick brown fox jumps over the lazy dog, and so on {i % 7}.\n" for i in range(600)
+)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCLI_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def tiny(corpus: Path, *extra: str) -> list[str]:
+    return [f"data.source={corpus}", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
+            "model.block_size=32", "train.batch_size=4", "train.max_steps=12", "train.warmup_steps=2",
+            "train.eval_interval=6", "train.eval_batches=2", "train.log_interval=1", *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli):
+    run = tmp_path / "run"
+    result = cli("train", "--out", str(run), *tiny(corpus))
+    assert result.exit_code == 0, result.output
+    assert "training summary" in result.output and "best val loss" in result.output
+    for name in ("config.yaml", "model.safetensors", "model.json", "tokenizer.json", "metrics.jsonl",
+                 "best/model.safetensors", "best/tokenizer.json", "last/model.safetensors",
+                 "state/trainer_state.json"):
+        assert (run / name).exists(), name
+    rows = metrics(run)
+    train_rows = [r for r in rows if "train_loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert [r["step"] for r in eval_rows] == [6, 12]
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["train_acc"] <= 1 for r in train_rows)
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in eval_rows)
+    assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
+    saved = load_config(run / "config.yaml")
+    assert saved.model.vocab_size is not None and saved.train.max_steps == 12
+    info = json.loads((run / "last/checkpoint.json").read_text())
+    assert info["step"] == 12
+
+
+def test_resume_is_bit_identical_to_one_run(corpus, tmp_path, cli):
+    extra = ["model.dropout=0.1", "train.lr_decay_steps=12"]
+    cfg = load_config(None, tiny(corpus, *extra))
+    train(RunPlan(cfg, tmp_path / "straight"))
+    half = load_config(None, tiny(corpus, *extra, "train.max_steps=6"))
+    train(RunPlan(half, tmp_path / "resumed"))
+    result = cli("train", "--resume", str(tmp_path / "resumed"), "train.max_steps=12")
+    assert result.exit_code == 0, result.output
+
+    assert metrics(tmp_path / "straight") == [
+        {**r, "elapsed": s["elapsed"], "tokens_per_second": s["tokens_per_second"]}
+        if "elapsed" in r else r
+        for r, s in zip(metrics(tmp_path / "resumed"), metrics(tmp_path / "straight"), strict=True)
+    ]
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(corpus, tmp_path, cli):
+    run = tmp_path / "run"
+    assert cli("train", "--out", str(run), *tiny(corpus, "train.max_steps=2")).exit_code == 0
+    before = (run / "model.safetensors").read_bytes()
+    result = cli("train", "--out", str(run), *tiny(corpus, "train.max_steps=3"))
+    assert result.exit_code == 2
+    assert "already holds a run" in result.output and "--overwrite" in result.output
+    assert (run / "model.safetensors").read_bytes() == before
+    result = cli("train", "--out", str(run), "--overwrite", *tiny(corpus, "train.max_steps=3"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "last/checkpoint.json").read_text())["step"] == 3
+    assert max(r["step"] for r in metrics(run)) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "{tmp}/nothing"], "nothing to resume"),
+    (["--out", "{tmp}/r", "model.block_size=100000"], "model.block_size=100000 needs more than"),
+    (["--out", "{tmp}/r", "train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
+    (["--out", "{tmp}/r", "model.n_head=3"], "n_head=3 must divide d_model=32"),
+    (["train.max_steps=3"], "missing --out"),
+])
+def test_bad_input_is_one_line(corpus, tmp_path, cli, args, message):
+    if "fp16" in str(args) and torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = cli("train", *tiny(corpus), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_refuses_a_different_model(corpus, tmp_path, cli):
+    run = tmp_path / "run"
+    train(RunPlan(load_config(None, tiny(corpus, "train.max_steps=2")), run))
+    other = tmp_path / "other.yaml"
+    other.write_text(f"data: {{source: {corpus}}}\nmodel: {{n_layer: 3, n_head: 2, d_model: 32, block_size: 32}}\n")
+    result = cli("train", "--resume", str(run), "--config", str(other))
+    assert result.exit_code == 2 and "model.n_layer=3" in result.output and "cannot resume" in result.output
+    result = cli("train", "--resume", str(run), "model.n_layer=3")
+    assert result.exit_code == 2 and "only train.* settings" in result.output
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = loop_mod.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if kwargs.get("reduction") is None:  # training loss only
+            calls["n"] += 1
+            if calls["n"] >= 9:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop_mod.F, "cross_entropy", poisoned)
+    with pytest.raises(UserError, match="non-finite at step 9"):
+        train(RunPlan(load_config(None, tiny(corpus)), run))
+    assert json.loads((run / "last/checkpoint.json").read_text())["step"] == 6
+    weights = load_file(run / "last" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_bf16_autocast_on_cpu_trains(corpus, tmp_path):
+    summary = train(RunPlan(load_config(None, tiny(corpus, "train.mixed_precision=bf16", "train.max_steps=4")),
+                            tmp_path / "run"))
+    assert math.isfinite(summary["best_val_loss"])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path):
+    """torchrun with 2 CPU (gloo) processes == 1 process with grad_accum=2, within float tolerance."""
+    base = tiny(corpus, "train.max_steps=6", "train.eval_interval=6")
+    single = load_config(None, [*base, "train.grad_accum=2"])
+    train(RunPlan(single, tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "llmcli", "train", "--out", str(tmp_path / "two"), *base]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stderr
+    one = [r["train_loss"] for r in metrics(tmp_path / "one") if "train_loss" in r]
+    two = [r["train_loss"] for r in metrics(tmp_path / "two") if "train_loss" in r]
+    assert len(one) == len(two) == 6
+    assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)
+
+
+def test_init_from_fine_tunes_from_a_checkpoint(corpus, tmp_path, cli):
+    base = tmp_path / "base"
+    train(RunPlan(load_config(None, tiny(corpus, "train.max_steps=30", "train.lr=1e-2")), base))
+    result = cli("train", "--init-from", base, "--out", tmp_path / "ft", f"data.source={corpus}",
+                 "train.max_steps=2", "train.batch_size=4", "train.eval_batches=2", "train.log_interval=1",
+                 "model.dropout=0.1")
+    assert result.exit_code == 0, result.output
+    scratch = metrics(base)[0]["train_loss"]
+    tuned = metrics(tmp_path / "ft")[0]["train_loss"]
+    assert tuned < scratch - 0.5, (tuned, scratch)
+    cfg = load_config(tmp_path / "ft" / "config.yaml")
+    assert cfg.model.n_layer == 2 and cfg.model.dropout == 0.1
+    assert (tmp_path / "ft" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    result = cli("train", "--init-from", base, "--out", tmp_path / "ft2", "model.n_layer=4")
+    assert result.exit_code == 2 and "only model.dropout can change" in result.output
