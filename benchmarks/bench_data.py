@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_seconds, table  # noqa: E402
+from common import Spread, ratios, table  # noqa: E402
 
 from llmcli.config import load_config  # noqa: E402
 from llmcli.data.encode import _document_encoder  # noqa: E402
@@ -45,15 +46,14 @@ def main() -> None:
         docs = [text for split in corpus.values() for text in split["text"]]
         megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
 
-        def seconds(fn) -> float:
-            return median_seconds(fn, repeat=RUNS, min_time=0, warmup=0)
+        def rate(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return megabytes / (time.perf_counter() - start)
 
         tok = load_tokenizer(tokenizer_path)
-        plain = megabytes / seconds(lambda: [tok.encode(d) for d in docs])
         plain_tokens = sum(len(tok.encode(d).ids) for d in docs)
-
         prepared = prepare_data(cfg, force=True, console=quiet)
-        ours = megabytes / seconds(lambda: prepare_data(cfg, force=True, console=quiet))
         ours_tokens = sum(s["tokens"] for s in prepared.stats.values())
 
         def tokenize_and_write() -> int:
@@ -63,14 +63,19 @@ def main() -> None:
                                      cfg.data.num_proc, split)["tokens"]
                        for split in corpus)
 
-        in_memory = megabytes / seconds(tokenize_and_write)
         in_memory_tokens = tokenize_and_write()
+        plain, ours, in_memory = [], [], []
+        for _ in range(RUNS):  # interleaved rounds
+            plain.append(rate(lambda: [tok.encode(d) for d in docs]))
+            ours.append(rate(lambda: prepare_data(cfg, force=True, console=quiet)))
+            in_memory.append(rate(tokenize_and_write))
     table(f"Data preparation: {megabytes:.1f} MB of Shakespeare, byte-level BPE (4096), "
-          f"median of {RUNS} runs",
+          f"median (min-max) of {RUNS} interleaved rounds",
           ["path", "MB/s", "vs plain", "tokens"],
-          [["plain loop: tokenizer.encode per document", plain, 1.0, plain_tokens],
-           ["llmcli data prepare (load, tokenize, write cache)", ours, ours / plain, ours_tokens],
-           ["tokenize + write only (corpus in memory)", in_memory, in_memory / plain, in_memory_tokens]])
+          [["plain loop: tokenizer.encode per document", Spread.of(plain), 1.0, plain_tokens],
+           ["llmcli data prepare (load, tokenize, write cache)", Spread.of(ours), ratios(ours, plain), ours_tokens],
+           ["tokenize + write only (corpus in memory)", Spread.of(in_memory), ratios(in_memory, plain),
+            in_memory_tokens]])
     print("target: llmcli data prepare >= 5 MB/s (tokens include one <|endoftext|> per document)")
 
 

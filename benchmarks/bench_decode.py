@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, copy_bandwidth_gbs, table  # noqa: E402
+from common import Spread, console, copy_bandwidth_gbs, ratios, table  # noqa: E402
 
 from llmcli.config import ModelConfig, build_config  # noqa: E402
 from llmcli.generate.engine import Engine  # noqa: E402
@@ -65,8 +65,8 @@ def hf(hf_model, prompts: list[list[int]], new: int) -> float:
     return generated / (time.perf_counter() - start)
 
 
-def measure(model: Transformer, hf_model, args: argparse.Namespace) -> tuple[float, ...]:
-    """Best-of-N tok/s: ours b1, ours b8, HF b1, HF b8, and our prefill rate.
+def measure(model: Transformer, hf_model, args: argparse.Namespace) -> list[tuple[float, ...]]:
+    """Per round, tok/s of: ours b1, ours b8, HF b1, HF b8, and our prefill rate.
 
     The five measurements take turns (all five, then all five again, ...) after a short warm-up
     round, so a slow spell on a shared machine hits ours and HF's alike.
@@ -79,14 +79,14 @@ def measure(model: Transformer, hf_model, args: argparse.Namespace) -> tuple[flo
 
     runs(4, 16)  # warm-up: every code path once, briefly
     rounds = [runs(args.new, min(512, model.config.block_size)) for _ in range(args.repeat)]
-    return tuple(max(column) for column in zip(*rounds, strict=True))
+    return list(zip(*rounds, strict=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new", type=int, default=64, help="tokens to generate per sequence")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -105,12 +105,13 @@ def main() -> None:
             hf_model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
         ours_1, ours_8, hf_1, hf_8, prefill = measure(model, hf_model, args)
         bandwidth = max(bandwidth, copy_bandwidth_gbs())
-        rows.append([name, f"{weight_bytes / 2**20:.0f} MiB", ours_1, hf_1, ours_1 / hf_1,
-                     ours_1 * weight_bytes / 1e9, ours_8, ours_8 / ours_1, hf_8, prefill])
+        rows.append([name, f"{weight_bytes / 2**20:.0f} MiB", Spread.of(ours_1), Spread.of(hf_1),
+                     ratios(ours_1, hf_1), [t * weight_bytes / 1e9 for t in ours_1], Spread.of(ours_8),
+                     ratios(ours_8, ours_1), Spread.of(hf_8), Spread.of(prefill)])
     for row in rows:  # GB/s read at batch 1 -> % of the roofline, against the best bandwidth seen
-        row[5] = 100 * row[5] / bandwidth
-    table(f"Decode, fp32, greedy, {args.prompt}-token prompt + {args.new} new tokens "
-          f"(copy bandwidth {bandwidth:.1f} GB/s)",
+        row[5] = Spread.of([100 * gbs / bandwidth for gbs in row[5]])
+    table(f"Decode, fp32, greedy, {args.prompt}-token prompt + {args.new} new tokens; median (min-max) of "
+          f"{args.repeat} interleaved rounds (copy bandwidth {bandwidth:.1f} GB/s)",
           ["model", "weights", "ours b1 tok/s", "HF b1 tok/s", "ours/HF b1", "% of roofline b1",
            "ours b8 tok/s", "b8/b1", "HF b8 tok/s", "prefill tok/s"], rows)
     console.print("targets (124M): ours/HF b1 >= 2, roofline >= 60%, b8/b1 >= 5")

@@ -23,12 +23,9 @@ Models:
    logits-level error on val text instead of perplexity: relative RMS error of the logits, mean
    KL(fp32 || quantized) per token and top-1 agreement. Size and speed do not depend on training.
 
-Decode speed: greedy runs of 64 tokens at batch 1 through llmcli.generate's Engine, fp32 and
-quantized timed in alternation, best of --repeats each, on --threads threads (default: torch's
-default, all cores, as `llmcli generate` runs; --threads 1 is steadier when other jobs share the
-machine). Ratios from separate runs still vary by about +-10% on a busy machine (the load
-average is printed). On the 2-core dev machine the GPT-2-small int8 rows measured 2.3-2.4x
-(char vocab) and 2.3-3.0x (50k vocab, +emb) with 2 threads, 1.9-2.1x and 2.3x with 1 thread.
+Decode speed: greedy runs of 32 tokens at batch 1 through llmcli.generate's Engine, fp32 and
+quantized timed in --rounds interleaved rounds, on --threads threads (default: torch's, all
+cores); the table shows the median per-round ratio and its range.
 """
 
 from __future__ import annotations
@@ -49,6 +46,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Spread, ratios  # noqa: E402
 
 from llmcli.checkpoint import load_model, resolve_checkpoint, write_checkpoint  # noqa: E402
 from llmcli.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
@@ -69,7 +68,7 @@ class Row:
     variant: str
     size: float  # quantized / fp32 bytes of model.safetensors
     ppl_change: float | None = None  # percent
-    speed: float | None = None  # quantized / fp32 decode tok/s
+    speed: Spread | None = None  # quantized / fp32 decode tok/s, per round
     detail: str = ""
     target: str = ""  # which method's targets apply ("int8"/"int4"), "" for none
 
@@ -141,17 +140,17 @@ def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: boo
         quantized = load_model(out).eval()
         size = (out / "model.safetensors").stat().st_size / (source / "model.safetensors").stat().st_size
         (fp32_speed, _), (speed, tokens) = Q.measure_decode_pair(fp32, quantized, args.decode_tokens, prompt,
-                                                                 repeats=args.repeats)
+                                                                 rounds=args.rounds)
         same = sum(x == y for x, y in zip(tokens, base_tokens, strict=False)) / max(1, len(base_tokens))
-        row = Row(name, label, size, speed=speed / fp32_speed, target=method)
-        row.detail = (f"decode {fp32_speed:.1f} -> {speed:.1f} tok/s; greedy tokens = fp32: {100 * same:.0f}%; "
-                      f"quantize {seconds:.1f}s")
+        row = Row(name, label, size, speed=ratios(speed, fp32_speed), target=method)
+        row.detail = (f"decode {Spread.of(fp32_speed)} -> {Spread.of(speed)} tok/s; greedy tokens = fp32: "
+                      f"{100 * same:.0f}%; quantize {seconds:.1f}s")
         if ppl:
             after = Q.measure_perplexity(out, quantized, args.eval_tokens)[0]
             row.ppl_change = 100 * (after / base_ppl - 1)
         if windows is not None:
             row.detail = logits_error(fp32, quantized, windows) + "; " + row.detail
-        print(f"  {label:14s} size {size:.3f}x  decode {row.speed:.2f}x"
+        print(f"  {label:14s} size {size:.3f}x  decode {row.speed}x"
               + (f"  ppl {row.ppl_change:+.3f}%" if row.ppl_change is not None else "") + f"  {row.detail}",
               flush=True)
         rows.append(row)
@@ -171,14 +170,14 @@ def print_table(rows: list[Row]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="quantized / fp32, measured in this run (targets: int8 <=0.28x, <=+0.5%, >=2x; "
-                        "int4 <=0.16x, <=+3%)")
+    table = Table(title="quantized / fp32, measured in this run; decode: median (min-max) of the rounds' ratios "
+                        "(targets: int8 <=0.28x, <=+0.5%, >=2x; int4 <=0.16x, <=+3%)")
     for column in ("model", "variant", "size", "val ppl", "decode tok/s"):
         table.add_column(column, justify="left" if column in ("model", "variant") else "right")
     for r in rows:
         t = TARGETS[r.target]
         ppl = "-" if r.ppl_change is None else f"{r.ppl_change:+.3f}%{verdict(r.ppl_change, t['ppl'])}"
-        speed = "-" if r.speed is None else f"{r.speed:.2f}x{verdict(r.speed, t['speed'], True)}"
+        speed = "-" if r.speed is None else f"{r.speed}x{verdict(r.speed.median, t['speed'], True)}"
         size_limit = t["size"] if (r.target == "int8" or "g128" not in r.variant) else None
         table.add_row(r.model, r.variant, f"{r.size:.3f}x{verdict(r.size, size_limit)}", ppl, speed)
     Console(width=140).print(table)
@@ -194,7 +193,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed decode runs per model (best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed decode runs per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fbgemm "

@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, copy_bandwidth_gbs, matmul_peak_gflops, median_seconds, table  # noqa: E402
+from common import (  # noqa: E402
+    Spread,
+    console,
+    copy_bandwidth_gbs,
+    matmul_peak_gflops,
+    median_seconds,
+    ratios,
+    table,
+)
 
 from llmcli.config import load_config  # noqa: E402
 from llmcli.data.prepare import prepare_data  # noqa: E402
@@ -104,26 +112,28 @@ class Peak:
         return self.gflops
 
 
-def throughput(peak: Peak, workdir: Path) -> None:
-    rows = []
-    for name, overrides, steps in [("4x128, block 64, batch 12", MINIMAL_GPT, 150),
-                                   ("shakespeare-char", [], 60)]:
-        cfg = load_config(REPO / "configs/shakespeare-char.yaml", overrides)
-        prepared = prepare_data(cfg, console=_quiet())
-        cfg = with_vocab(cfg, prepared.vocab_size)
-        flops = Transformer(cfg.model).flops_per_token()
-        plain = plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=6)
-        eager, _ = llmcli_tokens_per_second([*overrides, "train.compile=false"], steps, workdir)
-        compiled, warm = llmcli_tokens_per_second([*overrides, "train.compile=true"], steps, workdir)
+def throughput(peak: Peak, workdir: Path, rounds: int) -> None:
+    """The plain loop, `llmcli train` eager and compiled, in interleaved rounds at the 4x128 shape."""
+    cfg = load_config(REPO / "configs/shakespeare-char.yaml", MINIMAL_GPT)
+    prepared = prepare_data(cfg, console=_quiet())
+    cfg = with_vocab(cfg, prepared.vocab_size)
+    flops = Transformer(cfg.model).flops_per_token()
+    llmcli_tokens_per_second([*MINIMAL_GPT, "train.compile=true"], 20, workdir)  # compile once, cached after
+    plain, eager, compiled, warm = [], [], [], []
+    for _ in range(rounds):
+        plain.append(plain_tokens_per_second(cfg, prepared.tokens("train"), seconds=6))
+        eager.append(llmcli_tokens_per_second([*MINIMAL_GPT, "train.compile=false"], 150, workdir)[0])
+        tok_s, seconds = llmcli_tokens_per_second([*MINIMAL_GPT, "train.compile=true"], 150, workdir)
+        compiled.append(tok_s)
+        warm.append(seconds)
         peak.measure()
-        for label, tok_s, extra in [("plain PyTorch loop", plain, "-"),
-                                    ("llmcli train (eager)", eager, "-"),
-                                    ("llmcli train (compile)", compiled, f"{warm:.0f}s")]:
-            rows.append([name, label, tok_s, flops * tok_s / 1e9, tok_s / plain, extra])
-    for row in rows:  # achieved GFLOP/s -> MFU, against the best peak seen
-        row[3] = 100 * row[3] / peak.gflops
-    table(f"Training throughput (fp32, 1 process; MFU against the best matmul peak seen: "
-          f"{peak.gflops:.0f} GFLOP/s)", ["shape", "path", "tok/s", "MFU %", "vs plain", "compile+warm-up"], rows)
+    rows = [[label, Spread.of(tok_s), Spread.of([100 * flops * t / 1e9 / peak.gflops for t in tok_s]),
+             ratios(tok_s, plain), extra]
+            for label, tok_s, extra in [("plain PyTorch loop", plain, "-"), ("llmcli train (eager)", eager, "-"),
+                                        ("llmcli train (compile)", compiled, f"{min(warm):.0f}s")]]
+    table(f"Training throughput, 4x128, block 64, batch 12 (fp32, 1 process; median (min-max) of {rounds} "
+          f"interleaved rounds; MFU against the best matmul peak seen: {peak.gflops:.0f} GFLOP/s)",
+          ["path", "tok/s", "MFU %", "vs plain", "warm-up (compile cached)"], rows)
 
 
 def step_profile(peak: Peak) -> None:
@@ -230,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--learning-seconds", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput comparison")
     args = parser.parse_args()
     os.environ.setdefault("LLMCLI_CACHE_DIR", str(REPO / ".bench-cache"))
     peak, bandwidth = Peak(), copy_bandwidth_gbs()
@@ -237,7 +248,7 @@ def main() -> None:
           [["fp32 matmul peak (GFLOP/s, 2048^3)", peak.measure()], ["memory copy bandwidth (GB/s)", bandwidth],
            ["torch threads", torch.get_num_threads()]])
     with tempfile.TemporaryDirectory() as tmp:
-        throughput(peak, Path(tmp))
+        throughput(peak, Path(tmp), args.rounds)
         step_profile(peak)
         if not args.skip_learning:
             learning(args.learning_seconds)

@@ -1,14 +1,17 @@
 """Shared helpers for the benchmark scripts: timing, machine limits and result tables.
 
 Every figure a benchmark reports is a ratio against a baseline measured in the same run, so the
-numbers compare across machines even though absolute times do not.
+numbers compare across machines even though absolute times do not. What is compared is measured
+in interleaved rounds (a, b, a, b, ...) and shown as the median with the range over the rounds,
+`1.22 (1.05-1.31)`: on a shared machine one round alone says little.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -58,6 +61,31 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     for row in rows:
         t.add_row(*[fmt(v) for v in row])
     console.print(t)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Values of one figure over several rounds: shown as `median (min-max)`."""
+
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(tuple(values))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __str__(self) -> str:
+        if len(self.values) == 1:
+            return fmt(self.values[0])
+        return f"{fmt(self.median)} ({fmt(min(self.values))}-{fmt(max(self.values))})"
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> Spread:
+    """Per-round ratios (round i of a over round i of b), so a slow spell hits both sides."""
+    return Spread.of([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def fmt(value: object) -> str:

@@ -27,6 +27,7 @@ from llmcli.io import (
     atomic_write_bytes,
     atomic_write_json,
     read_json_object,
+    refuse_overlap,
 )
 from llmcli.models.base import LanguageModel
 from llmcli.models.registry import build_model
@@ -190,10 +191,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_info(directory: Path) -> dict[str, Any]:
-    try:
-        return json.loads((directory / INFO).read_text())
-    except (OSError, ValueError):
-        return {}
+    """checkpoint.json (step, metrics, provenance); {} when there is none."""
+    path = Path(directory) / INFO
+    return read_json_object(path) if path.exists() else {}
 
 
 def load_for_inference(path: str | Path, device: torch.device, dtype: torch.dtype):
@@ -212,14 +212,11 @@ def load_for_inference(path: str | Path, device: torch.device, dtype: torch.dtyp
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: Mapping[str, Path] = {}) -> None:
-    """Refuse an output directory that would replace one of the command's inputs, that is not a
-    directory, or that already exists without `overwrite`. `inputs` maps a description ("the
-    source") to the input's path."""
-    target = out.resolve()
-    for what, path in inputs.items():
-        path = path.resolve()
-        if target == path or target in path.parents:
-            raise UserError(f"--out {out} would overwrite {what} ({path}); choose another directory")
+    """Refuse an output that is, contains or lies inside one of the command's inputs (compared as
+    resolved real paths, so symlinks count), whatever `overwrite` says; one that exists and is not a
+    directory; and one that already holds something, unless `overwrite`. `inputs` maps a
+    description ("the source") to the input's path."""
+    refuse_overlap(out, inputs)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from llmcli import __version__, options
 from llmcli.errors import FieldError, UserError
@@ -48,7 +48,22 @@ COMMANDS = (
 GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers."}
 
 
-class _Group(TyperGroup):
+class _Flags:
+    """Flags take no value: help shows none (typer would print <bool> for --help, completion...)."""
+
+    def get_params(self, ctx: click.Context):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Command(_Flags, TyperCommand):
+    pass
+
+
+class _Group(_Flags, TyperGroup):
     """Turns user errors into one line on stderr and exit code 2 (a traceback with --debug)."""
 
     def invoke(self, ctx: click.Context):
@@ -64,13 +79,25 @@ class _Group(TyperGroup):
                 raise
             click.echo(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), err=True)
             sys.exit(2)
+        except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+            if os.environ.get(DEBUG_ENV) or not _out_of_memory(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            click.echo(f"error: out of memory ({first}); use a smaller model, batch or context", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
 
-def _make_app(help: str) -> typer.Typer:
-    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=False,
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "can't allocate memory" in text
+
+
+def _make_app(help: str, completion: bool = False) -> typer.Typer:
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=completion,
                        pretty_exceptions_enable=False, rich_markup_mode="markdown")
 
 
@@ -98,7 +125,8 @@ def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     if spec.argument:
         info = typer.Argument(default, metavar=spec.metavar, help=spec.help, **spec.typer)
     else:
-        info = typer.Option(default, *spec.flags, help=spec.help, metavar=spec.metavar, **spec.typer)
+        metavar = "" if hint is bool else spec.metavar  # a flag takes no value: show none
+        info = typer.Option(default, *spec.flags, help=spec.help, metavar=metavar, **spec.typer)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                              annotation=spec.cli_type or hint)
 
@@ -141,14 +169,14 @@ def _typer_function(command: Command) -> Callable[..., None]:
 
 
 def build_app() -> typer.Typer:
-    app = _make_app("Train, evaluate, sample from, quantize and serve language models.")
+    app = _make_app("Train, evaluate, sample from, quantize and serve language models.", completion=True)
     groups = {name: _make_app(help) for name, help in GROUPS.items()}
     for name, group in groups.items():
         app.add_typer(group, name=name)
     for command in COMMANDS:
         *group, verb = command.name
         target = groups[group[0]] if group else app
-        target.command(verb)(_typer_function(command))
+        target.command(verb, cls=_Command)(_typer_function(command))
 
     @app.callback()
     def _root(
@@ -172,4 +200,7 @@ app = build_app()
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning, so a busy neighbour on the same cores slows a
+    # run down gracefully instead of 4-9x (README: "CPU threads"); read when torch loads, later.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="llmcli")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class TrainConfig:
     seed: int = _opt(1337, min=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no")
     compile: bool = _opt(False)
+    check_memory: bool = _opt(True, help="refuse a run whose estimated memory exceeds what is available")
 
 
 @dataclass
@@ -150,6 +152,37 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 # Loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (only true/false: `no`, `on`, `off` stay the strings they are,
+    so `train.mixed_precision=no` means "no") that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"the key {key!r} appears twice (line {line})")
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_WORD_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML the way every llmcli config file is read (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -159,7 +192,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = read_yaml(path.read_text(encoding="utf-8"))
+        except DuplicateKey as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
@@ -190,7 +225,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if key.count(".") != 1 or not all(key.split(".")):
         raise ConfigError(f"override '{item}': key must be section.key, e.g. train.max_steps=50")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return key, value
@@ -261,6 +296,8 @@ def _coerce(name: str, value: Any, hint: Any, meta: Any, where: str) -> Any:
     if hint in (int, float) and isinstance(value, str):
         value = _number_from_text(value)  # YAML 1.1 reads `3e-4` as a string
     if hint is bool:
+        if isinstance(value, str) and value.strip().lower() in _WORD_BOOLS:
+            value = _WORD_BOOLS[value.strip().lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: must be true or false; got {value!r} (from {where})")
         return value

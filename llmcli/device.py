@@ -9,6 +9,9 @@ loses, so they keep nn.Linear.
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +22,43 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # 256K elements packs GPT-2-124M's 768x768 layers too (one-row decoding 1.19x faster than from 1M
 # up) and nothing of a 4x128 model.
 PACK_MIN_WEIGHTS = 1 << 18
+
+
+def configure_threads(requested: int | None) -> int:
+    """Set torch's CPU threads: `requested`, else OMP_NUM_THREADS when set, else one per core that
+    other processes leave free (sampled for a moment now; at least one). Threads beyond the free
+    cores only wait on each other's time slices (README: "CPU threads")."""
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else 0) or \
+        max(1, _cores() - _busy_cores())
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _busy_cores(seconds: float = 0.2) -> int:
+    """Cores other processes kept busy over the last `seconds` (from /proc/stat; 0 where unknown)."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as fh:
+                values = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(values), values[3] + values[4]  # total, idle + iowait (in clock ticks)
+
+    first = sample()
+    time.sleep(seconds)
+    second = sample()
+    if first is None or second is None or second[0] == first[0]:
+        return 0
+    busy = 1 - (second[1] - first[1]) / (second[0] - first[0])
+    return round(busy * os.cpu_count())
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -38,7 +38,7 @@ from rich.table import Table
 from llmcli import ui
 from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, load_for_inference, read_info
 from llmcli.config import Config, load_config
-from llmcli.device import select_device, select_dtype
+from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
 from llmcli.options import EvalOptions
 from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars
@@ -196,6 +196,7 @@ def eval_command(opts: EvalOptions) -> None:
         raise UserError("missing RUN_DIR: name at least one run or checkpoint directory")
     if opts.text_file is not None and (overrides or opts.config is not None):
         raise UserError("--text-file scores a file; data overrides and --config do not apply")
+    configure_threads(opts.threads)
     print_results([evaluate_checkpoint(path, opts, overrides) for path in paths], json_lines=opts.json_out)
 
 

@@ -1,7 +1,9 @@
 """Crash-safe file writes: everything is written to a temporary name, then renamed into place.
 
 A rename within one filesystem is atomic, so a reader (or a resumed run) sees either the old file
-or the complete new one, never half of it.
+or the complete new one, never half of it. Temporary names carry the writer's process id
+(`.NAME.PID-XXXX.tmp`), so what a killed process left behind is recognised and removed the next
+time the same target is written.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,43 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove the temporary files and folders that killed writers of `target` left next to it, and
+    put back a directory whose swap (see atomic_replace_dir) was cut between its two renames."""
+    if not target.parent.is_dir():
+        return
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = leftover.name[len(target.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, then move tmp_path over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -74,23 +108,30 @@ def atomic_replace_dir(target: str | Path, build: Callable[[Path], None]) -> Non
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
         build(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Give the complete directory `new` the name `target`: an old `target` is renamed aside first
+    and removed only after, so one of the two complete directories always exists."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(new, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -119,3 +160,14 @@ def read_json_object(path: str | Path, *, what: str = "a JSON object") -> dict[s
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected {what}")
     return value
+
+
+def refuse_overlap(out: Path, inputs: Mapping[str, Path]) -> None:
+    """A one-line UserError if writing `out` could touch any of `inputs` (see check_output_dir)."""
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    for what, path in inputs.items():
+        path = Path(os.path.realpath(Path(path).expanduser()))
+        if target == path or target in path.parents or path in target.parents:
+            where = "is" if target == path else "contains" if target in path.parents else "lies inside"
+            raise UserError(f"--out {out} {where} {what} ({path}): an output may not overlap an input; "
+                            "choose another directory")

@@ -159,6 +159,12 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 AUTO_DTYPE_HELP = "auto (bfloat16 on a GPU, else float32), float32, bfloat16, float16."
 
 
+def _threads_option() -> Any:
+    return option(None, "--threads", help="CPU threads for the model (default: one per core, fewer when other "
+                                          "processes keep cores busy; see README). Small models run fastest "
+                                          "on 1.", check=AT_LEAST_ONE)
+
+
 def _config_option(help: str = "YAML config file (see configs/).") -> Any:
     return option(None, "--config", "-c", help=help, dir_okay=False)
 
@@ -234,6 +240,7 @@ class TrainOptions(ConfigOptions):
     init_from: Optional[Path] = option(None, "--init-from", help="Fine-tune: start from this checkpoint's "
                                                                  "weights, model and tokenizer.",
                                        file_okay=False)
+    threads: Optional[int] = _threads_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +279,7 @@ class EvalOptions(Options):
     json_out: bool = option(False, "--json", help="One JSON object per checkpoint, one per line.")
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("float32", "--dtype", help="float32, bfloat16 or float16 weights.")
+    threads: Optional[int] = _threads_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,6 +315,7 @@ class GenerateOptions(Options):
     no_stream: bool = option(False, "--no-stream", help="Print each sample when complete.")
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
+    threads: Optional[int] = _threads_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,9 +447,7 @@ class ServeOptions(Options):
                                                                          "a prompt (see above).", dir_okay=False)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
-    threads: Optional[int] = option(None, "--threads", help="CPU threads for the model (default: PyTorch's, one "
-                                                            "per core). Fewer leave a core for the HTTP side; "
-                                                            "small models run fastest on 1.", check=AT_LEAST_ONE)
+    threads: Optional[int] = _threads_option()
 
     def check(self) -> None:
         if self.model_name is not None and not self.model_name:

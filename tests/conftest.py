@@ -30,10 +30,12 @@ def cache_dir(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tests use tiny models, where extra threads only add contention (and noise) on small CI boxes."""
+def one_torch_thread(monkeypatch):
+    """Tests use tiny models, where extra threads only add contention (and noise) on small CI boxes;
+    commands see OMP_NUM_THREADS=1 as a user's setting and keep it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
 

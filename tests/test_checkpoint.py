@@ -83,10 +83,32 @@ def test_an_output_may_not_replace_an_input(tmp_path):
     source.mkdir(parents=True)
     (source / "model.safetensors").write_bytes(b"x")
     for out in (source, tmp_path / "run", tmp_path):
-        with pytest.raises(UserError, match="would overwrite the source"):
+        with pytest.raises(UserError, match="is the source|contains the source|lies inside the source"):
             check_output_dir(out, True, {"the source": source})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "f").write_text("x")
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         check_output_dir(tmp_path / "out", False, {"the source": source})
     check_output_dir(tmp_path / "out", True, {"the source": source})
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("model.json", '{"n_layer": 0}', "model.n_layer: must be >= 1"),
+    ("model.json", '{"d_model": 32, "n_head": 5}', "n_head=5 must divide"),
+    ("model.json", "[1, 2]", "model.json: expected a JSON object"),
+    ("tokenizer.json", "not json at all", "tokenizer.json: not a valid tokenizer.json"),
+    ("checkpoint.json", "{torn", "checkpoint.json: not valid JSON"),
+    ("config.yaml", "- a list\n", "config.yaml: top level must be a mapping"),
+    ("config.yaml", "train:\n  lr: 0.1\n  lr: 0.2\n", "the key 'lr' appears twice"),
+])
+def test_every_file_read_back_is_validated(tmp_path, tiny_model, char_tokenizer, write_run, cli, one_line_error,
+                                           name, content, fragment):
+    run = write_run(tmp_path / "run", tiny_model(char_tokenizer.get_vocab_size()), char_tokenizer)
+    if name == "model.json" and content.startswith("{"):
+        content = json.dumps({**json.loads((run / name).read_text()), **json.loads(content)})
+    (run / name).write_text(content)
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO: speak.\n")
+    command = {"config.yaml": ["eval", run], "checkpoint.json": ["eval", run, "--text-file", text]}.get(
+        name, ["generate", run, "ROMEO:", "-n", "2"])
+    one_line_error(cli(*command), name, fragment)

@@ -57,3 +57,10 @@ def test_version_and_help(cli):
     assert result.exit_code == 0
     for command in COMMANDS:
         assert command.name[0] in result.stdout
+
+
+def test_flags_show_no_value_placeholder_and_completion_is_on(cli):
+    for args in (["--help"], ["generate", "--help"], ["train", "--help"]):
+        result = cli(*args)
+        assert result.exit_code == 0 and "<bool>" not in result.stdout, args
+    assert "--install-completion" in cli("--help").stdout

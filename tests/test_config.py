@@ -104,3 +104,31 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg.save(tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg
     assert yaml.safe_load((tmp_path / "out.yaml").read_text())["model"]["n_kv_head"] == 2
+
+
+@pytest.mark.parametrize("word", ["no", "off", "yes", "on"])
+def test_string_keys_take_yaml_1_1_boolean_words_as_strings(tmp_path, word):
+    assert load_config(None, [f"data.source={word}"]).data.source == word
+    assert load_config(write(tmp_path, f"data:\n  source: {word}\n")).data.source == word
+
+
+def test_the_documented_mixed_precision_override_works():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision: must be one of no, bf16, fp16; got 'off'"):
+        load_config(None, ["train.mixed_precision=off"])
+
+
+def test_bool_keys_take_words_and_refuse_the_rest():
+    assert load_config(None, ["model.bias=no", "train.compile=on"]).model.bias is False
+    assert load_config(None, ["train.compile=yes"]).train.compile is True
+    with pytest.raises(ConfigError, match="model.bias: must be true or false; got 'maybe'"):
+        load_config(None, ["model.bias=maybe"])
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\n  max_steps: 5\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' appears twice \(line 4\)"):
+        load_config(path)
+    path = write(tmp_path, "train: {lr: 0.1}\ntrain: {lr: 0.2}\n")
+    with pytest.raises(ConfigError, match="the key 'train' appears twice"):
+        load_config(path)

@@ -73,3 +73,17 @@ def test_only_large_float32_cpu_linears_are_packed(monkeypatch, tiny_model):
     assert pack_for_cpu_decoding(quantized) == 1  # the float LM head; quantized layers keep their kernels
     assert isinstance(quantized.lm_head, PackedLinear)
     assert layers == [name for name, m in quantized.named_modules() if isinstance(m, QuantizedWeight)]
+
+
+def test_threads_follow_the_option_then_the_environment(monkeypatch):
+    from llmcli.device import configure_threads
+
+    assert configure_threads(3) == 3 and torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert configure_threads(None) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(device_mod, "_busy_cores", lambda: 1)
+    monkeypatch.setattr(device_mod, "_cores", lambda: 4)
+    assert configure_threads(None) == 3
+    monkeypatch.setattr(device_mod, "_busy_cores", lambda: 9)
+    assert configure_threads(None) == 1

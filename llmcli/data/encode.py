@@ -21,20 +21,23 @@ if TYPE_CHECKING:
 
 # Long documents are encoded in pieces of about PIECE_CHARS characters, about GROUP_CHARS at a time
 # (CHUNK_GROUP_CHARS through the chunk cache below): memory stays bounded (an Encoding costs ~100
-# bytes per token) and one huge document still uses every core. Pieces end at a newline between
-# two non-space characters: our char and byte-level bpe tokenizers never join tokens across such a
-# newline, so the ids are exactly those of the whole text. Other tokenizers (tokenizer.path) get
-# whole documents.
+# bytes per token) whatever a line's length, and one huge document still uses every core. A piece
+# ends where the tokenizer never joins tokens across, so the ids are exactly those of the whole
+# text: anywhere for our char tokenizer; for byte-level bpe where a non-space character meets one
+# of " \t\n\r" (see _CHUNK below), or, in a stretch without such whitespace, at the end of a
+# pre-token (GPT-2's pattern has no look-behind, and its look-ahead only ends whitespace runs).
+# Other tokenizers (tokenizer.path) get whole documents.
 PIECE_CHARS = 1 << 14
 GROUP_CHARS = 1 << 18
 CHUNK_GROUP_CHARS = 1 << 22
-_PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")
+_SPACE_CUT = re.compile(r"(?<=\S)[ \t\n\r]")
 
 
 def _document_encoder(tok: Tokenizer, eot: int) -> Callable[[list[str]], list[np.ndarray]]:
     """texts -> the ids of each, followed by `eot`."""
     spec = json.loads(tok.to_str())
-    cut = _can_cut(spec)
+    rule = _cut_rule(spec)
+    added = [t["content"] for t in spec.get("added_tokens") or []]
     if _by_chunks(spec):
         encode, group_chars = _ChunkEncoder(tok, eot), CHUNK_GROUP_CHARS
     else:
@@ -42,7 +45,8 @@ def _document_encoder(tok: Tokenizer, eot: int) -> Callable[[list[str]], list[np
     end = np.array([eot], dtype=np.uint32)
 
     def tokenize(texts: list[str]) -> list[np.ndarray]:
-        pieces = [(i, piece) for i, text in enumerate(texts) for piece in _pieces(text, cut)]
+        pieces = [(i, piece) for i, text in enumerate(texts)
+                  for piece in _pieces(text, rule, tok.pre_tokenizer, added)]
         parts: list[list[np.ndarray]] = [[] for _ in texts]
         for group in _groups(pieces, group_chars):
             for (i, _), ids in zip(group, encode([p for _, p in group]), strict=True):
@@ -68,24 +72,53 @@ def _plain_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
                           for e in encode_batch(texts, add_special_tokens=False)]
 
 
-def _can_cut(spec: dict[str, Any]) -> bool:
+def _cut_rule(spec: dict[str, Any]) -> str | None:
+    """Where texts may be cut for this tokenizer: "any" position, at "space" boundaries, or None."""
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") is not None:
-        return False
+        return None
     if pre.get("type") == "ByteLevel":
-        return not pre.get("add_prefix_space") and pre.get("use_regex", True)
-    return pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}
+        return "space" if not pre.get("add_prefix_space") and pre.get("use_regex", True) else None
+    return "any" if pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"} else None
 
 
-def _pieces(text: str, cut: bool) -> list[str]:
-    if not cut or len(text) <= PIECE_CHARS:
+def _pieces(text: str, rule: str | None, pre_tokenizer: Any = None, added: list[str] = ()) -> list[str]:
+    """`text` in pieces of about PIECE_CHARS characters, cut where `rule` allows (see PIECE_CHARS)
+    and never inside an added token (`added`: their texts, e.g. <|endoftext|>)."""
+    if rule is None or len(text) <= PIECE_CHARS:
         return [text]
     out, start = [], 0
-    while len(text) - start > PIECE_CHARS and (m := _PIECE_END.search(text, start + PIECE_CHARS)):
-        out.append(text[start:m.end()])
-        start = m.end()
+    while len(text) - start > PIECE_CHARS:
+        cut = _cut_after(text, start + PIECE_CHARS, rule, pre_tokenizer)
+        if cut is None:
+            break
+        cut = _outside_added(text, cut, added)
+        out.append(text[start:cut])
+        start = cut
     out.append(text[start:])
     return out
+
+
+def _outside_added(text: str, cut: int, added: list[str]) -> int:
+    """`cut`, or the end of an added token's occurrence that it would split."""
+    for token in added:
+        if len(token) > 1:
+            found = text.find(token, max(0, cut - len(token) + 1), cut + len(token) - 1)
+            if found != -1 and found < cut < found + len(token):
+                return _outside_added(text, found + len(token), added)
+    return cut
+
+
+def _cut_after(text: str, pos: int, rule: str, pre_tokenizer: Any) -> int | None:
+    if rule == "any":
+        return pos
+    match = _SPACE_CUT.search(text, pos, pos + PIECE_CHARS)
+    if match is not None:
+        return match.start()
+    window = pre_tokenizer.pre_tokenize_str(text[pos:pos + PIECE_CHARS])
+    if len(window) < 2:
+        return None
+    return pos + window[0][1][1]
 
 
 # Byte-level BPE gives a text exactly the ids of its chunks laid end to end when every cut falls
@@ -110,7 +143,7 @@ def _by_chunks(spec: dict[str, Any]) -> bool:
     """
     model = spec.get("model") or {}
     added = spec.get("added_tokens") or []
-    return (_can_cut(spec) and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel"
+    return (_cut_rule(spec) == "space"
             and model.get("type") == "BPE" and model.get("dropout") is None
             and spec.get("truncation") is None and spec.get("padding") is None
             and not any(any(ch.isspace() for ch in t["content"]) or t.get("lstrip") or t.get("rstrip")

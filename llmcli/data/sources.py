@@ -135,8 +135,25 @@ def _load_structured(files: list[Path], builder: str, cfg: DataConfig, console: 
             ds = datasets.load_dataset(builder, data_files=data_files, split="train",
                                        cache_dir=str(cache_root(cfg) / "hf-datasets"))
         except Exception as exc:  # malformed json/csv/parquet: the library's reason, in one line
-            raise UserError(f"could not read {label}: {_one_line(exc)}") from None
+            if len(files) == 1:
+                raise UserError(f"could not read {label}: {_one_line(exc)}") from None
+            # Files whose other columns differ cannot be read as one table: read each on its own.
+            texts = []
+            for original, data_file in zip(files, data_files, strict=True):
+                texts += _load_structured_file(original, data_file, builder, cfg)
+            return texts
     return _texts(ds, cfg.text_field, label)
+
+
+def _load_structured_file(path: Path, data_file: str, builder: str, cfg: DataConfig) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=[data_file], split="train",
+                                   cache_dir=str(cache_root(cfg) / "hf-datasets"))
+    except Exception as exc:
+        raise UserError(f"could not read {path}: {_one_line(exc)}") from None
+    return _texts(ds, cfg.text_field, str(path))
 
 
 def _texts(ds: datasets.Dataset, text_field: str, label: str) -> list[str]:
@@ -245,6 +262,19 @@ def source_kind(cfg: DataConfig) -> str:
     if _is_saved_dataset(Path(cfg.source).expanduser()):
         return "saved"
     return "files"
+
+
+def local_inputs(cfg: DataConfig) -> dict[str, Path]:
+    """What `data.source` reads from this disk (no command may write over it), by description."""
+    kind = source_kind(cfg)
+    if kind == "saved":
+        return {"the data": Path(cfg.source)}
+    if kind != "files":
+        return {}
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        return {"the data": path}
+    return {f"the data file {p.name}": p for p in resolve_files(cfg.source)}
 
 
 def load_corpus(cfg: DataConfig, *, console: Console | None = None) -> datasets.DatasetDict:

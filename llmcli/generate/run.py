@@ -11,7 +11,7 @@ from typing import IO
 
 from llmcli import ui
 from llmcli.checkpoint import load_for_inference
-from llmcli.device import select_device, select_dtype
+from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Completion, Generator, encode_prompt
 from llmcli.options import GenerateOptions
@@ -19,6 +19,7 @@ from llmcli.options import GenerateOptions
 
 def generate_command(opts: GenerateOptions) -> None:
     prompts = read_prompts(opts.prompt, opts.prompt_file, opts.lines)
+    configure_threads(opts.threads)
     run_generate(opts, prompts)
 
 

@@ -75,7 +75,7 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     """
     src = resolve_checkpoint(opts.run_dir)
     out = Path(opts.out).expanduser()
-    check_output_dir(out, opts.overwrite, {"the source": src})
+    check_output_dir(out, opts.overwrite, {"the source": src, "the run being exported": Path(opts.run_dir)})
     want = parse_dtype(opts.dtype)
     quantized = is_quantized(src)
     if quantized and not opts.dequantize:

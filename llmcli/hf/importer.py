@@ -226,7 +226,8 @@ def import_hf(opts: ImportOptions) -> ImportResult:
     check_output_dir(out, opts.overwrite)  # before a download
     want = parse_dtype(opts.dtype)
     directory = resolve_source(source)
-    check_output_dir(out, opts.overwrite, {"the source": directory})
+    inputs = {"the source": directory, **({"the tokenizer file": Path(opts.tokenizer)} if opts.tokenizer else {})}
+    check_output_dir(out, opts.overwrite, inputs)
     hf = read_json(directory / HF_CONFIG)
     family, config = model_config_from_hf(hf, str(directory / HF_CONFIG))
     tok, tok_bytes = _tokenizer_for_import(directory, opts.tokenizer)

@@ -63,6 +63,20 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token (forward + backward); a forward pass costs a third of it."""
         raise NotImplementedError
 
+    @classmethod
+    def param_count(cls, config: ModelConfig) -> int:
+        """Parameters a model of `config` has, without allocating it (for the memory check that
+        runs before anything is built). Families with a formula override this; this default builds
+        the model on the meta device."""
+        with torch.device("meta"):
+            return cls(config).num_params()
+
+    @classmethod
+    def activation_bytes(cls, config: ModelConfig, tokens: int) -> int:
+        """About what training keeps for the backward pass of one micro-batch of `tokens` tokens,
+        in float32: a rough bound (a few dozen values per token, layer and width), plus the logits."""
+        return 4 * tokens * (24 * config.n_layer * config.d_model + 3 * (config.vocab_size or 0))
+
     def tied_weights(self) -> dict[str, str]:
         """State-dict names that are the same tensor as another: {alias: source}."""
         return {}

@@ -242,6 +242,23 @@ class Transformer(LanguageModel):
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "tok_embed.weight"} if self.config.tie_embeddings else {}
 
+    @classmethod
+    def param_count(cls, config: ModelConfig) -> int:
+        d, ff, kv, V = config.d_model, config.ff_dim, config.kv_heads * config.head_dim, config.vocab_size or 0
+        bias = int(config.bias)
+        norm = d * (2 if config.norm == "layernorm" and config.bias else 1)
+        attention = 2 * d * d + 2 * d * kv + bias * (2 * d + 2 * kv)
+        mlp = (3 if config.act == "swiglu" else 2) * d * ff + bias * ((2 if config.act == "swiglu" else 1) * ff + d)
+        embeddings = V * d + (config.block_size * d if config.pos == "learned" else 0)
+        head = 0 if config.tie_embeddings else V * d
+        return embeddings + config.n_layer * (attention + mlp + 2 * norm) + norm + head
+
+    @classmethod
+    def activation_bytes(cls, config: ModelConfig, tokens: int) -> int:
+        # Per layer and token: ~34 * d_model values kept for the backward pass (projections, MLP,
+        # norms, dropout masks); SDPA's fused kernels keep no [T, T] attention matrix.
+        return 4 * tokens * (34 * config.n_layer * config.d_model + 3 * (config.vocab_size or 0))
+
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> KVCache:
         return KVCache(self.config, max_slots, max_len, dtype=dtype, device=device)

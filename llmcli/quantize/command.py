@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,8 +105,9 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
         if opts.decode_tokens:
             log("timing decoding, both models in turn")
             original = load_model(source).eval()
-            (before.decode_tokens_per_second, reference), (report.after.decode_tokens_per_second, tokens) = \
-                measure_decode_pair(original, quantized, opts.decode_tokens, [_eot(source)])
+            (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [_eot(source)])
+            before.decode_tokens_per_second = statistics.median(fp)
+            report.after.decode_tokens_per_second = statistics.median(q)
             same = sum(a == b for a, b in zip(reference, tokens, strict=False))
             report.greedy_agreement = same / max(1, len(reference))
     return report
@@ -155,17 +157,16 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int]) -> 
 
 
 def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,
-                        repeats: int = 2) -> tuple[tuple[float, list[int]], tuple[float, list[int]]]:
-    """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each,
-    best of `repeats` each, so that load from other jobs on the machine hits both alike.
-    Returns ((tok/s, tokens) of a, (tok/s, tokens) of b)."""
-    results = []
-    for model in (a, b):  # warm-up: builds the runtime weights
-        results.append([0.0, measure_decode(model, new_tokens, prompt_ids)[1]])
-    for _ in range(repeats):
-        for result, model in zip(results, (a, b), strict=True):
-            result[0] = max(result[0], measure_decode(model, new_tokens, prompt_ids)[0])
-    return (results[0][0], results[0][1]), (results[1][0], results[1][1])
+                        rounds: int = 3) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
+    """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
+    that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
+    of a, (tok/s per round, tokens) of b)."""
+    tokens = [measure_decode(model, new_tokens, prompt_ids)[1] for model in (a, b)]  # warm-up: runtime weights
+    speeds: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for speed, model in zip(speeds, (a, b), strict=True):
+            speed.append(measure_decode(model, new_tokens, prompt_ids)[0])
+    return (speeds[0], tokens[0]), (speeds[1], tokens[1])
 
 
 def print_report(report: QuantizeReport, console=None) -> None:

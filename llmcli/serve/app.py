@@ -138,7 +138,7 @@ class Guard:
         """The error that answers this request before its body is read, if any."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = self.state.api_key
-        if scope.get("path", "") != "/health":
+        if scope.get("path", "") not in PUBLIC_PATHS:
             if key is not None and not _authorized(headers.get("authorization"), key):
                 return APIError(401, "Incorrect or missing API key: send the header "
                                      "'Authorization: Bearer KEY'", code="invalid_api_key")
@@ -150,6 +150,9 @@ class Guard:
         if length is not None and int(length) > self.state.max_body_bytes:
             return too_large(self.state.max_body_bytes)
         return None
+
+
+PUBLIC_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # no API key needed
 
 
 def _authorized(header: str | None, key: str) -> bool:
@@ -174,12 +177,31 @@ def create_app(state: ServerState) -> FastAPI:
             state.draining = True
             await asyncio.to_thread(state.engine.stop)
 
-    app = FastAPI(title="llmcli", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llmcli", lifespan=lifespan, description="An OpenAI-compatible API (llmcli serve).")
     app.state.llm = state
     app.add_middleware(Guard, state=state)
     _add_error_handlers(app)
     _add_routes(app, state)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema of the routes, with the request bodies the handlers validate themselves."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/completions", CompletionBody), ("/v1/chat/completions", ChatBody)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True,
+                                                             "content": {"application/json": {"schema": ref}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -193,7 +215,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path} (see GET /v1/models, POST /v1/completions, " \
                       f"POST /v1/chat/completions)"
             return APIError(404, message, code="not_found").response()
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return APIError(exc.status_code, str(exc.detail)).response(exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
@@ -255,6 +277,8 @@ async def _parse(request: Request, model: type[Body]) -> Any:
     raw = await request.body()
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise invalid("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"the request body is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -263,6 +287,8 @@ async def _parse(request: Request, model: type[Body]) -> Any:
         body = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply") from None
     _check_model(request.app.state.llm, body.model)
     unsupported(body)
     return body

@@ -56,9 +56,9 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = {**({"Retry-After": "1"} if self.status in (429, 503) else {}), **(headers or {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
     def event(self) -> str:
         """The error as a stream chunk (a stream that already started cannot change its status)."""
@@ -89,7 +89,7 @@ def validation_error(exc: Any) -> APIError:
 class Body(BaseModel):
     """Fields both endpoints take; the range constraints are the API's documentation."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)  # "stream": "yes" is a 400
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS_LIMIT)

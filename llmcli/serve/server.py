@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer
 
 from llmcli import ui
 from llmcli.checkpoint import load_for_inference, resolve_checkpoint
-from llmcli.device import select_device, select_dtype
+from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
 from llmcli.options import API_KEY_ENV, ServeOptions
@@ -84,16 +85,30 @@ def _is_loopback(host: str) -> bool:
 
 
 def make_uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool = True):
-    """A uvicorn.Server whose first Ctrl-C (or SIGTERM) turns new requests away with 503."""
+    """A uvicorn.Server that drains on the first Ctrl-C (or SIGTERM): it keeps accepting, answers
+    new requests 503, and stops once the running ones finish or SHUTDOWN_GRACE_SECONDS pass. A second
+    Ctrl-C stops it at once."""
     import uvicorn
 
+    state = app.state.llm
+
     class Server(uvicorn.Server):
+        drain_started: float | None = None
+
         def handle_exit(self, sig, frame) -> None:
-            app.state.llm.begin_shutdown()
-            super().handle_exit(sig, frame)
+            if self.drain_started is not None:
+                return super().handle_exit(sig, frame)
+            state.begin_shutdown()
+            self.drain_started = time.monotonic()
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_started is not None and (state.in_flight == 0
+                                                   or time.monotonic() - self.drain_started > SHUTDOWN_GRACE_SECONDS):
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, server_header=False)
+                            timeout_graceful_shutdown=1, server_header=False)
     return Server(config)
 
 
@@ -102,8 +117,7 @@ def serve_command(opts: ServeOptions) -> None:
     template = load_chat_template(opts.chat_template)
     resolve_checkpoint(opts.run_dir)
     device = select_device(opts.device)
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
+    configure_threads(opts.threads)
     sock = bind_socket(opts.host, opts.port)
     try:
         _, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))

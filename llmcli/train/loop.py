@@ -25,26 +25,31 @@ from rich.console import Console
 from llmcli import ui
 from llmcli.checkpoint import link_checkpoint, load_model, resolve_checkpoint, write_checkpoint
 from llmcli.config import Config
+from llmcli.device import configure_threads
 from llmcli.errors import UserError
-from llmcli.io import atomic_replace_dir, atomic_write_text
+from llmcli.io import atomic_replace_dir, swap_in
 from llmcli.models.registry import build_model
 from llmcli.options import TrainOptions
+from llmcli.train import state as saved
+from llmcli.train.memory import check_fits
 from llmcli.train.report import Reporter, print_summary
 from llmcli.train.run_dir import (
     METRICS,
+    RUN_MARKERS,
     STATE_DIR,
-    TRAINER_STATE,
     RunPlan,
     check_out_dir,
-    clear_run,
     plan_run,
+    staging_dir,
     truncate_metrics,
 )
 from llmcli.train.schedule import RandomWindows, TrainState, lr_at
 
 
 def train_command(opts: TrainOptions) -> None:
-    trainer = Trainer(plan_run(opts))
+    plan = plan_run(opts)
+    configure_threads(opts.threads)
+    trainer = Trainer(plan)
     summary = trainer.run()
     if trainer.main:
         print_summary(summary)
@@ -84,12 +89,17 @@ class Trainer:
         from accelerate.utils import set_seed
 
         t = plan.cfg.train
-        self.out_dir, self.resume = Path(plan.out_dir).expanduser(), plan.resume
+        self.final_dir = Path(plan.out_dir).expanduser()
+        # A resumed run without a checkpoint (killed before its first) starts over, in place.
+        self.resume = plan.resume and (self.final_dir / STATE_DIR / saved.TRAINER_STATE).is_file()
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast and grad "
                             "scaling do not run on CPU); use bf16 on CPU")
         if not plan.resume:
-            check_out_dir(self.out_dir, plan.overwrite)
+            check_out_dir(plan)
+        # --overwrite of a run builds the new one aside; it replaces the old at its first checkpoint.
+        replacing = plan.overwrite and any((self.final_dir / name).exists() for name in RUN_MARKERS)
+        self.out_dir = staging_dir(self.final_dir) if replacing else self.final_dir
 
         # 1) Accelerate. cpu=True without CUDA is what makes it see a torchrun / `accelerate launch
         # --multi_gpu` world on CPU (gloo); without it every process silently trains alone.
@@ -98,19 +108,25 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.main and replacing:
+            shutil.rmtree(self.out_dir, ignore_errors=True)  # what a killed overwrite left
+            self.out_dir.mkdir()
+        self.accelerator.wait_for_everyone()
 
-        # 2) Data, and the config resolved with it (the vocabulary size comes from the tokenizer).
+        # 2) Data, and the config resolved with it (the vocabulary size comes from the tokenizer),
+        # once the run is known to fit: first with a guess at the vocabulary, then with the real one.
+        tokenizer = plan.cfg.tokenizer
+        check_fits(plan.cfg, self.accelerator.device, tokenizer.vocab_size if tokenizer.kind == "bpe" else 256)
         with self.accelerator.main_process_first():
             from llmcli.data.prepare import prepare_data
 
             prepared = prepare_data(plan.cfg, console=console if self.main else Console(quiet=True))
         self.cfg = _resolve(plan.cfg, prepared)
+        check_fits(self.cfg, self.accelerator.device)
         self.tokenizer = prepared.tokenizer_path.read_bytes()
         self.train_windows = _windows(prepared, "train", self.cfg, t.seed)
         self.val_windows = _windows(prepared, "val", self.cfg, t.seed + 1)
-        if self.main and not plan.resume:
-            if plan.overwrite:
-                clear_run(self.out_dir)
+        if self.main and not self.resume:
             self.cfg.save(self.out_dir / "config.yaml")
             shutil.copyfile(prepared.tokenizer_path, self.out_dir / "tokenizer.json")
         self.accelerator.wait_for_everyone()
@@ -131,12 +147,9 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
 
         # 4) Where we start: step 0, or exactly where the run's last checkpoint left off.
-        self.state = TrainState()
-        if plan.resume:
-            self.accelerator.load_state(str(self.out_dir / STATE_DIR))
-            self.state.load_state_dict(json.loads((self.out_dir / STATE_DIR / TRAINER_STATE).read_text()))
-            if self.main:
-                truncate_metrics(self.out_dir / METRICS, self.state.step)
+        self.state = self._restore() if self.resume else TrainState()
+        if self.main and plan.resume:
+            truncate_metrics(self.out_dir / METRICS, self.state.step)
         self.tokens_per_step = t.batch_size * self.cfg.model.block_size * t.grad_accum * self.world
         self.max_seconds = t.max_minutes * 60 if t.max_minutes else None
         # The budget spans resumes; the reporter times this run only, so give it what is left.
@@ -162,8 +175,11 @@ class Trainer:
                     self._train_step(lr)
                     is_eval = self.state.step % t.eval_interval == 0
                     is_last = t.max_steps is not None and self.state.step >= t.max_steps
-                    if self.state.step % t.log_interval == 0 or is_eval or is_last:
+                    first = self.state.step == self.start_step + 1  # the loss shows from the first step
+                    if self.state.step % t.log_interval == 0 or is_eval or is_last or first:
                         self._log(lr)
+                    else:
+                        self.reporter.tick(self.state.step, self._elapsed() - self.elapsed_before)
                     if is_eval:
                         last_val = self._evaluate_and_save()
                 if self.window_count:
@@ -174,6 +190,8 @@ class Trainer:
         finally:
             if self.metrics_file is not None:
                 self.metrics_file.close()
+            if self.main and self.out_dir != self.final_dir:  # failed before its first checkpoint
+                shutil.rmtree(self.out_dir, ignore_errors=True)
         return self._summary(last_val)
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -269,19 +287,33 @@ class Trainer:
             shutil.rmtree(state_tmp, ignore_errors=True)
             state_tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(state_tmp))
+        saved.save_rng(state_tmp, self.rank)
         accelerator.wait_for_everyone()
         if self.main:
-            atomic_write_text(state_tmp / TRAINER_STATE, json.dumps(self.state.state_dict(), indent=2) + "\n")
+            model = self._unwrapped()
+            saved.save_shared(state_tmp, model, self.optimizer, accelerator.scaler, self.state)
             atomic_replace_dir(out_dir / STATE_DIR, lambda tmp: _move_contents(state_tmp, tmp))
             shutil.rmtree(state_tmp, ignore_errors=True)
             info = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **val}
-            model = self._unwrapped()
             write_checkpoint(out_dir / "last", model, self.cfg, self.tokenizer, info)
             if self.state.best_step == self.state.step:
                 write_checkpoint(out_dir / "best", model, self.cfg, self.tokenizer, info)
             link_checkpoint(out_dir / "last", out_dir)
+            if out_dir != self.final_dir:  # the new run is complete enough to replace the old one
+                swap_in(out_dir, self.final_dir)
         accelerator.wait_for_everyone()
+        self.out_dir = self.final_dir
+
+    def _restore(self) -> TrainState:
+        """Everything --resume needs, from state/: the weights, the optimizer, the random generators
+        and the counters; any file that does not load stops the run, naming it."""
+        directory = self.out_dir / STATE_DIR
+        saved.refuse_old_format(directory)
+        saved.load_model_weights(directory, self._unwrapped())
+        saved.load_optimizer(directory, self.optimizer)
+        saved.load_scaler(directory, self.accelerator.scaler)
+        saved.load_rng(directory, self.rank, self.world)
+        return saved.load_trainer_state(directory)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -291,7 +323,8 @@ class Trainer:
         accelerator, t = self.accelerator, self.cfg.train
         backend = getattr(accelerator.state, "backend", None) or "-"
         self.reporter.print(f"world size {self.world} ({accelerator.distributed_type.value}, backend {backend}), "
-                            f"device {accelerator.device}, mixed precision {t.mixed_precision}")
+                            f"device {accelerator.device}, mixed precision {t.mixed_precision}"
+                            + (f", {torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu" else ""))
         self.reporter.print(f"model {ui.format_count(self.n_params)} parameters, "
                             f"{ui.format_count(self.flops_per_token)} training FLOPs/token; "
                             f"{ui.format_count(self.tokens_per_step)} tokens/step")

@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from llmcli import ui
 
 
 class Reporter:
-    """Live progress on a TTY; plain timestamped lines otherwise. Only the main process prints."""
+    """Live progress on a TTY; plain timestamped lines otherwise. Only the main process prints.
+
+    The bar follows the budget that ends the run: steps (train.max_steps), or else seconds
+    (train.max_minutes), so a time-budget run shows how much of its time is spent.
+    """
 
     def __init__(self, enabled: bool, total_steps: int | None, max_seconds: float | None,
                  console: Console = ui.stderr):
@@ -25,12 +29,21 @@ class Reporter:
     def __enter__(self) -> Reporter:
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[where]}"),
                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
                 TextColumn("ETA {task.fields[eta]}"), console=self.console, transient=False)
             self.progress.start()
-            self.task = self.progress.add_task("train", total=self.total_steps, stats="", eta="-")
+            total = self.total_steps or self.max_seconds
+            self.task = self.progress.add_task("train", total=total, stats="", eta="-", where="")
         return self
+
+    def tick(self, step: int, elapsed: float) -> None:
+        """Every step: move the live bar (steps, or seconds of the budget)."""
+        if self.progress is None:
+            return
+        where = f"step {step}" + (f"/{self.total_steps}" if self.total_steps else
+                                  f"  {ui.format_duration(elapsed)}/{ui.format_duration(self.max_seconds or 0)}")
+        self.progress.update(self.task, completed=step if self.total_steps else elapsed, where=where)
 
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
@@ -51,7 +64,8 @@ class Reporter:
         stats = f"loss {loss:.4f}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
         eta = self._eta(step, elapsed, start_step)
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, stats=stats, eta=eta)
+            self.progress.update(self.task, stats=stats, eta=eta)
+            self.tick(step, elapsed)
         else:
             total = f"/{self.total_steps}" if self.total_steps else ""
             ui.log(f"step {step}{total}  {stats}  elapsed {ui.format_duration(elapsed)}  ETA {eta}",

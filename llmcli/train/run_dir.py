@@ -1,18 +1,20 @@
 """Run directories: what one holds, and the rules for `--out`, `--resume` and `--init-from`.
 
 `plan_run` turns the command's options into a `RunPlan` (the config to train with, resolved before
-any work starts, and where): a new run, a resumed one (its own config, only train.* may change),
-or a fine-tune (the checkpoint's model and tokenizer, the user's data and training settings).
+any work starts, and where): a new run, a resumed one (its own config, only train.* may change;
+a run killed before its first checkpoint starts again from step 0), or a fine-tune (the
+checkpoint's model and tokenizer, the user's data and training settings). A run's output never
+overlaps what it reads (the checkpoint it starts from, its data, its tokenizer file).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmcli import ui
 from llmcli.checkpoint import (
     MODEL_CONFIG,
     TOKENIZER,
@@ -21,14 +23,20 @@ from llmcli.checkpoint import (
     resolve_checkpoint,
 )
 from llmcli.config import Config, load_config
+from llmcli.data.sources import local_inputs
 from llmcli.errors import UserError
-from llmcli.io import atomic_write_text, ensure_writable_dir
+from llmcli.io import atomic_write_text, ensure_writable_dir, refuse_overlap
 from llmcli.options import TrainOptions
+from llmcli.train.state import TRAINER_STATE, load_trainer_state
 
 STATE_DIR = "state"
-TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
 RUN_MARKERS = ("config.yaml", STATE_DIR, "last", "best", "model.safetensors", METRICS)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """Where `--overwrite` builds the new run, beside the old one, until it has a checkpoint."""
+    return out_dir.with_name(f".{out_dir.name}.overwrite.tmp")
 
 
 @dataclass(frozen=True)
@@ -57,14 +65,26 @@ def plan_run(opts: TrainOptions) -> RunPlan:
     return RunPlan(cfg, opts.out.expanduser(), overwrite=opts.overwrite, init_from=opts.init_from)
 
 
+def inputs(cfg: Config, init_from: Path | None) -> dict[str, Path]:
+    """What a run reads from disk, by description: no output may overlap them."""
+    found = {}
+    if init_from is not None:
+        found["the checkpoint to start from"] = Path(init_from)
+        found["the checkpoint's weights"] = resolve_checkpoint(init_from)
+    found.update(local_inputs(cfg.data))
+    if cfg.tokenizer.path:
+        found["the tokenizer file"] = Path(cfg.tokenizer.path)
+    return found
+
+
 def resume_config(run_dir: Path, config_path: Path | None, overrides: list[str]) -> Config:
     """The config to resume with: the run's own, with train.* overrides (e.g. more steps).
 
     A different model, data or tokenizer would not continue the same run, so those are refused.
     """
     saved = run_dir / "config.yaml"
-    if not (run_dir / STATE_DIR / TRAINER_STATE).is_file() or not saved.is_file():
-        raise UserError(f"nothing to resume in {run_dir} (no {STATE_DIR}/{TRAINER_STATE})")
+    if not saved.is_file():
+        raise UserError(f"nothing to resume in {run_dir} (no config.yaml: is it a run directory?)")
     base = load_config(saved)
     if config_path is not None:
         other = load_config(config_path)
@@ -79,7 +99,20 @@ def resume_config(run_dir: Path, config_path: Path | None, overrides: list[str])
     for item in overrides:
         if not item.strip().startswith("train."):
             raise UserError(f"override '{item}': only train.* settings can change on --resume")
-    return load_config(saved, overrides)
+    cfg = load_config(saved, overrides)
+    if (run_dir / STATE_DIR / TRAINER_STATE).is_file():
+        _refuse_nothing_to_do(run_dir, cfg, load_trainer_state(run_dir / STATE_DIR).step)
+    return cfg
+
+
+def _refuse_nothing_to_do(run_dir: Path, cfg: Config, step: int) -> None:
+    t = cfg.train
+    if t.max_steps is not None and t.max_steps < step:
+        raise UserError(f"train.max_steps={t.max_steps} is below the step {run_dir} has reached ({step}); "
+                        f"pass train.max_steps above {step} to train further")
+    if t.max_steps == step:
+        raise UserError(f"{run_dir} is already at step {step}, its train.max_steps; pass train.max_steps=N "
+                        f"(more than {step}) to train further")
 
 
 def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list[str]) -> Config:
@@ -101,7 +134,10 @@ def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(plan: RunPlan) -> None:
+    """A new run's --out: not overlapping its inputs, and not holding a run unless --overwrite."""
+    out_dir, overwrite = plan.out_dir, plan.overwrite
+    refuse_overlap(out_dir, inputs(plan.cfg, plan.init_from))
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out must be a directory: {out_dir}")
     existing = [name for name in RUN_MARKERS if (out_dir / name).exists()]
@@ -111,19 +147,23 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     ensure_writable_dir(out_dir)
 
 
-def clear_run(out_dir: Path) -> None:
-    for name in RUN_MARKERS + ("tokenizer.json", "model.json", "checkpoint.json"):
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+    """Drop metric lines logged after the checkpoint we resume from (they will be redone). A torn
+    last line (a kill during its write) is dropped with a warning; a damaged earlier one is refused."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+                raise ValueError("not a metrics row")
+        except ValueError:
+            if number == len(lines):
+                ui.log(f"warning: {path}: dropped its torn last line ({line[:40]!r}...)")
+                break
+            raise UserError(f"{path}: line {number} is not a metrics row; fix or remove it to resume") from None
+        if row.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))

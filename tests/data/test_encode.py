@@ -18,12 +18,54 @@ def test_long_documents_are_encoded_in_pieces_with_identical_ids(tmp_path, monke
     path = tmp_path / "long.txt"
     path.write_text(doc)
     monkeypatch.setattr(encode_mod, "PIECE_CHARS", 40)
-    assert len(encode_mod._pieces(doc, True)) > 50
+    assert len(encode_mod._pieces(doc, "any")) > 50
     prepared = prepare_data(cfg(f"data.source={path}", "data.val_fraction=0", f"tokenizer.kind={kind}",
                                 "tokenizer.vocab_size=320", "tokenizer.min_frequency=1"),
                             console=Console(quiet=True))
     tok = load_tokenizer(prepared.tokenizer_path)
     assert prepared.tokens("train").tolist() == encode(tok, doc) + [prepared.eot_id]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("line", [
+    "words on one very long line, with <|endoftext|> inside and punctuation!! 42 " * 40,
+    "nowhitespaceatall,justlettersAND123digits;punct!?'s'tünïcödé<|endoftext|>日本" * 40,
+])
+def test_one_long_line_is_encoded_in_pieces_with_identical_ids(tmp_path, monkeypatch, kind, cfg, line):
+    import llmcli.data.encode as encode_mod
+    from llmcli.tokenizer import encode
+
+    path = tmp_path / "line.txt"
+    path.write_text(line)
+    monkeypatch.setattr(encode_mod, "PIECE_CHARS", 50)
+    prepared = prepare_data(cfg(f"data.source={path}", "data.val_fraction=0", f"tokenizer.kind={kind}",
+                                "tokenizer.vocab_size=300", "tokenizer.min_frequency=1"),
+                            console=Console(quiet=True))
+    tok = load_tokenizer(prepared.tokenizer_path)
+    rule = encode_mod._cut_rule(json.loads(tok.to_str()))
+    assert len(encode_mod._pieces(line, rule, tok.pre_tokenizer, ["<|endoftext|>"])) > 20
+    assert prepared.tokens("train").tolist() == encode(tok, line) + [prepared.eot_id]
+
+
+@pytest.mark.slow
+def test_a_long_single_line_is_prepared_in_bounded_memory(tmp_path):
+    """Peak memory of `data prepare` on a 12 MB text with no newline is about that of the same text
+    in normal lines (it was ~275 bytes a character before pieces could end inside a line)."""
+    import subprocess
+    import sys
+
+    words = "the quick brown fox jumps over the lazy dog and runs far away " * 16
+    peaks = {}
+    for name, sep in (("lines", "\n"), ("one-line", " ")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(sep.join([words] * 12_000))
+        code = ("import resource, sys; from llmcli.cli import main; sys.argv = ['llmcli', 'data', 'prepare', "
+                f"'data.source={path}', 'data.cache_dir={tmp_path / name}']\ntry: main()\nexcept SystemExit: pass\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks[name] = int(out.stdout.strip().splitlines()[-1]) * 1024
+    assert peaks["one-line"] < 1.3 * peaks["lines"] + 100e6, peaks
 
 
 # Byte-level BPE through the chunk cache

@@ -148,3 +148,16 @@ def test_hub_uses_the_same_split_logic(monkeypatch, cfg):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     corpus = load_corpus(cfg("data.source=hf:org/set", "data.hf_config=small", "data.split_by=document").data)
     assert {s: len(corpus[s]) for s in corpus} == {"train": 18, "val": 2, "test": 1}
+
+
+def test_jsonl_files_with_different_other_columns_read_their_text_field(tmp_path, cfg, texts):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"first {i} " * 5}) + "\n" for i in range(6)))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": f"second {i} " * 5, "extra": i}) + "\n"
+                                            for i in range(6)))
+    corpus = load_corpus(cfg(f"data.source={folder}", "data.split_by=document").data)
+    assert sum(len(texts(corpus, s)) for s in corpus) == 12
+    (folder / "c.jsonl").write_text(json.dumps({"body": "no text field"}) + "\n")
+    with pytest.raises(UserError, match=r"no column 'text' in .*c.jsonl \(columns: body\)"):
+        load_corpus(cfg(f"data.source={folder}").data)

@@ -135,9 +135,9 @@ def test_existing_out_is_refused_and_overwrite_replaces(tmp_path, bpe_json, expo
     assert not (tmp_path / "ckpt" / "keep.txt").exists()
     export_hf(ExportOptions(run_dir=tmp_path / "ckpt", out=hf, overwrite=True))
     assert (hf / "model.safetensors").read_bytes() == before
-    with pytest.raises(UserError, match="would overwrite"):
+    with pytest.raises(UserError, match="may not overlap an input"):
         export_hf(ExportOptions(run_dir=run, out=run, overwrite=True))
-    with pytest.raises(UserError, match="would overwrite"):
+    with pytest.raises(UserError, match="may not overlap an input"):
         import_hf(ImportOptions(source=str(hf), out=hf, overwrite=True))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 

@@ -178,8 +178,8 @@ def test_missing_data_says_how_to_skip_perplexity(trained_runs, tmp_path, quanti
 def test_refuses_to_overwrite(trained_runs, tmp_path, quantize_cli, one_line_error):
     run = trained_runs["gpt2"]
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    one_line_error(quantize_cli(run, "--method", "int8", "--out", run), "would overwrite")
-    one_line_error(quantize_cli(run, "--method", "int8", "--out", run.parent), "would overwrite")
+    one_line_error(quantize_cli(run, "--method", "int8", "--out", run), "may not overlap an input")
+    one_line_error(quantize_cli(run, "--method", "int8", "--out", run.parent), "may not overlap an input")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
     out = tmp_path / "q"

@@ -88,3 +88,36 @@ def test_values_sampling_params_refuse_are_400_in_the_body_terms(fields, param):
     error = info.value
     assert error.status == 400 and error.param == param and error.message.startswith(f"{param} must be")
     assert "max_new_tokens" not in error.message
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"prompt": "a", "extra": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}",
+])
+def test_a_deeply_nested_body_is_400_not_500(server, error_of, body):
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 400 and "nested too deeply" in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("field,value", [("stream", "yes"), ("echo", 1), ("ignore_eos", "true"), ("n", 2.0),
+                                         ("max_tokens", "5"), ("temperature", "0.5"), ("seed", True)])
+def test_openai_fields_have_strict_types(server, error_of, field, value):
+    response = server.post("/v1/completions", {"prompt": "a", field: value})
+    assert response.status_code == 400 and error_of(response)["param"] == field
+
+
+def test_a_wrong_method_is_405_with_allow(server):
+    response = server.get("/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+
+
+def test_the_openapi_schema_and_docs_are_served_without_a_key(start_server):
+    running = start_server(api_key="secret")
+    schema = running.get("/openapi.json")
+    assert schema.status_code == 200
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema.json()["paths"])
+    body = schema.json()["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"].endswith("/ChatBody")
+    assert "messages" in schema.json()["components"]["schemas"]["ChatBody"]["properties"]
+    assert running.get("/docs").status_code == 200
+    assert running.post("/v1/completions", {"prompt": "a"}).status_code == 401

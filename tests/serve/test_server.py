@@ -6,10 +6,12 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 
 def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
@@ -54,7 +56,23 @@ def test_the_command_serves_until_ctrl_c(checkpoint, tmp_path):
         got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
                                         temperature=0)  # greedy: never an EOT-first sample
         assert got.choices[0].text
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C during a long request: it finishes; new requests get 503 (not a refused connection).
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(client.completions.create, model=checkpoint.name, prompt="ROMEO:", max_tokens=1500,
+                               temperature=0, extra_body={"ignore_eos": True})
+            deadline = time.monotonic() + 20
+            while httpx.get(url + "/health", timeout=5).json()["in_flight"] == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 20
+            while httpx.get(url + "/health", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            refused = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer k"},
+                                 timeout=5)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            assert long.result(timeout=30).usage.completion_tokens == 1500
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,8 @@ def test_refuses_to_overwrite_a_run(corpus, tmp_path, cli):
 
 @pytest.mark.parametrize("args, message", [
     (["--resume", "{tmp}/nothing"], "nothing to resume"),
-    (["--out", "{tmp}/r", "model.block_size=100000"], "model.block_size=100000 needs more than"),
+    (["--out", "{tmp}/r", "model.block_size=100000", "train.check_memory=false"],
+     "model.block_size=100000 needs more than"),
     (["--out", "{tmp}/r", "train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
     (["--out", "{tmp}/r", "model.n_head=3"], "n_head=3 must divide d_model=32"),
     (["train.max_steps=3"], "missing --out"),
@@ -186,3 +188,94 @@ def test_init_from_fine_tunes_from_a_checkpoint(corpus, tmp_path, cli):
     assert (tmp_path / "ft" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
     result = cli("train", "--init-from", base, "--out", tmp_path / "ft2", "model.n_layer=4")
     assert result.exit_code == 2 and "only model.dropout can change" in result.output
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(corpus, tmp_path, cli, monkeypatch):
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, *tiny(corpus, "train.max_steps=2")).exit_code == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    real = loop_mod.F.cross_entropy
+
+    def diverges(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if kwargs.get("reduction") is None else loss
+
+    monkeypatch.setattr(loop_mod.F, "cross_entropy", diverges)
+    result = cli("train", "--out", run, "--overwrite", *tiny(corpus, "train.max_steps=4"))
+    assert result.exit_code == 2 and "non-finite at step 1" in result.output
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]  # no staging left
+    monkeypatch.setattr(loop_mod.F, "cross_entropy", real)
+    assert cli("train", "--out", run, "--overwrite", *tiny(corpus, "train.max_steps=4")).exit_code == 0
+    assert max(r["step"] for r in metrics(run)) == 4 and min(r["step"] for r in metrics(run)) == 1
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(corpus, tmp_path, cli):
+    full = tmp_path / "full"
+    assert cli("train", "--out", full, *tiny(corpus, "train.max_steps=4")).exit_code == 0
+    killed = tmp_path / "killed"  # what a kill -9 before the first checkpoint leaves
+    killed.mkdir()
+    for name in ("config.yaml", "tokenizer.json"):
+        (killed / name).write_bytes((full / name).read_bytes())
+    (killed / "metrics.jsonl").write_text('{"step": 1, "train_loss": 4.0}\n{"step": 2, "tr')
+    refused = cli("train", "--out", killed, *tiny(corpus, "train.max_steps=4"))
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    result = cli("train", "--resume", killed)
+    assert result.exit_code == 0, result.output
+    assert [r for r in metrics(killed) if "train_loss" in r] == [
+        {**r, "elapsed": s["elapsed"], "tokens_per_second": s["tokens_per_second"]}
+        for r, s in zip([r for r in metrics(full) if "train_loss" in r],
+                        [r for r in metrics(killed) if "train_loss" in r], strict=True)]
+
+
+def test_resume_with_no_steps_left_is_refused(corpus, tmp_path, cli, one_line_error):
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, *tiny(corpus, "train.max_steps=4")).exit_code == 0
+    rows = metrics(run)
+    one_line_error(cli("train", "--resume", run), "already at step 4", "train.max_steps")
+    one_line_error(cli("train", "--resume", run, "train.max_steps=3"), "train.max_steps=3 is below the step")
+    assert metrics(run) == rows
+
+
+def test_an_output_may_not_overlap_an_input(corpus, tmp_path, cli, one_line_error):
+    base = tmp_path / "base"
+    assert cli("train", "--out", base, *tiny(corpus, "train.max_steps=2")).exit_code == 0
+    before = {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    for out in (base, base / "ft", base / "best"):
+        one_line_error(cli("train", "--init-from", base, "--out", out, "--overwrite", f"data.source={corpus}"),
+                       "may not overlap an input")
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    one_line_error(cli("train", "--init-from", base, "--out", link, "--overwrite", f"data.source={corpus}"),
+                   "may not overlap an input")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(TEXT)
+    one_line_error(cli("train", "--out", data / "run", *tiny(data)), "lies inside the data")
+    assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("override", ["model.n_layer=100000", "train.batch_size=100000000", "model.d_model=1000000000"])
+def test_a_run_that_cannot_fit_is_refused_at_once(corpus, tmp_path, cli, one_line_error, override):
+    started = time.perf_counter()
+    one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus), override, "model.n_head=1"),
+                   "this run needs about", "GiB", "train.check_memory=false")
+    assert time.perf_counter() - started < 2
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_the_estimate_counts_what_the_model_has(corpus):
+    from llmcli.models.transformer import Transformer
+    from llmcli.train.memory import estimate
+
+    cfg = load_config(None, tiny(corpus, "model.vocab_size=70"))
+    assert estimate(cfg).parameters == Transformer(cfg.model).num_params()
+
+
+def test_out_of_memory_is_one_line(corpus, tmp_path, cli, one_line_error, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 8000000000000 bytes.")
+
+    monkeypatch.setattr(loop_mod, "build_model", fails)
+    one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus)), "out of memory", "can't allocate")
