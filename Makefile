@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_finetune.py
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks

@@ -5,11 +5,19 @@ A checkpoint directory holds `model.safetensors` (the weights; a tied weight is 
 `llmcli quantize`), `tokenizer.json`, `config.yaml` (the effective config of the run that made it)
 and `checkpoint.json` (step, metrics, provenance). A run directory is itself a checkpoint (its final
 weights) with `best/` and `last/` checkpoint directories and a `state/` directory for exact resume.
+
+Optional, in Hugging Face's formats: `tokenizer_config.json` (a Jinja `chat_template`, special
+tokens) and `generation_config.json` (`eos_token_id`: the ids that end generation).
+
+An adapter checkpoint (a LoRA run) holds peft's `adapter_model.safetensors` and `adapter_config.json`
+instead of the weights, and `base.json`: the base checkpoint's path and the SHA-256 of its weights.
+`load_model` gives base + adapter merged, so every command reads it like any checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +27,7 @@ from typing import Any
 
 import torch
 
+from llmcli import lora
 from llmcli.config import Config, ModelConfig, build_config
 from llmcli.errors import UserError
 from llmcli.io import (
@@ -38,7 +47,13 @@ MODEL_CONFIG = "model.json"
 TOKENIZER = "tokenizer.json"
 RUN_CONFIG = "config.yaml"
 INFO = "checkpoint.json"
-CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, RUN_CONFIG, INFO)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names
+ADAPTER_CONFIG = "adapter_config.json"
+BASE = "base.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file names
+GENERATION_CONFIG = "generation_config.json"
+CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, RUN_CONFIG, INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, BASE,
+                    TOKENIZER_CONFIG, GENERATION_CONFIG)
 QUANTIZATION_KEY = "quantization"  # the model.json entry of a quantized checkpoint
 
 
@@ -47,10 +62,13 @@ QUANTIZATION_KEY = "quantization"  # the model.json entry of a quantized checkpo
 
 
 def save_model(model: LanguageModel, directory: str | Path) -> None:
-    """Write `model.safetensors` and `model.json` into `directory`, each atomically."""
+    """Write `model.safetensors` and `model.json` into `directory`, each atomically (a model with a
+    LoRA adapter: the adapter's weights and config, and `model.json`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if lora.is_adapted(model):
+        return _save_adapter(model, directory)
     aliases = model.tied_weights()
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name not in aliases}
     model_json: dict[str, Any] = dataclasses.asdict(model.config)
@@ -59,6 +77,60 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
         model_json[QUANTIZATION_KEY] = entry
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / MODEL_CONFIG, model_json)
+
+
+def _save_adapter(model: LanguageModel, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = lora.adapter_state(model)
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    config = lora.peft_config_of(model).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items() if not k.startswith("_")}
+    atomic_write_json(directory / ADAPTER_CONFIG, config)
+    atomic_write_json(directory / MODEL_CONFIG, dataclasses.asdict(model.config))
+
+
+def base_pointer(base: Path) -> bytes:
+    """`base.json` for adapters trained on the checkpoint `base`."""
+    weights = base / (WEIGHTS if (base / WEIGHTS).is_file() else ADAPTER_WEIGHTS)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return (json.dumps({"path": str(base.resolve()), "sha256": digest}, indent=2) + "\n").encode()
+
+
+def adapter_base(directory: Path) -> Path:
+    """The base checkpoint of an adapter checkpoint, checked to be the one it was trained on."""
+    pointer = read_json_object(directory / BASE, what="a JSON object with the base's path and sha256")
+    if not isinstance(pointer.get("path"), str) or not isinstance(pointer.get("sha256"), str):
+        raise UserError(f"{directory / BASE}: needs \"path\" and \"sha256\" strings")
+    base = Path(pointer["path"])
+    if not base.is_dir():
+        raise UserError(f"the base checkpoint of adapter {directory} is gone: {base} (named in {BASE})")
+    if json.loads(base_pointer(base))["sha256"] != pointer["sha256"]:
+        raise UserError(f"the base checkpoint {base} changed since the adapter {directory} was trained on it "
+                        f"(its weights' SHA-256 differs from {directory / BASE})")
+    return base
+
+
+def _load_adapted(directory: Path, device: torch.device | str, dtype: torch.dtype | None) -> LanguageModel:
+    """Base + adapter merged into a plain float model (a quantized base is dequantized first)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = load_model(adapter_base(directory), device=device, dtype=dtype)
+    if quantized.quantization_of(model) is not None:
+        model = quantized.dequantize_model(model).to(device=device, dtype=dtype or torch.float32)
+    try:
+        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(device))
+        config = PeftLoraConfig.from_pretrained(str(directory))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{directory}: cannot read the adapter ({exc})") from None
+    lora.load_adapter(model, config, state, str(directory / ADAPTER_WEIGHTS))
+    return lora.merge(model)
+
+
+def is_adapter(directory: Path) -> bool:
+    return (directory / ADAPTER_WEIGHTS).is_file()
 
 
 def model_config_from_json(path: str | Path) -> ModelConfig:
@@ -96,6 +168,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"model directory not found: {directory}")
+    if is_adapter(directory):
+        return _load_adapted(directory, device, dtype)
     weights_path = directory / WEIGHTS
     if not weights_path.is_file():
         raise UserError(f"model weights not found: {weights_path}")
@@ -145,15 +219,18 @@ def _load_tensors(model: LanguageModel, tensors: dict[str, torch.Tensor], source
 
 
 def write_checkpoint(directory: Path, model: LanguageModel, run_config: Config, tokenizer: bytes,
-                     info: Mapping[str, Any]) -> None:
+                     info: Mapping[str, Any], files: Mapping[str, bytes] | None = None) -> None:
     """Write a complete checkpoint directory atomically (a reader never sees half of one).
 
-    `tokenizer` is the tokenizer.json file's bytes.
+    `tokenizer` is the tokenizer.json file's bytes; `files` more files by name (tokenizer_config.json,
+    base.json, ...).
     """
 
     def build(tmp: Path) -> None:
         save_model(model, tmp)
         atomic_write_bytes(tmp / TOKENIZER, tokenizer)
+        for name, data in (files or {}).items():
+            atomic_write_bytes(tmp / name, data)
         run_config.save(tmp / RUN_CONFIG)
         atomic_write_json(tmp / INFO, dict(info))
 
@@ -182,10 +259,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"checkpoint not found: {path}")
     if not path.is_dir():
         raise UserError(f"checkpoint must be a directory: {path}")
-    if (path / WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file() or is_adapter(path):
         return path
     for sub in ("last", "best"):
-        if (path / sub / WEIGHTS).is_file():
+        if (path / sub / WEIGHTS).is_file() or is_adapter(path / sub):
             return path / sub
     raise UserError(f"no {WEIGHTS} in {path} (is it a run or checkpoint directory?)")
 
@@ -209,6 +286,29 @@ def load_for_inference(path: str | Path, device: torch.device, dtype: torch.dtyp
         raise UserError(f"{directory}: the tokenizer has {vocab} tokens but the model only "
                         f"{model.config.vocab_size}")
     return directory, model, tokenizer
+
+
+def end_token_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end generation: generation_config.json's eos_token_id (an id or a list), the one
+    an import recorded in checkpoint.json, tokenizer_config.json's eos_token, then <|endoftext|>."""
+    from llmcli.tokenizer import EOT
+
+    ids: list[int] = []
+    for value in (_json_file(directory / GENERATION_CONFIG).get("eos_token_id"),
+                  read_info(directory).get("eos_token_id")):
+        ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+    eos = _json_file(directory / TOKENIZER_CONFIG).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    for token in (eos, EOT):
+        ident = tokenizer.token_to_id(token) if isinstance(token, str) else None
+        if ident is not None:
+            ids.append(ident)
+    return tuple(dict.fromkeys(ids))
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    """An optional JSON object file ({} when absent)."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: Mapping[str, Path] = {}) -> None:

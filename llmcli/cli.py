@@ -44,6 +44,8 @@ COMMANDS = (
     Command(("import",), options.ImportOptions, "llmcli.hf.importer:import_command"),
     Command(("quantize",), options.QuantizeOptions, "llmcli.quantize.command:quantize_command"),
     Command(("serve",), options.ServeOptions, "llmcli.serve.server:serve_command"),
+    Command(("merge",), options.MergeOptions, "llmcli.merge:merge_command"),
+    Command(("chat",), options.ChatOptions, "llmcli.generate.chat:chat_command"),
 )
 GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers."}
 

@@ -49,6 +49,11 @@ class DataConfig:
     encoding_errors: Literal["strict", "replace"] = _opt("strict")
     num_proc: int = _opt(1, min=1)
     cache_dir: str = _opt("~/.cache/llmcli", help="prepared token arrays are cached here")
+    # text: documents to continue; alpaca: JSON/JSONL records with instruction, input (optional) and
+    # output; chat: JSONL records with messages [{role, content}]. The last two are rendered through
+    # the model's chat template, one example per window (llmcli/data/formats.py).
+    format: Literal["text", "alpaca", "chat"] = _opt("text")
+    mask_prompt: bool = _opt(True, help="alpaca/chat: loss on the response tokens only")
 
 
 @dataclass
@@ -107,6 +112,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
+class LoraConfig:
+    # LoRA (through peft) on a frozen base: set `r` to train an adapter instead of every weight.
+    r: Optional[int] = _opt(None, min=1, help="adapter rank; null = full fine-tuning")
+    alpha: float = _opt(16.0, min=0.0, min_exclusive=True, help="the update is scaled by alpha / r")
+    dropout: float = _opt(0.0, min=0.0, max=1.0)
+    # Our module terms, mapped per model family (a transformer: q k v o gate up down, plus embed and
+    # head when the head is untied); an unknown one is refused with the valid ones.
+    targets: list[str] = _opt(["q", "v"])
+
+
+@dataclass
 class TrainConfig:
     max_steps: Optional[int] = _opt(1000, min=1, help="optimizer steps; null = only max_minutes")
     max_minutes: Optional[float] = _opt(None, min=0.0, min_exclusive=True)
@@ -127,6 +143,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no")
     compile: bool = _opt(False)
     check_memory: bool = _opt(True, help="refuse a run whose estimated memory exceeds what is available")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -222,8 +239,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, text = item.split("=", 1)
     key = key.strip()
-    if key.count(".") != 1 or not all(key.split(".")):
-        raise ConfigError(f"override '{item}': key must be section.key, e.g. train.max_steps=50")
+    if key.count(".") not in (1, 2) or not all(key.split(".")):
+        raise ConfigError(f"override '{item}': key must be section.key, e.g. train.max_steps=50 "
+                          "(or section.group.key, e.g. train.lora.r=8)")
     try:
         value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -263,15 +281,35 @@ def _build_section(section: str, cls: type, values: dict[str, Any], origin: dict
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in values.items():
+    for key, value in _nest(values).items():
         name = f"{section}.{key}"
         where = origin.get(name, "config")
         if key not in fields:
             close = [k for k in fields if k.startswith(key[:3])]
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown key '{name}' (from {where}){hint}")
-        kwargs[key] = _coerce(name, value, hints[key], fields[key].metadata, where)
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: must be a mapping of keys; got {value!r} (from {where})")
+            kwargs[key] = _build_section(name, hints[key], value, origin)
+        else:
+            kwargs[key] = _coerce(name, value, hints[key], fields[key].metadata, where)
     return cls(**kwargs)
+
+
+def _nest(values: dict[str, Any]) -> dict[str, Any]:
+    """`{"lora.r": 8}` (an override of a group's key) merged into `{"lora": {..., "r": 8}}`."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        group, dot, rest = key.partition(".")
+        if dot:
+            inner = out.get(group)
+            out[group] = {**(inner if isinstance(inner, dict) else {}), rest: value}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def _coerce(name: str, value: Any, hint: Any, meta: Any, where: str) -> Any:
@@ -349,5 +387,7 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("train.max_steps", "set train.max_steps or train.max_minutes (both are null)")
     if t.min_lr > t.lr:
         fail("train.min_lr", f"min_lr={t.min_lr:g} is larger than lr={t.lr:g}")
+    if t.lora.r is not None and not t.lora.targets:
+        fail("train.lora.targets", "name at least one module to adapt (e.g. [q, v])")
     if d.val_fraction + d.test_fraction >= 1.0:
         fail("data.val_fraction", "val_fraction + test_fraction must be below 1")

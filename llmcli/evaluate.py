@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from llmcli import ui
-from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, load_for_inference, read_info
+from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, end_token_ids, load_for_inference, read_info
 from llmcli.config import Config, load_config
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
@@ -197,6 +197,13 @@ def eval_command(opts: EvalOptions) -> None:
     if opts.text_file is not None and (overrides or opts.config is not None):
         raise UserError("--text-file scores a file; data overrides and --config do not apply")
     configure_threads(opts.threads)
+    if opts.tasks is not None:
+        from llmcli.lm_eval_adapter import evaluate_tasks, print_task_results
+
+        if overrides or opts.config is not None:
+            raise UserError("--tasks scores lm-eval tasks; data overrides and --config do not apply")
+        print_task_results(evaluate_tasks(paths, opts), json_lines=opts.json_out)
+        return
     print_results([evaluate_checkpoint(path, opts, overrides) for path in paths], json_lines=opts.json_out)
 
 
@@ -226,7 +233,7 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
 
     label = str(checkpoint)
     score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=opts.batch_size,
-                              first_token=eot_id(tokenizer))
+                              first_token=(end_token_ids(directory, tokenizer) or (eot_id(tokenizer),))[0])
     windows = len(window_plan(len(tokens) + 1, block, opts.stride or max(1, block // 2)))
     sums = _with_progress(score, label, windows, f"{len(tokens):,} tokens of {source}") if progress else score()
     step = read_info(directory).get("step")

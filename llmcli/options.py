@@ -231,6 +231,9 @@ class TrainOptions(ConfigOptions):
       llmcli train --resume runs/char train.max_steps=4000      # continue, with more steps
 
       llmcli train --init-from runs/gpt2 --out runs/ft data.source=notes/ train.lr=1e-4
+
+      llmcli train --init-from runs/char --out runs/char-lora data.source=data/instructions.json
+      data.format=alpaca train.lora.r=8 train.lora.targets=[q,v]   # a LoRA adapter (the base stays frozen)
     """
 
     out: Optional[Path] = option(None, "--out", "-o", help="Run directory to create.")
@@ -260,6 +263,12 @@ class EvalOptions(Options):
       llmcli eval runs/char runs/bpe --split test data.test_fraction=0.1
 
       llmcli eval runs/char/best --text-file notes.txt --stride 64 --json
+
+      llmcli eval runs/char-lora --tasks data/tasks/shakespeare_plays.yaml     # lm-eval tasks
+
+    With --tasks, EleutherAI's lm-evaluation-harness scores the checkpoints on its tasks instead: names
+    it knows (--include-path adds a folder of task YAMLs) or YAML files; its own datasets are
+    downloaded unless they are local files.
     """
 
     targets: list[str] = argument(metavar="RUN_DIR [RUN_DIR|OVERRIDE]",
@@ -280,6 +289,24 @@ class EvalOptions(Options):
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("float32", "--dtype", help="float32, bfloat16 or float16 weights.")
     threads: Optional[int] = _threads_option()
+    tasks: Optional[str] = option(None, "--tasks", help="lm-eval tasks, comma-separated: task names or task "
+                                                        "YAML files (instead of scoring text).")
+    include_path: Optional[Path] = option(None, "--include-path", help="--tasks: a folder of more lm-eval "
+                                                                       "task YAMLs.", file_okay=False)
+    num_fewshot: Optional[int] = option(None, "--num-fewshot", help="--tasks: examples in each prompt (default: "
+                                                                    "each task's own).", check=NOT_NEGATIVE)
+    limit: Optional[int] = option(None, "--limit", help="--tasks: score only the first N documents of each "
+                                                        "task.", check=AT_LEAST_ONE)
+
+    def check(self) -> None:
+        task_only = {"include_path": self.include_path, "num_fewshot": self.num_fewshot, "limit": self.limit}
+        for name, value in task_only.items():
+            if value is not None and self.tasks is None:
+                raise FieldError(name, "applies to --tasks only")
+        if self.tasks is not None and not [t for t in self.tasks.split(",") if t.strip()]:
+            raise FieldError("tasks", "names no task")
+        if self.tasks is not None and self.text_file is not None:
+            raise FieldError("text_file", "scores a file; --tasks scores lm-eval tasks (use one of them)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,10 +440,11 @@ class ServeOptions(Options):
     block_size tokens. Ctrl-C stops taking requests (503) and lets running ones finish for a few
     seconds.
 
-    Our models are base models, not chat-tuned: /v1/chat/completions lays the messages out as
-    "{role}: {content}\\n" each, then "assistant:", and stops at "\\nuser:". A --chat-template
-    file is JSON with any of: "prefix", "message" (e.g. "{role}: {content}\\n"), "roles" (a
-    format per role), "generation_prompt", "stop" (a list); formats use {role} and {content}.
+    /v1/chat/completions lays the messages out with the checkpoint's chat template (the Jinja
+    chat_template of its tokenizer_config.json); base models without one get "{role}: {content}\\n"
+    per message, then "assistant:", stopping at "\\nuser:". A --chat-template file is a .jinja template, or JSON with
+    any of: "prefix", "message" (e.g. "{role}: {content}\\n"), "roles" (a format per role),
+    "generation_prompt", "stop" (a list); formats use {role} and {content}.
 
     Examples:
 
@@ -443,8 +471,9 @@ class ServeOptions(Options):
                                                     "get 429.", check=(NOT_NEGATIVE[0], "0 or more"))
     model_name: Optional[str] = option(None, "--model-name", help="The model id clients use (default: the run "
                                                                   "directory's name).")
-    chat_template: Optional[Path] = option(None, "--chat-template", help="JSON file laying chat messages out as "
-                                                                         "a prompt (see above).", dir_okay=False)
+    chat_template: Optional[Path] = option(None, "--chat-template", help="A .jinja chat template or a JSON "
+                                                                         "layout (see above) instead of the "
+                                                                         "checkpoint's.", dir_okay=False)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = _threads_option()
@@ -454,3 +483,52 @@ class ServeOptions(Options):
             raise FieldError("model_name", "cannot be empty")
         if self.api_key is not None and not self.api_key.strip():
             raise FieldError("api_key", f"/ {API_KEY_ENV} is empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeOptions(Options):
+    """Fold a LoRA run's adapter into its base: an ordinary checkpoint every command (and export) reads.
+
+    The adapter run keeps pointing at its base; the merged checkpoint stands alone. A quantized base is
+    dequantized first, so the result is float (quantize it again with llmcli quantize).
+
+    Examples:
+
+      llmcli merge runs/char-lora --out runs/char-merged
+
+      llmcli merge runs/char-lora/best --out runs/char-merged --dtype bfloat16 --overwrite
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="An adapter run or checkpoint directory (train.lora).")
+    out: Path = option(REQUIRED, "--out", "-o", help="Checkpoint directory to write.")
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out directory.")
+    dtype: str = option("float32", "--dtype", help="Weights to store: float32, bfloat16 or float16.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatOptions(Options):
+    """Chat with a model in the terminal: multi-turn, streamed, laid out by its chat template.
+
+    Each line you type is a user message; the reply streams as it is produced. The history stays
+    within the context window (the oldest turns leave first). Commands: /reset (forget the history),
+    /system TEXT (set the system message and reset), /exit (or Ctrl-D). Ctrl-C stops a reply, not the
+    session. With stdin from a pipe, every line is a message and each reply is printed on its own.
+
+    Examples:
+
+      llmcli chat runs/char-lora
+
+      llmcli chat runs/char-lora --system "Answer briefly." --temperature 0
+
+      printf 'Which play has OPHELIA?\\n' | llmcli chat runs/char-lora --temperature 0
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (adapter runs too).")
+    system: Optional[str] = option(None, "--system", help="A system message to start the conversation with.")
+    chat_template: Optional[Path] = option(None, "--chat-template", help="Lay the conversation out with this "
+                                                                         ".jinja template or JSON layout "
+                                                                         "instead of the checkpoint's.",
+                                           dir_okay=False)
+    sampling: SamplingParams = nested(SamplingParams)
+    device: str = option("auto", "--device", help=DEVICE_HELP)
+    dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)

@@ -160,3 +160,59 @@ def one_line_error():
         return errors[0]
 
     return check
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning and chat: a Llama-style tokenizer, instruction data, a LoRA run
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    """A Llama-style tokenizer built here (no hub): byte-level BPE whose special tokens are <unk> (0),
+    <s> (1) and </s> (2), with no <|endoftext|>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return tok
+
+
+# What instruction data looks like to the trained_runs' char tokenizer (only characters it saw).
+INSTRUCTIONS = [{"instruction": f"say {word}", "input": "", "output": f"the {word}"}
+                for word in ("fox", "dog", "brown", "quick", "lazy", "line", "jumps", "over")]
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> Path:
+    """A small Alpaca .json file (INSTRUCTIONS, three times over)."""
+    import json
+
+    path = tmp_path_factory.mktemp("alpaca") / "instructions.json"
+    path.write_text(json.dumps(INSTRUCTIONS * 3))
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_run(trained_runs, alpaca_file, tmp_path_factory) -> Path:
+    """A LoRA adapter (r=4 on q, v, up) trained on the llama-style trained run with alpaca_file."""
+    from llmcli.options import TrainOptions
+    from llmcli.train.loop import train
+    from llmcli.train.run_dir import plan_run
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    cache = tmp_path_factory.mktemp("lora-cache")
+    opts = TrainOptions(out=out, init_from=trained_runs["llama"], overrides=[
+        f"data.source={alpaca_file}", "data.format=alpaca", f"data.cache_dir={cache}", "data.val_fraction=0.2",
+        "train.lora.r=4", "train.lora.targets=[q,v,up]", "train.max_steps=30", "train.batch_size=8",
+        "train.lr=1e-2", "train.warmup_steps=2", "train.eval_interval=15", "train.eval_batches=2",
+        "train.log_interval=15"])
+    train(plan_run(opts))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return out

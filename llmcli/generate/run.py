@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from llmcli import ui
-from llmcli.checkpoint import load_for_inference
+from llmcli.checkpoint import end_token_ids, load_for_inference
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Completion, Generator, encode_prompt
@@ -62,9 +62,10 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     out = out or sys.stdout
     params = opts.sampling
     device = select_device(opts.device)
-    _, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+    directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
     jobs = [(p, j) for p in prompts for j in range(opts.num_samples)]
-    generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)))
+    generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)),
+                          stop_token_ids=end_token_ids(directory, tokenizer))
     ids = []
     for index, (prompt, j) in enumerate(jobs):
         seed = params.seed + j if params.seed is not None else None

@@ -130,9 +130,12 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 class Generator:
     """Prompts in, streamed text out, on top of an `Engine` (see the module docstring)."""
 
-    def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8, **engine_kwargs: Any):
+    def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8,
+                 stop_token_ids: Sequence[int] | None = None, **engine_kwargs: Any):
+        """`stop_token_ids`: the ids that end a sequence (checkpoint.end_token_ids; none: only the length
+        limit); default <|endoftext|>."""
         self.tokenizer = tokenizer
-        self.eot = eot_id(tokenizer)
+        self.stop_ids = tuple(stop_token_ids) if stop_token_ids is not None else (eot_id(tokenizer),)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > model.config.vocab_size:
             raise UserError(f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
@@ -143,7 +146,7 @@ class Generator:
     def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> int:
         """Queue a prompt (text, or token ids already encoded); returns its request id."""
         ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-        stop_ids = () if params.ignore_eot else (self.eot,)
+        stop_ids = () if params.ignore_eot else self.stop_ids
         request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
         request = self.engine.get(request_id)
         assert request is not None

@@ -2,7 +2,8 @@
 
 The folder holds config.json (see mapping.py), model.safetensors, generation_config.json (bos / eos
 / pad ids), our tokenizer.json unchanged, tokenizer_config.json (`PreTrainedTokenizerFast`, the
-special tokens, `model_max_length` = block_size) and special_tokens_map.json. The eos / bos ids are
+special tokens, `model_max_length` = block_size, the checkpoint's chat template or our default
+layout as Jinja) and special_tokens_map.json. The eos / bos ids are
 the tokenizer's `<|endoftext|>`, or `eos_token_id` / `bos_token_id` from checkpoint.json when an
 import recorded them there. A quantized checkpoint is refused unless `--dequantize`.
 """
@@ -16,6 +17,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from llmcli.chat_template import DEFAULT_JINJA, jinja_source
+from llmcli.chat_template import tokenizer_config as tokenizer_config_of
 from llmcli.checkpoint import (
     MODEL_CONFIG,
     TOKENIZER,
@@ -105,7 +108,8 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     special = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token),
                                  ("unk_token", unk_token)) if v is not None}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                        "model_max_length": config.block_size, "clean_up_tokenization_spaces": False}
+                        "model_max_length": config.block_size, "clean_up_tokenization_spaces": False,
+                        "chat_template": jinja_source(tokenizer_config_of(src), str(src)) or DEFAULT_JINJA}
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": first(eos_id)}
     hf_config = hf_config_dict(config, family, bos_token_id=bos_id, eos_token_id=eos_id, dtype=stored)
     texts = {HF_CONFIG: hf_config, HF_GENERATION_CONFIG: generation,

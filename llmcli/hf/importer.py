@@ -274,7 +274,9 @@ def import_hf(opts: ImportOptions) -> ImportResult:
             "eos_token_id": eos_id, "bos_token_id": bos_id, "eos_token": eos_token}
     if str(directory) != source:
         info["downloaded_to"] = str(directory)
-    write_checkpoint(out, model, run_config, tok_bytes, info)
+    kept = {name: (directory / name).read_bytes() for name in (HF_TOKENIZER_CONFIG, HF_GENERATION_CONFIG)
+            if (directory / name).is_file()}  # the chat template, the end tokens
+    write_checkpoint(out, model, run_config, tok_bytes, info, kept)
     return ImportResult(out=out, source=source, architecture=info["architecture"], family=family,
                         config=config, parameters=model.num_params(),
                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),

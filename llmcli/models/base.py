@@ -6,7 +6,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
   from one step to the next (a KV cache, a recurrent hidden state, an encoder's memory), one slot
   per sequence in flight, and `forward(idx, state=state, rows=rows)` reads and advances the slots
   that `rows` names;
-* says how much it costs (`flops_per_token`) and which weights it shares (`tied_weights`).
+* says how much it costs (`flops_per_token`) and which weights it shares (`tied_weights`);
+* names what LoRA may adapt in its own terms (`lora_targets`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,19 @@ class LanguageModel(nn.Module):
     def tied_weights(self) -> dict[str, str]:
         """State-dict names that are the same tensor as another: {alias: source}."""
         return {}
+
+    def lora_targets(self) -> dict[str, list[str]]:
+        """LoRA targets in this family's terms: {term: the names of the modules it adapts}.
+
+        The default offers every leaf module with weights under its own name (`blocks.0.mlp.fc` is
+        `fc`); families rename them (a transformer's `q` is every block's query projection). Whether
+        peft can adapt a module's layer type is peft's to say when the adapter is added.
+        """
+        out: dict[str, list[str]] = {}
+        for name, module in self.named_modules():
+            if name and next(module.children(), None) is None and next(module.parameters(False), None) is not None:
+                out.setdefault(name.rpartition(".")[2], []).append(name)
+        return out
 
     def tie_weights(self) -> None:
         """Point every alias back at its source (after loading with `load_state_dict(assign=True)`,

@@ -242,6 +242,18 @@ class Transformer(LanguageModel):
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "tok_embed.weight"} if self.config.tie_embeddings else {}
 
+    def lora_targets(self) -> dict[str, list[str]]:
+        """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
+        untied (a tied table is one tensor for both, which an adapter on either would split)."""
+        per_block = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
+                     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        if self.config.act != "swiglu":
+            del per_block["gate"]
+        out = {term: [f"blocks.{i}.{name}" for i in range(self.config.n_layer)] for term, name in per_block.items()}
+        if not self.config.tie_embeddings:
+            out.update(embed=["tok_embed"], head=["lm_head"])
+        return out
+
     @classmethod
     def param_count(cls, config: ModelConfig) -> int:
         d, ff, kv, V = config.d_model, config.ff_dim, config.kv_heads * config.head_dim, config.vocab_size or 0

@@ -142,6 +142,8 @@ class QuantizedWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., cols] -> x @ W^T (+ bias) [..., rows], in x's dtype."""
+        if torch.is_grad_enabled():  # training through the frozen layer (LoRA on a quantized base)
+            return _FrozenMatmul.apply(x, self)
         if not x.is_cpu:
             return self._matmul_accelerator(x)
         x32 = x if x.dtype == torch.float32 else x.float()
@@ -182,6 +184,21 @@ class QuantizedWeight(nn.Module):
             return F.linear(x, self.dequantize(x.dtype), bias)
         w = self._cached(("dense", x.dtype), lambda: self.dequantize(x.dtype))
         return F.linear(x, w, bias)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W^T (+ bias) for a frozen quantized W, differentiable in x only. W is dequantized for the
+    forward and again for the backward and never kept: the memory of QLoRA, not of a float copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedWeight) -> torch.Tensor:
+        ctx.layer = layer
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 class QuantizedLinear(QuantizedWeight):

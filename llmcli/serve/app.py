@@ -36,8 +36,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from llmcli.chat_template import ChatTemplate, JinjaTemplate
+from llmcli.errors import UserError
 from llmcli.options import SamplingParams
-from llmcli.serve.chat import ChatTemplate
 from llmcli.serve.engine_loop import EngineLoop, Job, Prompt, SequenceSpec
 from llmcli.serve.protocol import (
     DEFAULT_CHAT_TOKENS,
@@ -75,7 +76,7 @@ class ServerState:
     vocab_size: int
     max_batch_size: int
     max_queue: int
-    template: ChatTemplate
+    template: ChatTemplate | JinjaTemplate
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     created: int = field(default_factory=lambda: int(time.time()))
@@ -256,7 +257,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _parse(request, ChatBody)
-        prompt = await _encode(state, state.template.render(chat_messages(body.messages)), "messages")
+        try:
+            text = state.template.render(chat_messages(body.messages))
+        except UserError as exc:  # the chat template refused the conversation
+            raise invalid(str(exc), "messages", "chat_template_error") from None
+        prompt = await _encode(state, text, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
         return await _serve(state, request, body, [prompt], chat=True, max_tokens=max_tokens,
                             extra_stop=state.template.stop)

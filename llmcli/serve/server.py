@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,13 @@ import torch
 from tokenizers import Tokenizer
 
 from llmcli import ui
-from llmcli.checkpoint import load_for_inference, resolve_checkpoint
+from llmcli.chat_template import load_chat_template
+from llmcli.checkpoint import end_token_ids, load_for_inference, resolve_checkpoint
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
 from llmcli.options import API_KEY_ENV, ServeOptions
 from llmcli.serve.app import ServerState, create_app
-from llmcli.serve.chat import ChatTemplate, load_chat_template
 from llmcli.serve.engine_loop import EngineLoop
 from llmcli.serve.protocol import MAX_BODY_BYTES
 from llmcli.tokenizer import eot_id
@@ -39,15 +40,17 @@ def default_model_name(run_dir: str | Path) -> str:
     return path.name
 
 
-def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: ChatTemplate | None = None, *,
-                max_body_bytes: int = MAX_BODY_BYTES) -> ServerState:
+def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
+                max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None) -> ServerState:
     """Everything a server needs for a loaded model (the engine thread starts with the app).
 
-    `template` defaults to the one `opts.chat_template` names.
+    `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>.
     """
-    engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size))
+    engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
+                                          stop_token_ids=stop_token_ids))
     name = opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
-    return ServerState(engine=engine, tokenizer=Tokenizer.from_str(tokenizer.to_str()), eot=eot_id(tokenizer),
+    eot = stop_token_ids[0] if stop_token_ids else eot_id(tokenizer)  # what an empty prompt starts from
+    return ServerState(engine=engine, tokenizer=Tokenizer.from_str(tokenizer.to_str()), eot=eot,
                        model_name=name, block_size=model.context_length,
                        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
@@ -114,15 +117,15 @@ def make_uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool =
 
 def serve_command(opts: ServeOptions) -> None:
     """Load the checkpoint, bind, serve until Ctrl-C; a bad template, RUN_DIR or address fails first."""
-    template = load_chat_template(opts.chat_template)
-    resolve_checkpoint(opts.run_dir)
+    template = load_chat_template(opts.chat_template, resolve_checkpoint(opts.run_dir))
     device = select_device(opts.device)
     configure_threads(opts.threads)
     sock = bind_socket(opts.host, opts.port)
     try:
-        _, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+        directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
         parameters = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
-        state = build_state(model, tokenizer, opts, template)
+        state = build_state(model, tokenizer, opts, template,
+                            stop_token_ids=end_token_ids(directory, tokenizer))
         _announce(opts, state, sock, parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from llmcli import ui
-from llmcli.checkpoint import link_checkpoint, load_model, resolve_checkpoint, write_checkpoint
+from llmcli.checkpoint import link_checkpoint, write_checkpoint
 from llmcli.config import Config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import atomic_replace_dir, swap_in
-from llmcli.models.registry import build_model
 from llmcli.options import TrainOptions
 from llmcli.train import state as saved
+from llmcli.train.finetune import IGNORE, ExampleWindows, carried_files, describe_trainable, starting_model
 from llmcli.train.memory import check_fits
 from llmcli.train.report import Reporter, print_summary
 from llmcli.train.run_dir import (
@@ -71,9 +71,10 @@ def evaluate(model: torch.nn.Module, windows: RandomWindows, batches: int, accel
         with accelerator.autocast():
             logits = model(x)
         logits = logits.float()
-        totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+        totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
+                                     ignore_index=IGNORE).double()
         totals[1] += (logits.argmax(-1) == y).sum()
-        totals[2] += y.numel()
+        totals[2] += (y != IGNORE).sum()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     loss = (totals[0] / totals[2]).item()
@@ -133,9 +134,9 @@ class Trainer:
 
         # 3) Model and optimizer.
         set_seed(t.seed)
-        model = build_model(self.cfg.model)
-        if plan.init_from is not None and not plan.resume:
-            model.load_state_dict(load_model(resolve_checkpoint(plan.init_from)).state_dict())
+        model = starting_model(self.cfg, plan.init_from, self.out_dir, self.resume)
+        self.files = carried_files(self.cfg, plan.init_from, self.out_dir, self.resume)
+        self.trainable_note = describe_trainable(model, self.cfg)
         self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token()
         # One fused kernel for every parameter: on the CPU 4x faster than the default per-tensor
         # loop (1.2 vs 4.8 ms per step for shakespeare-char), about 7% of a training step.
@@ -223,7 +224,7 @@ class Trainer:
             x, y = x.to(device), y.to(device)
             with accelerator.accumulate(self.model):
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -231,7 +232,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             loss = loss.detach()
             self.window_loss += loss
-            self.window_correct += (logits.detach().argmax(-1) == y).sum() / y.numel()
+            self.window_correct += (logits.detach().argmax(-1) == y).sum() / (y != IGNORE).sum().clamp(min=1)
             self.window_count += 1
             self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                               torch.tensor(self.state.step, device=device), self.first_bad_step)
@@ -295,9 +296,9 @@ class Trainer:
             atomic_replace_dir(out_dir / STATE_DIR, lambda tmp: _move_contents(state_tmp, tmp))
             shutil.rmtree(state_tmp, ignore_errors=True)
             info = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **val}
-            write_checkpoint(out_dir / "last", model, self.cfg, self.tokenizer, info)
+            write_checkpoint(out_dir / "last", model, self.cfg, self.tokenizer, info, self.files)
             if self.state.best_step == self.state.step:
-                write_checkpoint(out_dir / "best", model, self.cfg, self.tokenizer, info)
+                write_checkpoint(out_dir / "best", model, self.cfg, self.tokenizer, info, self.files)
             link_checkpoint(out_dir / "last", out_dir)
             if out_dir != self.final_dir:  # the new run is complete enough to replace the old one
                 swap_in(out_dir, self.final_dir)
@@ -328,6 +329,8 @@ class Trainer:
         self.reporter.print(f"model {ui.format_count(self.n_params)} parameters, "
                             f"{ui.format_count(self.flops_per_token)} training FLOPs/token; "
                             f"{ui.format_count(self.tokens_per_step)} tokens/step")
+        if self.trainable_note:
+            self.reporter.print(self.trainable_note)
         if self.resume:
             self.reporter.print(f"resuming {self.out_dir} at step {self.state.step}")
 
@@ -359,8 +362,10 @@ def _resolve(cfg: Config, prepared: Any) -> Config:
     return cfg
 
 
-def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows:
+def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows | ExampleWindows:
     tokens, block = prepared.tokens(split), cfg.model.block_size
+    if (examples := prepared.examples(split)) is not None:
+        return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
     if len(tokens) <= block + 1:
         raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
                         f"has {len(tokens)}")

@@ -27,6 +27,7 @@ from llmcli.data.sources import local_inputs
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_text, ensure_writable_dir, refuse_overlap
 from llmcli.options import TrainOptions
+from llmcli.train.finetune import check_lora_plan
 from llmcli.train.state import TRAINER_STATE, load_trainer_state
 
 STATE_DIR = "state"
@@ -62,6 +63,7 @@ def plan_run(opts: TrainOptions) -> RunPlan:
         cfg = init_from_config(opts.init_from, opts.config, overrides)
     else:
         cfg = load_config(opts.config, overrides)
+    check_lora_plan(cfg, opts.init_from)
     return RunPlan(cfg, opts.out.expanduser(), overwrite=opts.overwrite, init_from=opts.init_from)
 
 
@@ -121,14 +123,15 @@ def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list
     Only model.dropout may differ from the checkpoint; other model settings define its weights.
     """
     directory = resolve_checkpoint(checkpoint)
-    if read_quantization(directory) is not None:
-        raise UserError(f"{directory} is quantized; fine-tune from the full-precision checkpoint")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.startswith(("model.", "tokenizer.")) and key != "model.dropout":
             raise UserError(f"override '{item}': with --init-from the model and tokenizer come from "
                             f"{directory}; only model.dropout can change")
     cfg = load_config(config_path, overrides)
+    if read_quantization(directory) is not None and cfg.train.lora.r is None:
+        raise UserError(f"{directory} is quantized; fine-tune the full-precision checkpoint, or train a LoRA "
+                        "adapter on this one (train.lora.r=8)")
     model = dataclasses.replace(model_config_from_json(directory / MODEL_CONFIG), dropout=cfg.model.dropout)
     tokenizer = dataclasses.replace(cfg.tokenizer, path=str((directory / TOKENIZER).resolve()))
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from llmcli.options import SamplingParams
+
 
 @pytest.fixture
 def checkpoint(tmp_path, make_model, char_tokenizer, write_run) -> Path:
@@ -88,3 +90,22 @@ def test_cli_bad_inputs_are_one_line_errors(checkpoint, invoke, one_line_error, 
     for args, message in cases:
         one_line_error(invoke(*args, input=""), message, alone=True)
     one_line_error(invoke(checkpoint, input=""), "stdin is empty")
+
+
+def test_eos_from_generation_config_stops_generation(tmp_path, make_model, llama_tokenizer, write_run, cli,
+                                                     run_engine):
+    """A Llama-style tokenizer (no <|endoftext|>): generation stops at generation_config.json's
+    eos_token_id, at any of the ids of a list, and goes on past it with --ignore-eot."""
+    model = make_model(llama_tokenizer.get_vocab_size(), block_size=64)
+    run = write_run(tmp_path / "run", model, llama_tokenizer)
+    prompt = llama_tokenizer.encode("Speak", add_special_tokens=False).ids
+    (ids,), _ = run_engine(model, [prompt], [SamplingParams(max_new_tokens=24, temperature=0)], batch_size=1)
+    stop_at = next(i for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])  # a token's first appearance
+    free = json.loads(cli("generate", run, "Speak", "-n", "24", "--temperature", "0", "--json").stdout)
+    assert free["tokens"] == 24  # no end token known: only the length limit
+    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, ids[stop_at]]}))
+    stopped = json.loads(cli("generate", run, "Speak", "-n", "24", "--temperature", "0", "--json").stdout)
+    assert stopped["tokens"] == stop_at + 1
+    assert stopped["completion"] == llama_tokenizer.decode(ids[:stop_at], skip_special_tokens=False)
+    past = json.loads(cli("generate", run, "Speak", "-n", "24", "--temperature", "0", "--json", "--ignore-eot").stdout)
+    assert past["tokens"] == 24 and past["completion"] == free["completion"]

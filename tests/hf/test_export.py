@@ -169,3 +169,27 @@ def test_cli_export_and_import(tmp_path, bpe_json, make_model, save_run, state_e
     edit_config(tmp_path / "hf", architectures=["BertModel"])
     one_line_error(cli("import", tmp_path / "hf", "--out", tmp_path / "y"), "BertModel is not supported", alone=True)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_chat_template_travels_through_export_and_import(tmp_path, transformers, bpe_json, make_model, save_run):
+    """export writes the checkpoint's template (or our default layout, as Jinja); transformers'
+    apply_chat_template then gives our prompt; import keeps the template and generation_config."""
+    from llmcli.chat_template import ChatTemplate, load_chat_template
+
+    messages = [("system", "Be brief."), ("user", "Who art thou?")]
+    chat = [{"role": r, "content": c} for r, c in messages]
+    run = save_run(tmp_path / "run", make_model("llama"), bpe_json)
+    export_hf(ExportOptions(run_dir=run, out=tmp_path / "hf"))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == ChatTemplate().render(messages)
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    (run / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": EOT}))
+    export_hf(ExportOptions(run_dir=run, out=tmp_path / "hf", overwrite=True))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_chat_template(None, run).render(messages)
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == ours
+    assert ours == f"[system] Be brief.{EOT}\n[user] Who art thou?{EOT}\n"
+    import_hf(ImportOptions(source=str(tmp_path / "hf"), out=tmp_path / "again"))
+    assert load_chat_template(None, tmp_path / "again").render(messages) == ours
+    assert (tmp_path / "again" / "generation_config.json").is_file()

@@ -1,27 +1,11 @@
-"""Chat templates: the file format, and /v1/chat/completions as a completion of the rendered prompt."""
+"""/v1/chat/completions as a completion of the prompt the chat template renders; adapter runs served."""
 
 import json
 
 import pytest
+import torch
 
-from llmcli.errors import UserError
-from llmcli.serve.chat import ChatTemplate, load_chat_template
-
-
-def test_chat_template_file(tmp_path):
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps({"prefix": "<chat>\n", "message": "<{role}> {content}\n",
-                                "roles": {"system": "[{content}]\n"}, "generation_prompt": "<assistant>",
-                                "stop": ["<user>"]}))
-    template = load_chat_template(path)
-    assert template.render([("system", "x"), ("user", "a {b}")]) == "<chat>\n[x]\n<user> a {b}\n<assistant>"
-    assert template.stop == ("<user>",)
-    assert ChatTemplate().render([("user", "hi")]) == "user: hi\nassistant:"
-    for content, message in [({"message": "{name}"}, "unknown field {name}"), ({"mesage": "x"}, "unknown key"),
-                             ({"message": "{role"}, "literal braces"), ({"stop": [""]}, "non-empty")]:
-        path.write_text(json.dumps(content))
-        with pytest.raises(UserError, match=message):
-            load_chat_template(path)
+from llmcli.checkpoint import load_for_inference
 
 
 def test_chat_uses_the_template(server, client, complete):
@@ -37,3 +21,14 @@ def test_chat_uses_the_template(server, client, complete):
     alone = client.chat.completions.create(model=server.model, messages=messages[1:], max_tokens=30,
                                            temperature=0)
     assert again.choices[0].message.content == alone.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_an_adapter_run_is_served(lora_run, start_server, cli):
+    _, model, tokenizer = load_for_inference(lora_run, torch.device("cpu"), torch.float32)
+    server = start_server(model, tokenizer)
+    reply = server.client().chat.completions.create(model=server.model, max_tokens=12, temperature=0,
+                                                    messages=[{"role": "user", "content": "say fox"}])
+    alone = cli("generate", lora_run, "user: say fox\nassistant:", "-n", "12", "--temperature", "0", "--json",
+                "--stop", "\\nuser:")
+    assert reply.choices[0].message.content == json.loads(alone.stdout)["completion"]

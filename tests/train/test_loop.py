@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from llmcli.config import load_config
 from llmcli.errors import UserError
+from llmcli.train import finetune
 from llmcli.train import loop as loop_mod
 from llmcli.train.loop import train
 from llmcli.train.run_dir import RunPlan
@@ -277,5 +278,5 @@ def test_out_of_memory_is_one_line(corpus, tmp_path, cli, one_line_error, monkey
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 8000000000000 bytes.")
 
-    monkeypatch.setattr(loop_mod, "build_model", fails)
+    monkeypatch.setattr(finetune, "build_model", fails)
     one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus)), "out of memory", "can't allocate")
