@@ -210,7 +210,7 @@ def _rows(path: str, results: dict[str, Any]) -> list[dict[str, Any]]:
         samples = results.get("n-samples", {}).get(task, {}).get("effective")
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append({"checkpoint": path, "task": task, "metric": metric, "filter": filt, "value": value,
@@ -228,14 +228,16 @@ def print_task_results(rows: list[dict[str, Any]], json_lines: bool = False) -> 
             print(json.dumps(row), flush=True)
         return
     table = Table(title=None)
-    table.add_column("checkpoint", overflow="fold")
-    for name in ("task", "n-shot", "metric", "value", "± stderr", "samples"):
+    table.add_column("checkpoint", overflow="fold", min_width=12)
+    for name in ("task", "metric", "value", "± stderr"):
         table.add_column(name, justify="left" if name in ("task", "metric") else "right", no_wrap=True)
     for r in rows:
         stderr = "-" if r["stderr"] is None or not math.isfinite(r["stderr"]) else f"{r['stderr']:.4f}"
-        table.add_row(r["checkpoint"], r["task"], "-" if r["n_shot"] is None else str(r["n_shot"]), r["metric"],
-                      f"{r['value']:.4f}", stderr, "-" if r["samples"] is None else f"{r['samples']:,}")
+        table.add_row(r["checkpoint"], r["task"], r["metric"], f"{r['value']:.4f}", stderr)
     ui.stdout.print(table)
+    for task, (shots, samples) in {r["task"]: (r["n_shot"], r["samples"]) for r in rows}.items():
+        ui.stdout.print(f"{task}: {'-' if shots is None else shots}-shot, "
+                        f"{'-' if samples is None else f'{samples:,}'} samples", markup=False)
     ui.stdout.print("scored with lm-evaluation-harness", markup=False)
 
 
