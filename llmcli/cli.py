@@ -44,6 +44,9 @@ COMMANDS = (
     Command(("import",), options.ImportOptions, "llmcli.hf.importer:import_command"),
     Command(("quantize",), options.QuantizeOptions, "llmcli.quantize.command:quantize_command"),
     Command(("serve",), options.ServeOptions, "llmcli.serve.server:serve_command"),
+    Command(("attention",), options.AttentionOptions, "llmcli.insight.attention:attention_command"),
+    Command(("plot",), options.PlotOptions, "llmcli.insight.curves:plot_command"),
+    Command(("inspect",), options.InspectOptions, "llmcli.insight.inspect_run:inspect_command"),
     Command(("merge",), options.MergeOptions, "llmcli.merge:merge_command"),
     Command(("chat",), options.ChatOptions, "llmcli.generate.chat:chat_command"),
 )

@@ -143,6 +143,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no")
     compile: bool = _opt(False)
     check_memory: bool = _opt(True, help="refuse a run whose estimated memory exceeds what is available")
+    log_with: list[str] = _opt([], help="experiment trackers via Accelerate: tensorboard, wandb, mlflow, ...")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -216,3 +216,23 @@ def lora_run(trained_runs, alpaca_file, tmp_path_factory) -> Path:
 
     AcceleratorState._reset_state()
     return out
+
+
+@pytest.fixture
+def read_png():
+    """read_png(path, min_size=(w, h)): the PNG at `path` read back as an RGB array [h, w, 3],
+    after checking it is a real PNG of at least that size and not a blank image."""
+    import numpy as np
+    from PIL import Image
+
+    def read(path: Path, min_size: tuple[int, int] = (200, 150)):
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= min_size[0] and image.height >= min_size[1], image.size
+            pixels = np.asarray(image.convert("RGB"))
+        colours = np.unique(pixels.reshape(-1, 3), axis=0)
+        assert len(colours) > 20 and pixels.std() > 10, "a blank or nearly uniform image"
+        return pixels
+
+    return read

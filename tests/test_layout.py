@@ -1,10 +1,11 @@
 """The package's shape: imports flow one way (no module imports one that imports it back), model
 families know nothing of checkpoints, quantization, generation, serving or the CLI, and the CLI
-answers --help without importing torch."""
+answers --help without importing torch; the README's pictures are small committed PNGs."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,13 @@ def test_package_init_files_import_nothing():
 def test_the_cli_imports_no_torch_for_help():
     code = "import sys, llmcli.cli; sys.exit(int(any(m.split('.')[0] == 'torch' for m in sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_the_readmes_pictures_are_committed_small_pngs(read_png):
+    """Every image the README shows is a file of this repository, a real picture, under 100 KB."""
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (PACKAGE.parent / "README.md").read_text())
+    assert len(pictures) >= 3
+    for name in pictures:
+        path = PACKAGE.parent / name
+        assert path.is_file() and path.stat().st_size < 100_000, name
+        read_png(path, (400, 300))

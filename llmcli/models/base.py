@@ -7,6 +7,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
   per sequence in flight, and `forward(idx, state=state, rows=rows)` reads and advances the slots
   that `rows` names;
 * says how much it costs (`flops_per_token`) and which weights it shares (`tied_weights`);
+* where it has attention, shows it (`attention_maps`: the weights of one real forward pass, for
+  `llmcli attention`); the default refuses, naming the family;
 * names what LoRA may adapt in its own terms (`lora_targets`).
 """
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from llmcli.config import ModelConfig
+from llmcli.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,23 @@ class Rows:
         object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
         if not len(self.slots) == len(self.starts) == len(self.lengths):
             raise ValueError("rows need one slot, start and length per row")
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """One kind of attention in one forward pass (batch of 1): `weights` [layers, heads, queries,
+    keys], float32, every row a probability distribution over the keys.
+
+    `queries` and `keys` name the token sequences along each axis, in order: "text" (the tokens
+    the maps were asked for) and "generated" (tokens generated after or for them). A decoder-only
+    model's self-attention over text + generated tokens has both on both axes; an encoder-decoder's
+    cross-attention has queries ("generated",) and keys ("text",).
+    """
+
+    name: str  # e.g. "self-attention", "cross-attention"
+    weights: torch.Tensor
+    queries: tuple[str, ...] = ("text",)
+    keys: tuple[str, ...] = ("text",)
 
 
 class LanguageModel(nn.Module):
@@ -63,6 +83,13 @@ class LanguageModel(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward); a forward pass costs a third of it."""
         raise NotImplementedError
+
+    def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
+        """The attention weights of a forward pass over token ids `idx` [1, T] (and `generated`
+        [1, G], tokens the model produced after or for them), computed by the same code as
+        `forward`. Families without attention keep this refusal."""
+        raise UserError(f"model.arch={self.config.arch!r} has no attention weights to show "
+                        "(it is not an attention model)")
 
     @classmethod
     def param_count(cls, config: ModelConfig) -> int:

@@ -7,6 +7,11 @@ between the two worlds by renaming (and, for GPT-2's Conv1D layers, transposing)
 
 For generation, `KVCache` keeps keys/values in fixed "slots", one per sequence in flight, so that a
 batch's sequences can start and finish independently (continuous batching).
+
+Attention runs through SDPA's fused kernels, which keep no attention matrix. When the weights are
+asked for (`attention_maps`, for `llmcli attention`), the same forward computes each layer's
+attention step by step instead (`explicit_attention`: scores, causal mask, softmax, weighted sum),
+keeping the weights; everything around it is the same code.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, Rows
+from llmcli.models.base import AttentionMap, LanguageModel, Rows
 
 # SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -65,6 +70,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, 1, T, D] already in x's dtype."""
     return x * cos + rotate_half(x) * sin
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SDPA computes, step by step, keeping the weights: softmax(q k^T / sqrt(D), masked) v.
+
+    q [B, H, T, D], k/v [B, H, S, D] (kv heads already repeated); `mask` [B, 1, T, S] is True
+    where a query may attend, None for plain causal attention (T == S). The weights come back
+    [B, H, T, S], each row summing to 1.
+    """
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+    return F.dropout(weights, dropout_p) @ v, weights
 
 
 class KVCache:
@@ -148,7 +168,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: CacheStep | None) -> torch.Tensor:
+                cache: CacheStep | None, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """With `record`, attention runs step by step and its weights [B, H, T, S] are appended."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -162,13 +183,18 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         # SDPA's enable_gqa only reaches the flash kernel, which takes no mask; with a mask,
         # repeating the kv heads ourselves lets the memory-efficient kernel run instead.
-        native_gqa = gqa and _SDPA_HAS_GQA and mask is None
+        native_gqa = gqa and _SDPA_HAS_GQA and mask is None and record is None
         if gqa and not native_gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        extra = {"enable_gqa": True} if native_gqa else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=mask is None, **extra)
+        dropout_p = self.dropout if self.training else 0.0
+        if record is not None:
+            y, weights = explicit_attention(q, k, v, mask, dropout_p)
+            record.append(weights)
+        else:
+            extra = {"enable_gqa": True} if native_gqa else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=mask is None, **extra)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
@@ -204,8 +230,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: CacheStep | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+                cache: CacheStep | None, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, record)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -285,6 +311,23 @@ class Transformer(LanguageModel):
         lengths, and a right-padded prefill is fine: padding writes beyond a row's end, which is
         never read before that row overwrites it. Use under torch.no_grad()/inference_mode.
         """
+        return self._forward(idx, state, rows, None)
+
+    def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
+        """Self-attention weights [n_layer, n_head, T, T] of one causal forward over `idx` [1, T]
+        followed by `generated` [1, G] (T + G tokens then), as the model computes them."""
+        tokens = idx if generated is None else torch.cat([idx, generated.to(idx.device)], dim=1)
+        if tokens.shape[0] != 1:
+            raise ValueError(f"attention maps are for one sequence; got a batch of {tokens.shape[0]}")
+        record: list[torch.Tensor] = []
+        with torch.no_grad():
+            self._forward(tokens, None, None, record)
+        segments = ("text",) if generated is None else ("text", "generated")
+        weights = torch.stack([w[0].float() for w in record])
+        return [AttentionMap("self-attention", weights, segments, segments)]
+
+    def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | None,
+                 record: list[torch.Tensor] | None) -> torch.Tensor:
         B, T = idx.shape
         cache = None
         if state is not None:
@@ -306,7 +349,7 @@ class Transformer(LanguageModel):
             rope = self._rope_at(positions, x.dtype)
         x = self.embed_dropout(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, record)
         return self.lm_head(self.final_norm(x)).float()
 
     def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,10 +44,11 @@ from llmcli.train.run_dir import (
     truncate_metrics,
 )
 from llmcli.train.schedule import RandomWindows, TrainState, lr_at
+from llmcli.train.trackers import Trackers
 
 
 def train_command(opts: TrainOptions) -> None:
-    plan = plan_run(opts)
+    plan = dataclasses.replace(plan_run(opts), plot=opts.plot)
     configure_threads(opts.threads)
     trainer = Trainer(plan)
     summary = trainer.run()
@@ -90,6 +91,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         t = plan.cfg.train
+        # Insight hooks: trackers (refused before anything is written if not installed), --plot.
+        self.trackers, self.plot = Trackers(t.log_with), plan.plot
         self.final_dir = Path(plan.out_dir).expanduser()
         # A resumed run without a checkpoint (killed before its first) starts over, in place.
         self.resume = plan.resume and (self.final_dir / STATE_DIR / saved.TRAINER_STATE).is_file()
@@ -106,7 +109,8 @@ class Trainer:
         # --multi_gpu` world on CPU (gloo); without it every process silently trains alone.
         logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # tied weights warn on save
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                                       cpu=not torch.cuda.is_available())
+                                       cpu=not torch.cuda.is_available(),
+                                       **self.trackers.accelerator_kwargs(self.out_dir))
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if self.main and replacing:
@@ -162,6 +166,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         t = self.cfg.train
         self._announce()
+        self.trackers.start(self.accelerator, self.cfg, self.final_dir.name, self.state.step if self.resume else None)
         self.start_step, self.run_start, self.elapsed_before = self.state.step, time.perf_counter(), self.state.elapsed
         self._reset_window()
         self.first_bad_step = torch.full((), -1, device=self.accelerator.device, dtype=torch.long)
@@ -189,6 +194,7 @@ class Trainer:
                     self.state.elapsed = self._elapsed()
                     last_val = self._evaluate_and_save()
         finally:
+            self.trackers.finish(self.accelerator)
             if self.metrics_file is not None:
                 self.metrics_file.close()
             if self.main and self.out_dir != self.final_dir:  # failed before its first checkpoint
@@ -200,6 +206,7 @@ class Trainer:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps(entry) + "\n")
             self.metrics_file.flush()
+        self.trackers.log(self.accelerator, entry)
 
     def _elapsed(self) -> float:
         """Training seconds of the whole run, resumes included."""
@@ -278,6 +285,10 @@ class Trainer:
         self.record({"step": self.state.step, **val})
         self.reporter.eval_row(self.state.step, self.last_train_loss, val)
         self._save(val)
+        if self.plot and self.main:  # --plot: after _save, so the curves land in the final run dir
+            from llmcli.insight.curves import write_run_curves
+
+            write_run_curves(self.out_dir)
         return val
 
     def _save(self, val: dict[str, float]) -> None:

@@ -47,6 +47,7 @@ class RunPlan:
     resume: bool = False
     overwrite: bool = False
     init_from: Path | None = None  # a checkpoint whose weights the new run starts from
+    plot: bool = False  # --plot: write curves.png at every evaluation
 
 
 def plan_run(opts: TrainOptions) -> RunPlan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +262,76 @@ def test_matches_hf_llama_with_gqa(make_model):
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
     print(f"llama max |logit diff| = {diff:.3e}")
     assert diff <= 1e-4
+
+
+# --- attention weights (llmcli attention) -------------------------------------------------------
+
+
+def hand_attention(model: Transformer, layer: int, x: np.ndarray) -> np.ndarray:
+    """Layer `layer`'s attention weights [H, T, T] from its input `x` [T, d_model], in float64
+    numpy from the weights alone: norm, projections, rotary positions, scores, causal softmax."""
+    cfg, attn = model.config, model.blocks[layer].attn
+    block = model.blocks[layer]
+    w = {name: p.detach().double().numpy() for name, p in block.named_parameters()}
+    if cfg.norm == "layernorm":
+        h = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + cfg.norm_eps)
+        h = h * w["attn_norm.weight"] + w["attn_norm.bias"]
+    else:
+        h = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * w["attn_norm.weight"]
+
+    def project(name: str, heads: int) -> np.ndarray:
+        y = h @ w[f"attn.{name}.weight"].T + w.get(f"attn.{name}.bias", 0.0)
+        return y.reshape(len(x), heads, cfg.head_dim).transpose(1, 0, 2)  # [heads, T, D]
+
+    q, k = project("q_proj", attn.n_head), project("k_proj", attn.n_kv_head)
+    if cfg.pos == "rope":
+        half = cfg.head_dim // 2
+        freq = cfg.rope_theta ** (-np.arange(half) * 2 / cfg.head_dim)
+        angle = np.arange(len(x))[:, None] * np.concatenate([freq, freq])[None]
+
+        def rotate(t: np.ndarray) -> np.ndarray:
+            return t * np.cos(angle) + np.concatenate([-t[..., half:], t[..., :half]], -1) * np.sin(angle)
+
+        q, k = rotate(q), rotate(k)
+    k = np.repeat(k, attn.n_head // attn.n_kv_head, axis=0)
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(cfg.head_dim)
+    scores = np.where(np.tril(np.ones((len(x), len(x)), dtype=bool)), scores, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+def test_attention_maps_are_what_the_forward_computes(make_model, preset, extra):
+    model = make_model(preset, std=0.3, **extra)
+    idx = torch.randint(0, VOCAB, (1, 11))
+    inputs = []  # each block's input (the residual stream), captured from the model's own forward
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0].detach().double().numpy()))
+    (maps,) = model.attention_maps(idx)
+    assert maps.name == "self-attention" and maps.queries == maps.keys == ("text",)
+    assert maps.weights.shape == (2, 4, 11, 11) and maps.weights.dtype == torch.float32
+    torch.testing.assert_close(maps.weights.sum(-1), torch.ones(2, 4, 11), rtol=0, atol=1e-5)
+    assert (maps.weights.triu(1) == 0).all()  # nothing attends to a later token
+    for layer in range(2):
+        expected = hand_attention(model, layer, inputs[layer])
+        np.testing.assert_allclose(maps.weights[layer].double().numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+def test_the_explicit_attention_path_gives_the_sdpa_logits(make_model, preset, extra):
+    model = make_model(preset, std=0.3, **extra)
+    idx = torch.randint(0, VOCAB, (2, 13))
+    record: list[torch.Tensor] = []
+    with torch.no_grad():
+        explicit, fused = model._forward(idx, None, None, record), model(idx)
+    assert len(record) == 2 and record[0].shape == (2, 4, 13, 13)
+    torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-5)
+
+
+def test_attention_maps_cover_generated_tokens(make_model):
+    model = make_model("llama")
+    idx, generated = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 3))
+    (both,) = model.attention_maps(idx, generated)
+    (alone,) = model.attention_maps(torch.cat([idx, generated], 1))
+    assert both.queries == both.keys == ("text", "generated") and both.weights.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(both.weights, alone.weights, rtol=0, atol=0)
