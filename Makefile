@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_strategy.py
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks

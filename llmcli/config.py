@@ -112,6 +112,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
+class StrategyConfig:
+    """How several processes share a run (the first keys of `train`): Accelerate's DDP, FSDP or
+    DeepSpeed ZeRO, with the few settings users change; everything else comes from
+    `accelerate_config`. See llmcli/train/strategy.py."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = _opt(
+        "ddp", help="ddp: every process holds the whole model; fsdp / deepspeed shard it across processes")
+    fsdp_version: int = _opt(2, min=1, max=2, help="fsdp: 2 (per-parameter sharding; CPU and GPU) or 1 (GPU only)")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = _opt(
+        "full_shard", help="fsdp: full_shard (ZeRO-3-like: weights too) or shard_grad_op (ZeRO-2-like)")
+    zero_stage: int = _opt(2, min=1, max=3, help="deepspeed: 1 optimizer state, 2 + gradients, 3 + weights")
+    cpu_offload: bool = _opt(False, help="fsdp: weights, gradients and optimizer state in CPU memory; "
+                                         "deepspeed: optimizer state (and weights at zero_stage 3)")
+    activation_checkpointing: bool = _opt(False, help="fsdp: recompute each block's activations in the backward pass")
+    accelerate_config: Optional[str] = _opt(
+        None, help="everything else: an Accelerate config YAML (its fsdp_config / deepspeed_config) or a DeepSpeed JSON")
+
+
+@dataclass
 class LoraConfig:
     # LoRA (through peft) on a frozen base: set `r` to train an adapter instead of every weight.
     r: Optional[int] = _opt(None, min=1, help="adapter rank; null = full fine-tuning")
@@ -123,7 +142,7 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StrategyConfig):
     max_steps: Optional[int] = _opt(1000, min=1, help="optimizer steps; null = only max_minutes")
     max_minutes: Optional[float] = _opt(None, min=0.0, min_exclusive=True)
     batch_size: int = _opt(32, min=1, help="sequences per micro-batch per process")
@@ -392,3 +411,14 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("train.lora.targets", "name at least one module to adapt (e.g. [q, v])")
     if d.val_fraction + d.test_fraction >= 1.0:
         fail("data.val_fraction", "val_fraction + test_fraction must be below 1")
+    _check_strategy(t, fail)
+
+
+def _check_strategy(t: TrainConfig, fail: Any) -> None:
+    """Strategy settings that would otherwise be silently ignored."""
+    if t.cpu_offload and t.strategy == "ddp":
+        fail("train.cpu_offload", "needs train.strategy=fsdp or deepspeed (DDP keeps everything on the device)")
+    if t.activation_checkpointing and t.strategy != "fsdp":
+        fail("train.activation_checkpointing", f"is applied by FSDP; train.strategy={t.strategy} does not apply it")
+    if t.accelerate_config is not None and t.strategy == "ddp":
+        fail("train.accelerate_config", "configures FSDP or DeepSpeed; set train.strategy=fsdp or deepspeed")

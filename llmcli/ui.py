@@ -40,3 +40,11 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def format_bytes(n: float) -> str:
+    """Sizes as people read them: 512.0 KiB, 12.3 MiB, 1.25 GiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"

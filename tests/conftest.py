@@ -3,6 +3,9 @@ one-line-error check every command's tests use."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +128,23 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
 
     AcceleratorState._reset_state()
     return runs
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """torchrun(*args, processes=2): `llmcli *args` in that many CPU (gloo) processes under
+    torch.distributed.run, on a free port, one thread each; the finished process (stderr kept)."""
+
+    def launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(port), "-m", "llmcli", *map(str, args)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    return launch
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * says how much it costs (`flops_per_token`) and which weights it shares (`tied_weights`);
 * where it has attention, shows it (`attention_maps`: the weights of one real forward pass, for
   `llmcli attention`); the default refuses, naming the family;
+* names its repeated blocks for sharded training (`shard_units`);
 * names what LoRA may adapt in its own terms (`lora_targets`).
 """
 
@@ -66,6 +67,9 @@ class LanguageModel(nn.Module):
     config: ModelConfig
     # Modules holding token embedding tables (`quantize --include-embeddings` applies to these).
     token_embeddings: tuple[str, ...] = ("tok_embed",)
+    # Why this family's weights cannot be split across processes (train.strategy=fsdp, DeepSpeed
+    # ZeRO-3), or None when they can; a run asking for it is refused with this reason.
+    partition_refusal: str | None = None
 
     def forward(self, idx: torch.Tensor, *, state: Any = None, rows: Rows | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -74,6 +78,12 @@ class LanguageModel(nn.Module):
                          device: torch.device | str = "cpu") -> Any:
         """Room for `max_slots` sequences of up to `max_len` tokens (default: the context length)."""
         raise NotImplementedError
+
+    @property
+    def shard_units(self) -> tuple[type[nn.Module], ...]:
+        """The module classes FSDP wraps one by one (each gathered whole for its own forward and
+        backward, then freed again): a family's repeated blocks. Empty: the model is one unit."""
+        return ()
 
     @property
     def context_length(self) -> int | None:

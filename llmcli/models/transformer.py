@@ -268,6 +268,10 @@ class Transformer(LanguageModel):
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "tok_embed.weight"} if self.config.tie_embeddings else {}
 
+    @property
+    def shard_units(self) -> tuple[type[nn.Module], ...]:
+        return (Block,)
+
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
         untied (a tied table is one tensor for both, which an adapter on either would split)."""

@@ -31,7 +31,7 @@ from llmcli.io import atomic_replace_dir, swap_in
 from llmcli.options import TrainOptions
 from llmcli.train import state as saved
 from llmcli.train.finetune import IGNORE, ExampleWindows, carried_files, describe_trainable, starting_model
-from llmcli.train.memory import check_fits
+from llmcli.train.memory import check_fits, estimate
 from llmcli.train.report import Reporter, print_summary
 from llmcli.train.run_dir import (
     METRICS,
@@ -44,6 +44,7 @@ from llmcli.train.run_dir import (
     truncate_metrics,
 )
 from llmcli.train.schedule import RandomWindows, TrainState, lr_at
+from llmcli.train.strategy import Strategy, peak_process_bytes
 from llmcli.train.trackers import Trackers
 
 
@@ -66,11 +67,15 @@ def evaluate(model: torch.nn.Module, windows: RandomWindows, batches: int, accel
     """Loss, perplexity and next-token accuracy on a fixed set of validation windows."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
-    for index in range(accelerator.process_index, batches, accelerator.num_processes):
-        x, y = windows.eval_batch(index)
+    world = accelerator.num_processes
+    for first in range(0, batches, world):  # as many forwards on every process: FSDP and ZeRO-3 gather in each
+        index = first + accelerator.process_index
+        x, y = windows.eval_batch(min(index, batches - 1))
         x, y = x.to(accelerator.device), y.to(accelerator.device)
         with accelerator.autocast():
             logits = model(x)
+        if index >= batches:
+            continue  # a stand-in forward, not counted
         logits = logits.float()
         totals[0] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
                                      ignore_index=IGNORE).double()
@@ -87,7 +92,6 @@ class Trainer:
     """One training run (see the module docstring)."""
 
     def __init__(self, plan: RunPlan, console: Console = ui.stderr):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         t = plan.cfg.train
@@ -96,6 +100,7 @@ class Trainer:
         self.final_dir = Path(plan.out_dir).expanduser()
         # A resumed run without a checkpoint (killed before its first) starts over, in place.
         self.resume = plan.resume and (self.final_dir / STATE_DIR / saved.TRAINER_STATE).is_file()
+        self.strategy = Strategy(plan.cfg, self.final_dir / STATE_DIR if self.resume else None)  # checks first
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast and grad "
                             "scaling do not run on CPU); use bf16 on CPU")
@@ -105,12 +110,9 @@ class Trainer:
         replacing = plan.overwrite and any((self.final_dir / name).exists() for name in RUN_MARKERS)
         self.out_dir = staging_dir(self.final_dir) if replacing else self.final_dir
 
-        # 1) Accelerate. cpu=True without CUDA is what makes it see a torchrun / `accelerate launch
-        # --multi_gpu` world on CPU (gloo); without it every process silently trains alone.
+        # 1) Accelerate, with the strategy's plugin (see strategy.py).
         logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # tied weights warn on save
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                                       cpu=not torch.cuda.is_available(),
-                                       **self.trackers.accelerator_kwargs(self.out_dir))
+        self.accelerator = self.strategy.make_accelerator(**self.trackers.accelerator_kwargs(self.out_dir))
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         if self.main and replacing:
@@ -121,13 +123,14 @@ class Trainer:
         # 2) Data, and the config resolved with it (the vocabulary size comes from the tokenizer),
         # once the run is known to fit: first with a guess at the vocabulary, then with the real one.
         tokenizer = plan.cfg.tokenizer
-        check_fits(plan.cfg, self.accelerator.device, tokenizer.vocab_size if tokenizer.kind == "bpe" else 256)
+        check_fits(plan.cfg, self.accelerator.device, tokenizer.vocab_size if tokenizer.kind == "bpe" else 256,
+                   self.world)
         with self.accelerator.main_process_first():
             from llmcli.data.prepare import prepare_data
 
             prepared = prepare_data(plan.cfg, console=console if self.main else Console(quiet=True))
         self.cfg = _resolve(plan.cfg, prepared)
-        check_fits(self.cfg, self.accelerator.device)
+        check_fits(self.cfg, self.accelerator.device, world=self.world)
         self.tokenizer = prepared.tokenizer_path.read_bytes()
         self.train_windows = _windows(prepared, "train", self.cfg, t.seed)
         self.val_windows = _windows(prepared, "val", self.cfg, t.seed + 1)
@@ -147,9 +150,7 @@ class Trainer:
         fused = self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       fused=fused or None)
-        if t.compile:
-            model = torch.compile(model)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = self.strategy.prepare(model, optimizer)  # train.compile too
 
         # 4) Where we start: step 0, or exactly where the run's last checkpoint left off.
         self.state = self._restore() if self.resume else TrainState()
@@ -182,6 +183,8 @@ class Trainer:
                     is_eval = self.state.step % t.eval_interval == 0
                     is_last = t.max_steps is not None and self.state.step >= t.max_steps
                     first = self.state.step == self.start_step + 1  # the loss shows from the first step
+                    if first:
+                        self._report_memory()
                     if self.state.step % t.log_interval == 0 or is_eval or is_last or first:
                         self._log(lr)
                     else:
@@ -300,10 +303,10 @@ class Trainer:
             state_tmp.mkdir()
         accelerator.wait_for_everyone()
         saved.save_rng(state_tmp, self.rank)
+        # The strategy's weights and optimizer state; the whole model (consolidated) on the main process.
+        model = self.strategy.save(state_tmp, self.model, self.optimizer, accelerator.scaler, self.state)
         accelerator.wait_for_everyone()
         if self.main:
-            model = self._unwrapped()
-            saved.save_shared(state_tmp, model, self.optimizer, accelerator.scaler, self.state)
             atomic_replace_dir(out_dir / STATE_DIR, lambda tmp: _move_contents(state_tmp, tmp))
             shutil.rmtree(state_tmp, ignore_errors=True)
             info = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **val}
@@ -321,8 +324,7 @@ class Trainer:
         and the counters; any file that does not load stops the run, naming it."""
         directory = self.out_dir / STATE_DIR
         saved.refuse_old_format(directory)
-        saved.load_model_weights(directory, self._unwrapped())
-        saved.load_optimizer(directory, self.optimizer)
+        self.strategy.load(directory, self.model, self.optimizer)  # the weights and the optimizer
         saved.load_scaler(directory, self.accelerator.scaler)
         saved.load_rng(directory, self.rank, self.world)
         return saved.load_trainer_state(directory)
@@ -340,10 +342,23 @@ class Trainer:
         self.reporter.print(f"model {ui.format_count(self.n_params)} parameters, "
                             f"{ui.format_count(self.flops_per_token)} training FLOPs/token; "
                             f"{ui.format_count(self.tokens_per_step)} tokens/step")
+        self.reporter.print(f"strategy {self.strategy.describe()} over {self.world} process(es): "
+                            f"{estimate(self.cfg, world=self.world).describe()} (estimate)")
         if self.trainable_note:
             self.reporter.print(self.trainable_note)
         if self.resume:
             self.reporter.print(f"resuming {self.out_dir} at step {self.state.step}")
+
+    def _report_memory(self) -> None:
+        """After the first step: the most any process holds (weights, optimizer state, peak)."""
+        held = self.strategy.held(self.model, self.optimizer)
+        mine = torch.tensor([held.weights, held.optimizer, peak_process_bytes(self.accelerator.device)],
+                            dtype=torch.float64, device=self.accelerator.device)
+        weights, optimizer, peak = self.accelerator.reduce(mine, reduction="max").tolist() if self.world > 1 \
+            else mine.tolist()
+        self.reporter.print(f"memory per process after step {self.state.step} (largest of {self.world}): weights "
+                            f"{ui.format_bytes(weights)}, optimizer state {ui.format_bytes(optimizer)}, "
+                            f"peak {ui.format_bytes(peak)}")
 
     def _summary(self, final: dict[str, float] | None) -> dict[str, Any]:
         wall = time.perf_counter() - self.run_start
@@ -359,8 +374,7 @@ class Trainer:
         }
 
     def _unwrapped(self) -> torch.nn.Module:
-        model = self.accelerator.unwrap_model(self.model)
-        return getattr(model, "_orig_mod", model)
+        return self.strategy.unwrapped(self.model)
 
 
 def _resolve(cfg: Config, prepared: Any) -> Config:

@@ -2,8 +2,10 @@
 
 `state/` holds `model.safetensors` (the weights), `optimizer.safetensors` + `optimizer.json` (the
 optimizer's tensors, and its settings and scalars), `rng-<rank>.safetensors` (each process's random
-generators: torch's CPU and CUDA states, NumPy's and Python's), `scaler.json` (fp16 loss scaling)
-and `trainer_state.json` (step, tokens, best loss). Every file is checked as it is read: a missing,
+generators: torch's CPU and CUDA states, NumPy's and Python's), `scaler.json` (fp16 loss scaling),
+`trainer_state.json` (step, tokens, best loss) and `strategy.json` (how it was sharded; under
+train.strategy=fsdp / deepspeed the engine's sharded files replace the first three, see
+sharded_state.py). Every file is checked as it is read: a missing,
 damaged or mismatched one stops the resume with one line naming it, never a silent partial restore.
 """
 
@@ -49,6 +51,11 @@ def save_shared(directory: Path, model: Any, optimizer: torch.optim.Optimizer, s
     tensors, settings = _split_optimizer(optimizer.state_dict())
     atomic_write(directory / OPTIMIZER, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_json(directory / OPTIMIZER_SETTINGS, settings)
+    save_counters(directory, scaler, state)
+
+
+def save_counters(directory: Path, scaler: Any, state: TrainState) -> None:
+    """The loss scaler (fp16) and the trainer's counters: what every strategy's state holds."""
     if scaler is not None:
         atomic_write_json(directory / SCALER, {k: _plain(v) for k, v in scaler.state_dict().items()})
     atomic_write_json(directory / TRAINER_STATE, state.state_dict())

@@ -3,9 +3,6 @@ bf16 on CPU, two processes = one with double accumulation, fine-tuning."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -157,15 +154,12 @@ def test_bf16_autocast_on_cpu_trains(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path):
+def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path, torchrun):
     """torchrun with 2 CPU (gloo) processes == 1 process with grad_accum=2, within float tolerance."""
     base = tiny(corpus, "train.max_steps=6", "train.eval_interval=6")
     single = load_config(None, [*base, "train.grad_accum=2"])
     train(RunPlan(single, tmp_path / "one"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "llmcli", "train", "--out", str(tmp_path / "two"), *base]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("train", "--out", tmp_path / "two", *base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
     one = [r["train_loss"] for r in metrics(tmp_path / "one") if "train_loss" in r]

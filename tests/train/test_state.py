@@ -39,7 +39,7 @@ def resume(cli, run: Path, *extra: str):
 def test_the_state_holds_no_pickles(run):
     names = sorted(p.name for p in (run / "state").iterdir())
     assert names == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng-0.safetensors",
-                     "trainer_state.json"]
+                     "strategy.json", "trainer_state.json"]
     assert "torch" in load_file(run / "state" / "rng-0.safetensors")
 
 
