@@ -9,7 +9,7 @@ RUN     = $(VENV)/bin/llmcli
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 3
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo demo-lstm lint bench clean
 
 install: $(VENV)/.installed
 
@@ -34,13 +34,23 @@ demo: install
 	$(RUN) eval $(DEMO_DIR)/best --split test
 	$(RUN) generate $(DEMO_DIR)/best "ROMEO:" --max-new-tokens 300 --seed 1
 
-# Every table prints ratios against a baseline measured in the same run (about 14 minutes on 2 cores).
+# The same with the LSTM recipe, then its int8 quantization (`make demo-lstm DEMO_MINUTES=5`: the
+# full recipe).
+demo-lstm: install
+	$(RUN) train --config configs/shakespeare-lstm.yaml --out $(DEMO_DIR)-lstm --overwrite \
+		train.max_minutes=$(DEMO_MINUTES)
+	$(RUN) eval $(DEMO_DIR)-lstm/best --split test --percent
+	$(RUN) generate $(DEMO_DIR)-lstm/best "ROMEO:" --max-new-tokens 300 --seed 1
+	$(RUN) quantize $(DEMO_DIR)-lstm/best --method int8 --out $(DEMO_DIR)-lstm-int8 --overwrite
+
+# Every table prints ratios against a baseline measured in the same run (about 40 minutes on 2 cores).
 bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_recurrent.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_strategy.py
 

@@ -76,10 +76,11 @@ def plain_tokens_per_second(cfg, tokens, seconds: float) -> float:
     return (step - 3) * cfg.train.batch_size * cfg.model.block_size / (time.perf_counter() - start)
 
 
-def llmcli_tokens_per_second(overrides: list[str], steps: int, workdir: Path) -> tuple[float, float]:
+def llmcli_tokens_per_second(overrides: list[str], steps: int, workdir: Path,
+                             config: Path = REPO / "configs/shakespeare-char.yaml") -> tuple[float, float]:
     """Steady-state tok/s of `llmcli train` (from its metrics log) and its warm-up seconds."""
     run = workdir / f"run{len(list(workdir.iterdir()))}"
-    cfg = load_config(REPO / "configs/shakespeare-char.yaml",
+    cfg = load_config(config,
                       [*overrides, f"train.max_steps={steps}", "train.max_minutes=null",
                        "train.log_interval=10", f"train.eval_interval={steps}", "train.eval_batches=1"])
     train(RunPlan(cfg, run), console=_quiet())

@@ -71,7 +71,7 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
         return _save_adapter(model, directory)
     aliases = model.tied_weights()
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name not in aliases}
-    model_json: dict[str, Any] = dataclasses.asdict(model.config)
+    model_json: dict[str, Any] = model.config.to_dict()  # the family's own settings only
     entry = quantized.quantization_of(model)
     if entry is not None:
         model_json[QUANTIZATION_KEY] = entry

@@ -23,9 +23,10 @@ from llmcli.errors import ConfigError
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         min_exclusive: bool = False, help: str = "") -> Any:
-    """A config field with optional numeric bounds (checked at load)."""
-    meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help}
+         min_exclusive: bool = False, help: str = "", families: tuple[str, ...] | None = None) -> Any:
+    """A config field with optional numeric bounds (checked at load); a model field may apply to
+    some `families` (model.arch values) only."""
+    meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help, "families": families}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -58,32 +59,42 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["char", "bpe"] = _opt("char")
-    vocab_size: int = _opt(4096, min=1, help="bpe only: target vocabulary size")
-    min_frequency: int = _opt(2, min=1, help="bpe only: minimum pair frequency to merge")
+    kind: Literal["char", "bpe", "word"] = _opt("char")
+    vocab_size: int = _opt(4096, min=1, help="bpe: target vocabulary size; word: the most frequent words kept")
+    min_frequency: int = _opt(2, min=1, help="bpe: minimum pair frequency to merge; word: to keep a word")
     path: Optional[str] = _opt(None, help="use this tokenizer.json instead of training one")
+
+
+TRANSFORMER = ("transformer",)
+RECURRENT = ("lstm", "gru", "rnn")  # torch's nn.LSTM / nn.GRU / nn.RNN (tanh)
+ARCHES = TRANSFORMER + RECURRENT
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["transformer"] = _opt("transformer", help="the model family (llmcli/models/registry.py)")
+    arch: Literal["transformer", "lstm", "gru", "rnn"] = _opt("transformer", help="the model family "
+                                                              "(llmcli/models/registry.py)")
     # gpt2 / llama fill in the architecture fields below that the config does not set itself.
-    preset: Optional[Literal["gpt2", "llama"]] = _opt(None)
+    preset: Optional[Literal["gpt2", "llama"]] = _opt(None, families=TRANSFORMER)
     n_layer: int = _opt(4, min=1)
-    n_head: int = _opt(4, min=1)
-    n_kv_head: Optional[int] = _opt(None, min=1, help="grouped-query attention; null = n_head")
-    d_model: int = _opt(128, min=1)
-    d_ff: Optional[int] = _opt(None, min=1, help="null = 4*d_model (gelu) or 8/3*d_model (swiglu)")
+    n_head: int = _opt(4, min=1, families=TRANSFORMER)
+    n_kv_head: Optional[int] = _opt(None, min=1, help="grouped-query attention; null = n_head", families=TRANSFORMER)
+    d_model: int = _opt(128, min=1, help="the width; for a recurrent model, the embedding size")
+    d_hidden: Optional[int] = _opt(None, min=1, help="recurrent hidden size; null = d_model", families=RECURRENT)
+    d_ff: Optional[int] = _opt(None, min=1, help="null = 4*d_model (gelu) or 8/3*d_model (swiglu)",
+                               families=TRANSFORMER)
     vocab_size: Optional[int] = _opt(None, min=1, help="null = the tokenizer's vocabulary size")
-    block_size: int = _opt(256, min=1)
-    dropout: float = _opt(0.0, min=0.0, max=1.0)
+    block_size: int = _opt(256, min=1, help="transformer: the context window; recurrent: the training "
+                                            "window (truncated backpropagation through time)")
+    dropout: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: on embeddings, between layers, on outputs")
     bias: bool = _opt(True)
-    norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm")
-    norm_eps: float = _opt(1e-5, min=0.0, min_exclusive=True)
-    pos: Literal["learned", "rope"] = _opt("learned")
-    rope_theta: float = _opt(10000.0, min=0.0, min_exclusive=True)
-    act: Literal["gelu", "swiglu"] = _opt("gelu")
-    tie_embeddings: bool = _opt(True)
+    norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm", families=TRANSFORMER)
+    norm_eps: float = _opt(1e-5, min=0.0, min_exclusive=True, families=TRANSFORMER)
+    pos: Literal["learned", "rope"] = _opt("learned", families=TRANSFORMER)
+    rope_theta: float = _opt(10000.0, min=0.0, min_exclusive=True, families=TRANSFORMER)
+    act: Literal["gelu", "swiglu"] = _opt("gelu", families=TRANSFORMER)
+    tie_embeddings: bool = _opt(True, help="the LM head reuses the embedding matrix (recurrent: needs "
+                                           "d_hidden = d_model)")
 
     @property
     def kv_heads(self) -> int:
@@ -100,6 +111,22 @@ class ModelConfig:
         if self.act == "swiglu":  # keep the parameter count of a 4x gelu MLP, rounded to 64
             return 64 * math.ceil(8 * self.d_model / 3 / 64)
         return 4 * self.d_model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_hidden or self.d_model
+
+    def applies(self, key: str) -> bool:
+        """Whether the setting `key` means anything to this config's family."""
+        families = MODEL_FIELDS[key].metadata["families"]
+        return families is None or self.arch in families
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings of this family only (what model.json and config.yaml hold)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.applies(f.name)}
+
+
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -143,7 +170,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig(StrategyConfig):
-    max_steps: Optional[int] = _opt(1000, min=1, help="optimizer steps; null = only max_minutes")
+    max_steps: Optional[int] = _opt(1000, min=1, help="optimizer steps; null = max_epochs or max_minutes")
+    max_epochs: Optional[int] = _opt(None, min=1, help="passes over the training tokens, instead of max_steps")
     max_minutes: Optional[float] = _opt(None, min=0.0, min_exclusive=True)
     batch_size: int = _opt(32, min=1, help="sequences per micro-batch per process")
     grad_accum: int = _opt(1, min=1)
@@ -174,7 +202,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     def save(self, path: str | Path) -> None:
         from llmcli.io import atomic_write_text
@@ -286,10 +314,24 @@ def build_config(raw: dict[str, dict[str, Any]], origin: dict[str, str] | None =
                 where = origin.get("model.preset", "config")
                 raise ConfigError(f"model.preset: must be one of gpt2, llama, null; got {preset!r} (from {where})")
             values = {**PRESETS[preset], **values}
+        if section == "train" and values.get("max_epochs") is not None:
+            values.setdefault("max_steps", None)  # epochs replace the default step count
         sections[section] = _build_section(section, cls, values, origin)
+    _check_family_fields(sections["model"], raw.get("model", {}), origin)
     cfg = Config(**sections)
     _check_cross_fields(cfg, origin)
     return cfg
+
+
+def _check_family_fields(model: ModelConfig, given: dict[str, Any], origin: dict[str, str]) -> None:
+    """Refuse a model setting the user gave that means nothing to the chosen family (null is no
+    setting)."""
+    for key, value in given.items():
+        if value is not None and not model.applies(key):
+            *others, last = MODEL_FIELDS[key].metadata["families"]
+            families = f"{', '.join(others)} and {last}" if others else last
+            raise ConfigError(f"model.{key}: does not apply to model.arch={model.arch} (only to {families}) "
+                              f"(from {origin.get(f'model.{key}', 'config')})")
 
 
 def _section_classes() -> dict[str, type]:
@@ -393,18 +435,25 @@ def _number_from_text(text: str) -> Any:
 
 
 def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{key}: {msg} (from {origin.get(key, 'config')})")
+    def fail(key: str, msg: str, source: str | None = None) -> None:
+        raise ConfigError(f"{key}: {msg} (from {origin.get(source or key, 'config')})")
 
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.d_model % m.n_head:
+    if m.applies("n_head") and m.d_model % m.n_head:
         fail("model.n_head", f"n_head={m.n_head} must divide d_model={m.d_model}")
-    if m.n_head % m.kv_heads:
+    if m.applies("n_kv_head") and m.n_head % m.kv_heads:
         fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
-    if m.pos == "rope" and m.head_dim % 2:
+    if m.applies("pos") and m.pos == "rope" and m.head_dim % 2:
         fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
-    if t.max_steps is None and t.max_minutes is None:
-        fail("train.max_steps", "set train.max_steps or train.max_minutes (both are null)")
+    if m.applies("d_hidden") and m.tie_embeddings and m.hidden_size != m.d_model:
+        fail("model.tie_embeddings", f"a tied LM head needs d_hidden = d_model (got d_hidden={m.hidden_size}, "
+                                     f"d_model={m.d_model}); set model.tie_embeddings=false or make them equal",
+             "model.tie_embeddings" if "model.tie_embeddings" in origin else "model.d_hidden")
+    if t.max_steps is not None and t.max_epochs is not None:
+        fail("train.max_epochs", f"give train.max_epochs or train.max_steps, not both (max_steps={t.max_steps} "
+                                 f"from {origin.get('train.max_steps', 'config')}; max_steps=null counts epochs)")
+    if t.max_steps is None and t.max_epochs is None and t.max_minutes is None:
+        fail("train.max_steps", "set train.max_steps, train.max_epochs or train.max_minutes (all are null)")
     if t.min_lr > t.lr:
         fail("train.min_lr", f"min_lr={t.min_lr:g} is larger than lr={t.lr:g}")
     if t.lora.r is not None and not t.lora.targets:

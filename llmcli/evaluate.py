@@ -13,6 +13,11 @@ So every token is scored once, and each one after the first window is predicted 
 block_size - stride + 1 tokens of context. stride = block_size gives disjoint blocks (fastest,
 least context); smaller strides give more context per token at proportionally more compute.
 
+Carried state. A model without a context limit (`context_length` None: the recurrent families)
+is not windowed: the text runs through it once, in chunks of `batch_size * block_size` tokens,
+its decode state carried from each chunk to the next, so every token is predicted from the whole
+text before it, exactly as one forward over the whole text would.
+
 Bits per byte = total loss in nats / ln 2 / UTF-8 bytes of the scored text. It does not depend on
 the tokenizer, so character-level and BPE models can be compared on the same text.
 """
@@ -40,8 +45,9 @@ from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, end_token_ids, load_for_inf
 from llmcli.config import Config, load_config
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
+from llmcli.models.base import Rows
 from llmcli.options import EvalOptions
-from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars
+from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars, unknown_noun
 
 _OVERRIDE = re.compile(r"^(data|tokenizer|model|train)\.[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -88,53 +94,99 @@ class _Sequence:
         return self.tokens[start - self.offset: stop - self.offset].astype(np.int64)
 
 
+class _Sums:
+    """Running totals of scored predictions, kept on the device until the end."""
+
+    def __init__(self, device: torch.device | str):
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.correct5 = torch.zeros((), dtype=torch.long, device=device)
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, scored: torch.Tensor) -> None:
+        """logits [B, T, V] predicting y [B, T]; `scored` [B, T] marks the predictions that count."""
+        logits = logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        self.nll += losses[scored].double().sum()
+        self.correct += (logits.argmax(-1) == y)[scored].sum()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        self.correct5 += (top5 == y[..., None]).any(-1)[scored].sum()
+        self.count += int(scored.sum())
+
+    def result(self, seconds: float) -> dict[str, float]:
+        return {"nll": self.nll.item(), "correct": int(self.correct.item()), "correct_top5": int(self.correct5.item()),
+                "tokens": self.count, "seconds": seconds}
+
+
+def chunk_plan(n_tokens: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) of the consecutive chunks that feed tokens 0..n_tokens-2 to a model whose state
+    is carried from chunk to chunk (each predicts the token after each of its inputs)."""
+    return [(start, min(start + chunk, n_tokens - 1)) for start in range(0, n_tokens - 1, chunk)]
+
+
 @torch.inference_mode()
 def score_tokens(model: torch.nn.Module, tokens: np.ndarray | torch.Tensor | Sequence[int], *,
                  block_size: int | None = None, stride: int | None = None, batch_size: int = 8,
                  device: torch.device | str | None = None, first_token: int | None = None,
                  on_progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Sums over every scored token (see `window_plan`): nll (nats), correct, correct_top5, tokens.
+    """Sums over every scored token (see the module docstring): nll (nats), correct, correct_top5, tokens.
 
     `first_token` (e.g. the EOT id) is put in front of `tokens` so that tokens[0] is scored too.
-    `on_progress(windows_done, windows_total)` is called after each batch. Also returns `seconds`.
+    `on_progress(done, total)` is called after each forward (windows, or chunks for a model that
+    carries its state). Also returns `seconds`.
     """
-    block_size = min(block_size or model.context_length, model.context_length)
-    stride = stride if stride is not None else max(1, block_size // 2)
     if device is None:
         device = next(model.parameters()).device
     seq = _Sequence(tokens, first_token)
-    plan = window_plan(len(seq), block_size, stride)
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    correct5 = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
     started = time.perf_counter()
-    for first in range(0, len(plan), batch_size):
-        batch = plan[first: first + batch_size]
-        length = min(block_size, len(seq) - 1)
-        windows = torch.from_numpy(np.stack([seq.slice(s, s + length + 1) for s, _ in batch]))
-        windows = windows.to(device, non_blocking=True)
-        x, y = windows[:, :-1], windows[:, 1:]
-        logits = model(x).float()
-        skip = torch.tensor([k for _, k in batch], device=device)
-        scored = torch.arange(length, device=device)[None, :] >= skip[:, None]
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        nll += losses[scored].double().sum()
-        correct += (logits.argmax(-1) == y)[scored].sum()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct5 += (top5 == y[..., None]).any(-1)[scored].sum()
-        count += int(sum(length - k for _, k in batch))
-        if on_progress is not None:
-            on_progress(min(first + batch_size, len(plan)), len(plan))
+    if model.context_length is None:
+        sums = _score_carried(model, seq, (block_size or model.config.block_size) * batch_size, device, on_progress)
+    else:
+        sums = _score_windows(model, seq, block_size, stride, batch_size, device, on_progress)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     if was_training:
         model.train()
-    return {"nll": nll.item(), "correct": int(correct.item()), "correct_top5": int(correct5.item()),
-            "tokens": count, "seconds": seconds}
+    return sums.result(seconds)
+
+
+def _score_windows(model: torch.nn.Module, seq: _Sequence, block_size: int | None, stride: int | None,
+                   batch_size: int, device: torch.device | str, on_progress: Callable | None) -> _Sums:
+    """Sliding windows of the model's context (see `window_plan`), `batch_size` per forward."""
+    block_size = min(block_size or model.context_length, model.context_length)
+    stride = stride if stride is not None else max(1, block_size // 2)
+    plan = window_plan(len(seq), block_size, stride)
+    sums = _Sums(device)
+    length = min(block_size, len(seq) - 1)
+    for first in range(0, len(plan), batch_size):
+        batch = plan[first: first + batch_size]
+        windows = torch.from_numpy(np.stack([seq.slice(s, s + length + 1) for s, _ in batch]))
+        windows = windows.to(device, non_blocking=True)
+        skip = torch.tensor([k for _, k in batch], device=device)
+        scored = torch.arange(length, device=device)[None, :] >= skip[:, None]
+        sums.add(model(windows[:, :-1]), windows[:, 1:], scored)
+        if on_progress is not None:
+            on_progress(min(first + batch_size, len(plan)), len(plan))
+    return sums
+
+
+def _score_carried(model: torch.nn.Module, seq: _Sequence, chunk: int, device: torch.device | str,
+                   on_progress: Callable | None) -> _Sums:
+    """One pass over the text in chunks, the model's decode state carried from chunk to chunk."""
+    param = next(model.parameters())
+    state = model.new_decode_state(1, dtype=param.dtype, device=device)
+    plan = chunk_plan(len(seq), chunk)
+    sums = _Sums(device)
+    for done, (start, stop) in enumerate(plan, 1):
+        window = torch.from_numpy(seq.slice(start, stop + 1))[None].to(device, non_blocking=True)
+        logits = model(window[:, :-1], state=state, rows=Rows([0], [start], [stop - start]))
+        sums.add(logits, window[:, 1:], torch.ones_like(window[:, 1:], dtype=torch.bool))
+        if on_progress is not None:
+            on_progress(done, len(plan))
+    return sums
 
 
 def metrics_from_sums(sums: dict[str, float], n_bytes: int | None = None) -> dict[str, float | None]:
@@ -204,7 +256,8 @@ def eval_command(opts: EvalOptions) -> None:
             raise UserError("--tasks scores lm-eval tasks; data overrides and --config do not apply")
         print_task_results(evaluate_tasks(paths, opts), json_lines=opts.json_out)
         return
-    print_results([evaluate_checkpoint(path, opts, overrides) for path in paths], json_lines=opts.json_out)
+    print_results([evaluate_checkpoint(path, opts, overrides) for path in paths], json_lines=opts.json_out,
+                  percent=opts.percent)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Sequence[str] = (), *,
@@ -214,6 +267,9 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
     directory, model, tokenizer = load_for_inference(checkpoint, device,
                                                      select_dtype(opts.dtype, device, auto=torch.float32))
     block = model.context_length
+    if opts.stride is not None and block is None:
+        raise FieldError("stride", f"does not apply to {directory}: a model.arch={model.config.arch} model has no "
+                                   "context window to slide (it carries its state over the whole text)")
     if opts.stride is not None and not 1 <= opts.stride <= block:
         raise FieldError("stride", f"must be between 1 and the block size ({block}); got {opts.stride}")
     if opts.text_file is not None:
@@ -234,8 +290,13 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
     label = str(checkpoint)
     score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=opts.batch_size,
                               first_token=(end_token_ids(directory, tokenizer) or (eot_id(tokenizer),))[0])
-    windows = len(window_plan(len(tokens) + 1, block, opts.stride or max(1, block // 2)))
-    sums = _with_progress(score, label, windows, f"{len(tokens):,} tokens of {source}") if progress else score()
+    if block is None:
+        forwards = len(chunk_plan(len(tokens) + 1, model.config.block_size * opts.batch_size))
+        unit = "chunk"
+    else:
+        forwards, unit = len(window_plan(len(tokens) + 1, block, opts.stride or max(1, block // 2))), "window"
+    what = f"{len(tokens):,} tokens of {source}" + (", state carried through" if block is None else "")
+    sums = _with_progress(score, label, forwards, what, unit) if progress else score()
     step = read_info(directory).get("step")
     return EvalResult(checkpoint=label, metrics=metrics_from_sums(sums, n_bytes), source=source, bytes=n_bytes,
                       step=step if isinstance(step, int) else None)
@@ -251,34 +312,34 @@ def _text_file_tokens(path: Path, tokenizer: Any) -> tuple[np.ndarray, int, str]
     missing = unknown_chars(tokenizer, text)
     if missing:
         shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
-        ui.log(f"warning: {path} has {len(missing)} character(s) the tokenizer never saw, scored "
+        ui.log(f"warning: {path} has {unknown_noun(missing)} the tokenizer never saw, scored "
                f"as {UNK}: {shown}")
     return np.array(encode(tokenizer, text), dtype=np.int64), len(text.encode("utf-8")), str(path)
 
 
-def _with_progress(score: Callable, label: str, total_windows: int, what: str) -> dict[str, float]:
-    """Run `score(on_progress=...)` with a live bar on a terminal, else a log line every 30 s at most."""
+def _with_progress(score: Callable, label: str, total: int, what: str, unit: str) -> dict[str, float]:
+    """Run `score(on_progress=...)` with a live bar on a terminal, else a log line every 30 s at most;
+    `total` forwards, each one `unit` (window or chunk)."""
     if ui.interactive(ui.stderr):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("[bold]eval[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("windows"), TimeRemainingColumn(), console=ui.stderr, transient=True) as bar:
-            task = bar.add_task(label, total=total_windows)
+                      TextColumn(f"{unit}s"), TimeRemainingColumn(), console=ui.stderr, transient=True) as bar:
+            task = bar.add_task(label, total=total)
             return score(on_progress=lambda done, total: bar.update(task, completed=done))
-    windows = f"{total_windows:,} window{'' if total_windows == 1 else 's'}"
-    ui.log(f"eval {label}: {what}, {windows}")
+    ui.log(f"eval {label}: {what}, {total:,} {unit}{'' if total == 1 else 's'}")
     last_log = [time.perf_counter()]
 
     def report(done: int, total: int) -> None:
         if done < total and time.perf_counter() - last_log[0] >= 30:
             last_log[0] = time.perf_counter()
-            ui.log(f"eval {label}: {done:,}/{total:,} windows ({100 * done / total:.0f}%)")
+            ui.log(f"eval {label}: {done:,}/{total:,} {unit}s ({100 * done / total:.0f}%)")
 
     return score(on_progress=report)
 
 
-def print_results(results: Sequence[EvalResult], json_lines: bool = False) -> None:
-    """One JSON object per line, or one comparison table, on stdout."""
+def print_results(results: Sequence[EvalResult], json_lines: bool = False, percent: bool = False) -> None:
+    """One JSON object per line, or one comparison table (accuracies as percentages with `percent`)."""
     if json_lines:
         for result in results:
             print(json.dumps(result.to_json()), flush=True)
@@ -294,8 +355,9 @@ def print_results(results: Sequence[EvalResult], json_lines: bool = False) -> No
         bpb = "-" if m["bits_per_byte"] is None else f"{m['bits_per_byte']:.4f}"
         if len(results) > 1 and best is not None and m["bits_per_byte"] == best:
             bpb = f"[bold green]{bpb}[/]"
+        acc, top5 = (f"{100 * m[k]:.2f}%" if percent else f"{m[k]:.4f}" for k in ("accuracy", "top5_accuracy"))
         table.add_row(r.checkpoint, "-" if r.step is None else str(r.step), f"{m['loss']:.4f}",
-                      f"{m['perplexity']:.2f}", f"{m['accuracy']:.4f}", f"{m['top5_accuracy']:.4f}", bpb,
+                      f"{m['perplexity']:.2f}", acc, top5, bpb,
                       f"{m['tokens']:,}", ui.format_count(m["tokens_per_second"]))
     sources = sorted({r.source for r in results})
     console = ui.stdout

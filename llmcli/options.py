@@ -256,11 +256,15 @@ class EvalOptions(Options):
     config.yaml, tokenized with its own tokenizer; prepared arrays are cached). Every token is
     scored exactly once, including each document's first (predicted after <|endoftext|>). Bits per
     byte = total loss / ln 2 / UTF-8 bytes of the text, comparable across tokenizers. Several
-    checkpoints give one comparison table.
+    checkpoints give one comparison table. A transformer reads the text through a sliding window
+    of its context; a recurrent model (lstm, gru, rnn) reads it once, carrying its hidden state,
+    so every token is predicted from all the text before it.
 
     Examples:
 
       llmcli eval runs/char
+
+      llmcli eval runs/lstm/best --split test --percent
 
       llmcli eval runs/char runs/bpe --split test data.test_fraction=0.1
 
@@ -285,9 +289,13 @@ class EvalOptions(Options):
                                    help="How far the window of block_size tokens advances; each window scores "
                                         "only the tokens the previous one did not, so every token is scored "
                                         "once with at least block_size-stride+1 tokens of context (after the "
-                                        "first window). Default: block_size/2; block_size = disjoint blocks.")
-    batch_size: int = option(8, "--batch-size", "-b", help="Windows per forward pass.", check=AT_LEAST_ONE)
+                                        "first window). Default: block_size/2; block_size = disjoint blocks. "
+                                        "Transformers only.")
+    batch_size: int = option(8, "--batch-size", "-b", help="Windows per forward pass (a recurrent model: "
+                                                           "batch-size x block_size tokens per forward).",
+                             check=AT_LEAST_ONE)
     json_out: bool = option(False, "--json", help="One JSON object per checkpoint, one per line.")
+    percent: bool = option(False, "--percent", help="Show accuracies as percentages (54.03% rather than 0.5403).")
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("float32", "--dtype", help="float32, bfloat16 or float16 weights.")
     threads: Optional[int] = _threads_option()

@@ -1,6 +1,6 @@
 """Tokenizers built with the Hugging Face `tokenizers` library and saved as `tokenizer.json`.
 
-Two kinds are trained from the training split (see `TokenizerConfig.kind`):
+Three kinds are trained from the training split (see `TokenizerConfig.kind`):
 
 * `char`: one token per distinct character (Unicode code point) seen in training. Ids are
   `<|endoftext|>` = 0, `<unk>` = 1, then the characters in sorted order, so the same text always
@@ -8,11 +8,18 @@ Two kinds are trained from the training split (see `TokenizerConfig.kind`):
   round-trips exactly, whitespace and newlines included.
 * `bpe`: byte-level BPE (GPT-2 style). Its base alphabet is all 256 bytes, so every UTF-8 string
   round-trips exactly and nothing is ever unknown. `<|endoftext|>` has id 0.
+* `word`: the classic word-level vocabulary (a `WordLevel` model): text is split into words (runs
+  of letters, digits and underscores), single punctuation characters and newlines; spaces and tabs
+  are dropped. The `vocab_size` most frequent words (at least `min_frequency` times) are kept after
+  `<|endoftext|>` = 0 and `<unk>` = 1; every other word encodes as `<unk>`. Decoding joins words
+  with a space, none before punctuation and none around newlines, so text round-trips up to its
+  spacing.
 
-Characters a char tokenizer never saw: encoding maps each of them to `<unk>` (id 1), which decodes
-to the literal text "<unk>", so such text does not round-trip. `unknown_chars(tok, text)` lists
-them; `llmcli data prepare` warns when a val/test split contains any, and `llmcli generate`
-refuses prompts that contain any, naming them. For byte-level BPE the list is always empty.
+Characters a char tokenizer never saw (words, for a word tokenizer): encoding maps each of them to
+`<unk>` (id 1), which decodes to the literal text "<unk>", so such text does not round-trip.
+`unknown_chars(tok, text)` lists them; `llmcli data prepare` warns when a split contains any, and
+`llmcli generate` refuses prompts that contain any, naming them. For byte-level BPE the list is
+always empty.
 
 `<|endoftext|>` is a special token: the literal string in a text encodes to the EOT id.
 The files load unchanged with `tokenizers.Tokenizer.from_file` and with
@@ -21,6 +28,7 @@ The files load unchanged with `tokenizers.Tokenizer.from_file` and with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,8 +43,12 @@ UNK = "<unk>"
 
 __all__ = [
     "EOT", "UNK", "train_tokenizer", "unknown_chars", "save_tokenizer", "load_tokenizer",
-    "eot_id", "encode", "decode", "min_bpe_vocab_size", "check_config",
+    "eot_id", "encode", "decode", "min_bpe_vocab_size", "check_config", "unknown_noun", "distinct_pieces",
+    "unknown_pieces",
 ]
+
+# A word tokenizer's pieces: words, single punctuation characters and newlines (other space goes).
+WORD_PIECES = r"\n|\w+|[^\w\s]"
 
 
 def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
@@ -46,7 +58,9 @@ def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
         return _train_char(texts)
     if cfg.kind == "bpe":
         return _train_bpe(cfg, texts)
-    raise UserError(f"tokenizer.kind: unknown kind {cfg.kind!r} (expected char or bpe)")
+    if cfg.kind == "word":
+        return _train_word(cfg, texts)
+    raise UserError(f"tokenizer.kind: unknown kind {cfg.kind!r} (expected char, bpe or word)")
 
 
 def _train_char(texts: Iterable[str]) -> Tokenizer:
@@ -92,23 +106,64 @@ def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
+def _train_word(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECES), behavior="removed", invert=True)
+    tok.decoder = decoders.Sequence([
+        decoders.WordPiece(prefix="##", cleanup=True),  # a space before each word, none before . , ! ?
+        decoders.Fuse(),
+        decoders.Replace(Regex(r" ?\n ?"), "\n"),
+        decoders.Replace(" :", ":"),
+        decoders.Replace(" ;", ";"),
+    ])
+    trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size + 2, min_frequency=cfg.min_frequency,
+                                        special_tokens=[EOT, UNK], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return tok
+
+
 def unknown_chars(tok: Tokenizer, text: str) -> list[str]:
-    """The distinct characters of `text` that `tok` encodes as its unknown token, sorted.
+    """The distinct pieces of `text` (characters; words for a word tokenizer) that `tok` encodes as
+    its unknown token, sorted.
 
     Empty for tokenizers without an unknown token (byte-level BPE can encode anything).
     """
+    return unknown_pieces(tok, distinct_pieces(tok, [text]))
+
+
+def distinct_pieces(tok: Tokenizer, texts: Iterable[str]) -> set[str]:
+    """The distinct pieces `tok`'s pre-tokenizer cuts `texts` into (characters, for a char tokenizer)."""
+    seen: set[str] = set()
+    if tok.pre_tokenizer is None or _splits_characters(tok):
+        for text in texts:
+            seen.update(text)
+    else:
+        for text in texts:
+            seen.update(piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text))
+    return seen
+
+
+def unknown_pieces(tok: Tokenizer, pieces: Iterable[str]) -> list[str]:
+    """Those of `pieces` that `tok` encodes as its unknown token, sorted."""
     unk = getattr(tok.model, "unk_token", None)
     unk_id = tok.token_to_id(unk) if unk else None
     if unk_id is None:
         return []
     vocab = tok.get_vocab()
-    out = []
-    for ch in sorted(set(text)):
-        if ch in vocab:
-            continue
-        if unk_id in tok.encode(ch, add_special_tokens=False).ids:
-            out.append(ch)
-    return out
+    return [piece for piece in sorted(pieces)
+            if piece not in vocab and unk_id in tok.encode(piece, add_special_tokens=False).ids]
+
+
+def _splits_characters(tok: Tokenizer) -> bool:
+    pre = json.loads(tok.to_str()).get("pre_tokenizer") or {}
+    return pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}
+
+
+def unknown_noun(pieces: list[str]) -> str:
+    """What `unknown_chars` found, in words: "3 character(s)" or "3 word(s)"."""
+    kind = "character" if all(len(p) == 1 for p in pieces) else "word"
+    return f"{len(pieces)} {kind}(s)"
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from llmcli.checkpoint import write_checkpoint
 from llmcli.config import PRESETS, Config, ModelConfig, TokenizerConfig, load_config
+from llmcli.models.recurrent import Recurrent
 from llmcli.models.transformer import Transformer
 from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
@@ -71,13 +72,35 @@ def tiny_model() -> Callable[..., Transformer]:
         fields.update(n_layer=2, n_head=4, d_model=32, block_size=96, vocab_size=vocab)
         fields.update(overrides)
         torch.manual_seed(seed)
-        model = Transformer(ModelConfig(**fields)).eval()
-        if std is not None:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.dim() >= 2:
-                        p.normal_(0.0, std)
-        return model
+        return _redrawn(Transformer(ModelConfig(**fields)).eval(), std)
+
+    return make
+
+
+def _redrawn(model, std: float | None):
+    """The model with every matrix redrawn with spread `std` (unchanged when None)."""
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, std)
+    return model
+
+
+RECURRENT_ARCHES = ("lstm", "gru", "rnn")
+
+
+@pytest.fixture
+def tiny_recurrent() -> Callable[..., Recurrent]:
+    """tiny_recurrent(arch, vocab, seed=, std=, **config): a 2-layer, 32-wide random recurrent
+    model in eval mode (`std` redraws every matrix with that spread, as for tiny_model)."""
+
+    def make(arch: str = "lstm", vocab: int = 50, *, seed: int = 0, std: float | None = None,
+             **overrides) -> Recurrent:
+        fields = dict(arch=arch, n_layer=2, d_model=32, block_size=32, vocab_size=vocab)
+        fields.update(overrides)
+        torch.manual_seed(seed)
+        return _redrawn(Recurrent(ModelConfig(**fields)).eval(), std)
 
     return make
 
@@ -106,8 +129,8 @@ def write_run() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory) -> dict[str, Path]:
-    """Two briefly trained tiny runs on a small corpus: GPT-2 style (tied, biases) and Llama style
-    (untied, SwiGLU)."""
+    """Briefly trained tiny runs on a small corpus, by name: "gpt2" (tied, biases), "llama" (untied,
+    SwiGLU), and "lstm", "gru", "rnn" (2 x 32, tied)."""
     from llmcli.train.loop import train
     from llmcli.train.run_dir import RunPlan
 
@@ -115,15 +138,15 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"LINE {i}: the quick brown fox jumps over the lazy dog, and so on {i % 7}.\n"
                               for i in range(600)))
+    common = [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}", "model.n_layer=2", "model.d_model=32",
+              "model.block_size=32", "train.batch_size=8", "train.max_steps=60", "train.warmup_steps=5",
+              "train.eval_interval=60", "train.eval_batches=2", "train.log_interval=60"]
+    families = {preset: [f"model.preset={preset}", "model.n_head=2", "train.lr=3e-3"] for preset in ("gpt2", "llama")}
+    families.update({arch: [f"model.arch={arch}", "train.lr=1e-2"] for arch in RECURRENT_ARCHES})
     runs = {}
-    for preset in ("gpt2", "llama"):
-        cfg = load_config(None, [f"data.source={corpus}", f"data.cache_dir={root / 'cache'}",
-                                 f"model.preset={preset}", "model.n_layer=2", "model.n_head=2",
-                                 "model.d_model=32", "model.block_size=32", "train.batch_size=8",
-                                 "train.max_steps=60", "train.warmup_steps=5", "train.lr=3e-3",
-                                 "train.eval_interval=60", "train.eval_batches=2", "train.log_interval=60"])
-        train(RunPlan(cfg, root / preset))
-        runs[preset] = root / preset
+    for name, extra in families.items():
+        train(RunPlan(load_config(None, [*common, *extra]), root / name))
+        runs[name] = root / name
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()

@@ -32,6 +32,26 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_model, preset):
     assert (half.lm_head.weight is half.tok_embed.weight) == model.config.tie_embeddings
 
 
+@pytest.mark.parametrize("arch,extra", [("lstm", {}), ("gru", {"d_hidden": 48, "tie_embeddings": False}),
+                                        ("rnn", {"dropout": 0.1})])
+def test_recurrent_round_trip_is_bit_exact_and_saves_only_its_settings(tmp_path, tiny_recurrent, arch, extra):
+    from safetensors.torch import load_file
+
+    model = tiny_recurrent(arch, VOCAB, seed=4, **extra)
+    save_model(model, tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert saved == model.config.to_dict() and "n_head" not in saved and "norm" not in saved
+    assert ("lm_head.weight" in load_file(tmp_path / "ckpt" / "model.safetensors")) == (not model.config.tie_embeddings)
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+    assert (loaded.lm_head.weight is loaded.tok_embed.weight) == model.config.tie_embeddings
+    idx = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+    assert load_model(tmp_path / "ckpt", dtype=torch.bfloat16).rnn.weight_hh_l0.dtype == torch.bfloat16
+
+
 def test_a_tied_weight_is_stored_once(tmp_path, tiny_model):
     from safetensors.torch import load_file
 

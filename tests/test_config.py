@@ -60,7 +60,7 @@ def test_preset_fills_unset_fields_only():
         (["model.bias=1"], "model.bias: must be true or false"),
         (["model.n_head=3"], "n_head=3 must divide d_model=128"),
         (["model.n_head=4", "model.n_kv_head=3"], "n_kv_head=3 must divide n_head=4"),
-        (["train.max_steps=null"], "set train.max_steps or train.max_minutes"),
+        (["train.max_steps=null"], "set train.max_steps, train.max_epochs or train.max_minutes"),
         (["train.min_lr=1", "train.lr=0.1"], "min_lr=1 is larger than lr=0.1"),
         (["model.preset=gpt3"], "model.preset: must be one of gpt2, llama"),
         (["n_layer=2"], "key must be section.key"),
@@ -104,6 +104,48 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg.save(tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg
     assert yaml.safe_load((tmp_path / "out.yaml").read_text())["model"]["n_kv_head"] == 2
+
+
+# --- model families --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.arch=lstm", "model.n_head=4"],
+     "model.n_head: does not apply to model.arch=lstm (only to transformer) (from override 'model.n_head=4')"),
+    (["model.arch=gru", "model.preset=llama"], "model.preset: does not apply to model.arch=gru"),
+    (["model.arch=rnn", "model.pos=rope"], "model.pos: does not apply to model.arch=rnn"),
+    (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru and rnn)"),
+    (["model.arch=lstm", "model.d_hidden=64"],
+     "model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden=64, d_model=128); "
+     "set model.tie_embeddings=false or make them equal (from override 'model.d_hidden=64')"),
+    (["model.arch=mamba"], "model.arch: must be one of transformer, lstm, gru, rnn"),
+])
+def test_settings_of_another_family_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_recurrent_config_keeps_only_its_own_settings(tmp_path):
+    cfg = load_config(None, ["model.arch=lstm", "model.d_model=650", "model.d_hidden=650", "model.n_layer=2"])
+    assert cfg.model.hidden_size == 650  # 650 % n_head is not checked: heads mean nothing to an LSTM
+    saved = cfg.model.to_dict()
+    assert set(saved) == {"arch", "n_layer", "d_model", "d_hidden", "vocab_size", "block_size", "dropout", "bias",
+                          "tie_embeddings"}
+    cfg.save(tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"] == saved
+    assert load_config(tmp_path / "c.yaml") == cfg
+    untied = load_config(None, ["model.arch=gru", "model.d_hidden=96", "model.tie_embeddings=false"])
+    assert untied.model.hidden_size == 96
+    assert "d_hidden" not in load_config().model.to_dict()  # nor does a transformer save recurrent ones
+
+
+def test_epochs_replace_the_default_step_count():
+    cfg = load_config(None, ["train.max_epochs=3"])
+    assert cfg.train.max_epochs == 3 and cfg.train.max_steps is None
+    with pytest.raises(ConfigError, match="give train.max_epochs or train.max_steps, not both"):
+        load_config(None, ["train.max_epochs=3", "train.max_steps=100"])
+    assert load_config(None, ["train.max_epochs=3", "train.max_steps=null"]).train.max_steps is None
 
 
 @pytest.mark.parametrize("word", ["no", "off", "yes", "on"])

@@ -175,3 +175,44 @@ def test_cli_eval_errors_are_one_line(make_checkpoint, cli, one_line_error, args
 def test_cli_eval_checkpoint_without_weights(tmp_path, cli, one_line_error):
     (tmp_path / "empty").mkdir()
     one_line_error(cli("eval", tmp_path / "empty"), "no model.safetensors")
+
+
+# --- models that carry their state (recurrent) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_carried_state_scores_like_one_forward_over_the_whole_text(tiny_recurrent, arch, batch_size):
+    """Chunks of block_size * batch_size tokens, the state carried across: the sums of one forward
+    over all 300 tokens (each predicted from its whole history, not a window)."""
+    model = tiny_recurrent(arch, 20, std=0.4, block_size=16)
+    tokens = torch.randint(0, 20, (300,), generator=torch.Generator().manual_seed(0))
+    got = score_tokens(model, tokens.numpy().astype(np.uint16), batch_size=batch_size, first_token=19)
+    seq = torch.cat([torch.tensor([19]), tokens])
+    with torch.no_grad():
+        logits = model(seq[None, :-1])[0]
+    targets = seq[1:]
+    assert got["tokens"] == 300
+    assert got["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                                       rel=1e-5)
+    assert got["correct"] == int((logits.argmax(-1) == targets).sum())
+    assert got["correct_top5"] == int((logits.topk(5).indices == targets[:, None]).any(-1).sum())
+
+
+@pytest.fixture
+def recurrent_checkpoint(tmp_path, corpus, tiny_recurrent, write_run):
+    tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
+    cfg = load_config(None, [f"data.source={corpus}", "data.val_fraction=0.2"])
+    return write_run(tmp_path / "lstm", tiny_recurrent("lstm", tok.get_vocab_size(), std=0.3), tok, cfg, {"step": 5})
+
+
+def test_cli_eval_of_a_recurrent_model_and_percentages(recurrent_checkpoint, make_checkpoint, cli, one_line_error):
+    result = cli("eval", recurrent_checkpoint, make_checkpoint("gpt"), "--percent")
+    assert result.exit_code == 0, result.output
+    assert "state carried through" in result.stderr and "chunk" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if "lstm" in line or "gpt" in line]
+    assert len(rows) == 2 and all(line.count("%") == 2 for line in rows)
+    json_row = json.loads(cli("eval", recurrent_checkpoint, "--json").stdout)
+    assert 0 <= json_row["accuracy"] <= 1  # JSON keeps fractions
+    one_line_error(cli("eval", recurrent_checkpoint, "--stride", "4"),
+                   "--stride does not apply to", "model.arch=lstm model has no context window", alone=True)

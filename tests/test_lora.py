@@ -98,6 +98,21 @@ def test_unsupported_layer_type_is_named(tiny_model):
         lora.add_adapter(model, LoraConfig(r=2, targets=["q", "rnn"]))
 
 
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+def test_a_recurrent_family_adapts_its_linear_layers_and_names_the_recurrent_one(tiny_recurrent, arch):
+    untied = dict(d_hidden=48, tie_embeddings=False)
+    assert set(tiny_recurrent(arch).lora_targets()) == {arch}  # tied: no embed/head
+    assert tiny_recurrent(arch, **untied).lora_targets() == {arch: ["rnn"], "embed": ["tok_embed"], "head": ["lm_head"]}
+    model = lora.add_adapter(tiny_recurrent(arch, **untied).train(), LoraConfig(r=4, targets=["embed", "head"]))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    one_step(model, torch.randint(0, 50, (4, 17)))
+    changed = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
+    assert changed and all(".lora_" in name for name in changed)
+    layer = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[arch]
+    with pytest.raises(UserError, match=rf"'{arch}' is a {layer} layer \(rnn\), which peft's LoRA cannot adapt"):
+        lora.add_adapter(tiny_recurrent(arch, **untied), LoraConfig(r=2, targets=["head", arch]))
+
+
 @pytest.mark.slow
 def test_adapter_run_on_disk(lora_run, trained_runs):
     """The run saves the adapter alone (small), peft's config and a pointer to the base; loading it
@@ -130,6 +145,12 @@ def test_cli_refusals(cli, one_line_error, trained_runs, alpaca_file, tmp_path):
     one_line_error(train("train.lora.r=4", "train.lora.targets=[]"), "train.lora.targets: name at least one")
     one_line_error(cli("train", "-c", Path(__file__).parent.parent / "configs/tiny.yaml", "--out", tmp_path / "x", "train.lora.r=4"),
                    "train.lora needs --init-from RUN")
+    lstm = tmp_path / "lstm"
+    for targets, message in [("[lstm]", "'lstm' is a LSTM layer (rnn), which peft's LoRA cannot adapt"),
+                             ("[q,v]", "unknown target 'q' for this lstm (valid: lstm)")]:
+        one_line_error(cli("train", "--init-from", trained_runs["lstm"], "--out", lstm, f"data.source={alpaca_file}",
+                           "data.format=alpaca", "train.lora.r=4", f"train.lora.targets={targets}"), message)
+        assert not lstm.exists()
 
 
 @pytest.mark.slow

@@ -43,6 +43,10 @@ def bpe_tok(vocab_size=300, min_frequency=1):
                            TRAIN * 20)
 
 
+def word_tok(vocab_size=12, min_frequency=1):
+    return train_tokenizer(TokenizerConfig(kind="word", vocab_size=vocab_size, min_frequency=min_frequency), TRAIN * 3)
+
+
 def random_unicode(rng: random.Random, n: int) -> str:
     out = []
     for _ in range(n):
@@ -120,6 +124,29 @@ def test_bpe_vocab_too_small():
     assert bpe_tok(vocab_size=257).get_vocab_size() == 257
 
 
+def test_word_vocabulary_is_the_most_frequent_words_after_specials():
+    tok = word_tok(vocab_size=6)
+    assert tok.token_to_id(EOT) == 0 and tok.token_to_id(UNK) == 1 and tok.get_vocab_size() == 6 + 2
+    # The most frequent pieces of TRAIN: "\n", ",", ".", ":" and "speak", then words seen once, ties
+    # in byte order: "All" first.
+    assert set(tok.get_vocab()) == {EOT, UNK, "\n", ",", ".", ":", "speak", "All"}
+    assert word_tok(vocab_size=6).get_vocab() == tok.get_vocab()  # deterministic
+    # TRAIN * 3: the once-seen words occur 3 times
+    assert set(word_tok(vocab_size=100, min_frequency=4).get_vocab()) == {EOT, UNK, "\n", ",", ".", ":", "speak"}
+
+
+def test_word_pieces_and_decoding_up_to_spacing():
+    tok = word_tok(vocab_size=100)
+    text = "All:\r\n\tSpeak, speak.  Leading spaces\n\nFirst Citizen:"
+    pieces = [tok.id_to_token(i) for i in encode(tok, text)]
+    assert pieces == ["All", ":", "\n", "Speak", ",", "speak", ".", "Leading", "spaces", "\n", "\n", "First",
+                      "Citizen", ":"]  # "\r" and "\t" are spaces: dropped
+    assert decode(tok, encode(tok, text)) == "All:\nSpeak, speak. Leading spaces\n\nFirst Citizen:"
+    ids = encode(tok, f"speak{EOT}hear Zounds")
+    assert ids.count(0) == 1 and decode(tok, ids) == f"speak {EOT} hear {UNK}"
+    assert unknown_chars(tok, "Speak, Zounds! hear me, Zounds") == ["!", "Zounds"]
+
+
 def test_save_and_load(tmp_path):
     for tok in (char_tok(), bpe_tok()):
         path = tmp_path / "sub" / "tokenizer.json"
@@ -161,3 +188,14 @@ def test_transformers_fast_tokenizer_agrees(tmp_path, kind):
         assert hf.encode(text, add_special_tokens=False) == ids
         assert hf.decode(ids, clean_up_tokenization_spaces=False) == decode(tok, ids) == text
     assert len(hf) == tok.get_vocab_size()
+
+
+def test_transformers_fast_tokenizer_agrees_on_words(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = word_tok(vocab_size=100)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in TRAIN + [f"speak{EOT}First Zounds"]:
+        ids = encode(tok, text)
+        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.decode(ids, clean_up_tokenization_spaces=False) == decode(tok, ids)

@@ -53,11 +53,13 @@ from llmcli.tokenizer import (
     EOT,
     UNK,
     check_config,
+    distinct_pieces,
     eot_id,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
-    unknown_chars,
+    unknown_noun,
+    unknown_pieces,
 )
 
 if TYPE_CHECKING:
@@ -143,7 +145,7 @@ def cache_key(cfg: Config) -> dict[str, Any]:
         tokenizer: dict[str, Any] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     else:
         tokenizer = {"kind": t.kind}
-        if t.kind == "bpe":
+        if t.kind in ("bpe", "word"):  # trained tokenizers with a size (char keeps every character)
             tokenizer.update(vocab_size=t.vocab_size, min_frequency=t.min_frequency,
                              library=importlib.metadata.version("tokenizers"))
     key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer}
@@ -231,7 +233,10 @@ def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = 
                    f"Training {cfg.tokenizer.kind} tokenizer..."):
             tok = _tokenizer_for(cfg, corpus, console)
         eot = eot_id(tok)
-        _warn_unknown_chars(corpus, tok, console, trained_here=not cfg.tokenizer.path)
+        # A char tokenizer knows every character it was trained on; a word tokenizer keeps only the
+        # most frequent words.
+        knows_train = not cfg.tokenizer.path and cfg.tokenizer.kind == "char"
+        _warn_unknown_chars(corpus, tok, console, knows_train=knows_train)
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may have holes
         dtype = np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
         meta: dict[str, Any] = {}
@@ -278,20 +283,18 @@ def _iter_texts(ds: datasets.Dataset, batch: int = 1000):
 
 
 def _warn_unknown_chars(corpus: datasets.DatasetDict, tok: Tokenizer, console: Console,
-                        trained_here: bool) -> None:
+                        knows_train: bool) -> None:
+    """Name the pieces of each split that encode as <unk> (`knows_train`: the training split has none)."""
     if not getattr(tok.model, "unk_token", None):
         return  # nothing is unknown to it (byte-level BPE)
     for split in corpus:
-        if split == "train" and trained_here:
-            continue  # a tokenizer knows every character it was trained on
-        seen: set[str] = set()
-        for text in _iter_texts(corpus[split]):
-            seen.update(text)
-        missing = unknown_chars(tok, "".join(seen))
+        if split == "train" and knows_train:
+            continue
+        missing = unknown_pieces(tok, distinct_pieces(tok, _iter_texts(corpus[split])))
         if missing:
             shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
             unk = getattr(tok.model, "unk_token", None) or UNK
-            _warn(console, f"{split}: {len(missing)} character(s) not in the tokenizer's vocabulary "
+            _warn(console, f"{split}: {unknown_noun(missing)} not in the tokenizer's vocabulary "
                            f"are encoded as {unk}: {shown}")
 
 

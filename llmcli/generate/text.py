@@ -16,7 +16,7 @@ from llmcli.errors import UserError
 from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Engine, Request
 from llmcli.models.base import LanguageModel
 from llmcli.options import SamplingParams
-from llmcli.tokenizer import encode, eot_id, unknown_chars
+from llmcli.tokenizer import encode, eot_id, unknown_chars, unknown_noun
 
 
 class IncrementalDecoder:
@@ -24,13 +24,17 @@ class IncrementalDecoder:
 
     Decodes a short window of recent ids and emits what it adds to the previous window's text,
     unless that ends in U+FFFD (an incomplete UTF-8 sequence from byte-level BPE): then it waits.
+    `context` (the prompt's last token) starts the window, so that a tokenizer which puts spaces
+    between tokens when decoding (word-level) also puts one between the prompt and the first word.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in context]
+        if self.ids and self._decode(self.ids).endswith("\ufffd"):
+            self.ids = []  # the prompt ends inside a character: start clean
         self.prefix = 0  # ids[prefix:read] decode to text already emitted
-        self.read = 0
+        self.read = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -123,7 +127,7 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     unknown = unknown_chars(tokenizer, prompt)
     if unknown:
         shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-        raise UserError(f"the prompt contains {len(unknown)} character(s) this model's tokenizer never saw: {shown}")
+        raise UserError(f"the prompt contains {unknown_noun(unknown)} this model's tokenizer never saw: {shown}")
     return encode(tokenizer, prompt) or [eot_id(tokenizer)]
 
 
@@ -150,7 +154,10 @@ class Generator:
         request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
         request = self.engine.get(request_id)
         assert request is not None
-        self._states[request_id] = _TextState(IncrementalDecoder(self.tokenizer), StopText(params.stop), request)
+        ends = (*self.stop_ids, eot_id(self.tokenizer))  # after an end token, text starts afresh
+        context = ids[-1:] if ids[-1] not in ends else []
+        self._states[request_id] = _TextState(IncrementalDecoder(self.tokenizer, context), StopText(params.stop),
+                                              request)
         return request_id
 
     def request(self, request_id: int) -> Request:

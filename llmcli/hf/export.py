@@ -45,6 +45,7 @@ from llmcli.hf.files import (
 )
 from llmcli.hf.mapping import ARCHITECTURE, export_family, hf_config_dict, state_dict_to_hf
 from llmcli.io import atomic_replace_dir, atomic_write, atomic_write_text
+from llmcli.models import registry
 from llmcli.options import ExportOptions
 from llmcli.quantize.modules import dequantize_model, quantization_of
 from llmcli.tokenizer import EOT, load_tokenizer
@@ -84,7 +85,12 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     if quantized and not opts.dequantize:
         raise UserError(f"{src} is a quantized checkpoint; transformers cannot load our quantized "
                         "weights, so pass --dequantize to export them as float weights")
-    family = export_family(model_config_from_json(src / MODEL_CONFIG))  # refuse before reading the weights
+    model_config = model_config_from_json(src / MODEL_CONFIG)  # refuse before reading the weights
+    if not registry.family(model_config).exports_to_hf:
+        raise UserError(f"{src} holds a model.arch={model_config.arch} model: transformers has no "
+                        f"{model_config.arch} language-model class to export it as (only model.arch=transformer "
+                        "exports)")
+    family = export_family(model_config)
     if quantized:
         model = load_model(src)
         if quantization_of(model) is not None:

@@ -70,6 +70,8 @@ class LanguageModel(nn.Module):
     # Why this family's weights cannot be split across processes (train.strategy=fsdp, DeepSpeed
     # ZeRO-3), or None when they can; a run asking for it is refused with this reason.
     partition_refusal: str | None = None
+    # Whether `llmcli export --format hf` has a `transformers` class to write this family as.
+    exports_to_hf: bool = False
 
     def forward(self, idx: torch.Tensor, *, state: Any = None, rows: Rows | None = None) -> torch.Tensor:
         raise NotImplementedError

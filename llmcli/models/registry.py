@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from llmcli.config import ModelConfig
 from llmcli.models.base import LanguageModel
+from llmcli.models.recurrent import Recurrent
 from llmcli.models.transformer import Transformer
 
 FAMILIES: dict[str, type[LanguageModel]] = {
     "transformer": Transformer,
+    "lstm": Recurrent,
+    "gru": Recurrent,
+    "rnn": Recurrent,
 }
 
 
 def build_model(config: ModelConfig) -> LanguageModel:
     """A freshly initialised model of `config.arch` (call under `torch.device("meta")` to skip init)."""
-    return FAMILIES[config.arch](config)
+    return family(config)(config)
+
+
+def family(config: ModelConfig) -> type[LanguageModel]:
+    """The class that builds models of `config.arch`."""
+    return FAMILIES[config.arch]

@@ -238,6 +238,8 @@ class Block(nn.Module):
 class Transformer(LanguageModel):
     """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head."""
 
+    exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         _check_config(config)

@@ -29,10 +29,10 @@ from llmcli.errors import UserError
 from llmcli.options import QuantizeOptions
 from llmcli.quantize.modules import (
     DEFAULT_GROUP_SIZE,
-    QuantizedWeight,
     check_quantizable,
     quantization_entry,
     quantize_model,
+    quantized_layer_count,
 )
 
 
@@ -92,7 +92,7 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     info = {**read_info(source), "quantization": entry, "quantized_from": str(source.resolve()),
             "quantized_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_checkpoint(out, model, load_config(source / RUN_CONFIG), (source / TOKENIZER).read_bytes(), info)
-    layers = sum(isinstance(m, QuantizedWeight) for m in model.modules())
+    layers = quantized_layer_count(model)
     del model
     report = QuantizeReport(source=source, out=out, entry=entry, before=before,
                             after=Measurement(size_bytes=(out / WEIGHTS).stat().st_size), layers=layers,

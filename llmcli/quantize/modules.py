@@ -12,8 +12,10 @@ model except a tied head) and, with `--include-embeddings`, every token embeddin
   `group_size` consecutive input columns it is in. Asymmetric: scale = (max(w, 0) - min(w, 0)) / 15
   per group, rounded *up* to float16, zero = round(-min / scale), so 0 is exact and every weight
   is within scale / 2 of its original.
+* every weight matrix of a recurrent layer (nn.LSTM / nn.GRU / nn.RNN), the same way, under the
+  layer's own parameter names (see recurrent.py).
 * biases, norms and position embeddings stay float. A tied head stays the float embedding matrix
-  unless the embedding is quantized too; then it uses that one quantized matrix.
+  unless the embedding is quantized too; then it uses that one quantized matrix (and its own bias).
 
 model.json gets `"quantization": {"method", "group_size", "include_embeddings"}` (group_size is
 null for int8); `quantization_of(model)` reads it back off the modules.
@@ -48,6 +50,7 @@ from llmcli.quantize.kernels import (
     quantize_int4,
     quantize_int8,
 )
+from llmcli.quantize.recurrent import QuantizedRecurrent, empty_recurrent, matrix_names, quantize_recurrent
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -251,17 +254,20 @@ class QuantizedEmbedding(QuantizedWeight):
 
 
 class TiedQuantizedHead(nn.Module):
-    """The LM head of a tied model with --include-embeddings: x @ table^T of the quantized embedding.
+    """The LM head of a tied model with --include-embeddings: x @ table^T of the quantized embedding
+    (+ the head's own bias, if it has one).
 
-    Holds no state of its own (the table is saved once, under the embedding's name).
+    Holds no weight of its own (the table is saved once, under the embedding's name).
     """
 
-    def __init__(self, embedding: QuantizedEmbedding):
+    def __init__(self, embedding: QuantizedEmbedding, bias: nn.Parameter | None = None):
         super().__init__()
         self._embedding = (embedding,)  # a tuple, so it is not registered (and saved) twice
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._embedding[0].matmul(x)
+        y = self._embedding[0].matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 
@@ -297,9 +303,18 @@ def parse_quantization(value: Any, where: str) -> dict:
     return entry
 
 
+QUANTIZED_LAYERS = (QuantizedWeight, QuantizedRecurrent)
+
+
+def quantized_layer_count(model: nn.Module) -> int:
+    """Quantized layers: Linear and embedding layers, and each layer of a recurrent stack."""
+    return sum(m.options["num_layers"] if isinstance(m, QuantizedRecurrent) else 1
+               for m in model.modules() if isinstance(m, QUANTIZED_LAYERS))
+
+
 def quantization_of(model: nn.Module) -> dict | None:
     """The `quantization` entry that describes `model`'s layers, or None for a float model."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     if not layers:
         return None
     method = layers[0].method
@@ -309,25 +324,33 @@ def quantization_of(model: nn.Module) -> dict | None:
 
 def _targets(model: LanguageModel, include_embeddings: bool) -> list[tuple[str, nn.Module]]:
     """(name, module) to quantize: every nn.Linear except one whose weight is tied to another
-    tensor (a tied LM head), plus the token embeddings if asked."""
+    tensor (a tied LM head), every recurrent layer stack, plus the token embeddings if asked."""
     tied = {alias.rpartition(".")[0] for alias in model.tied_weights()}
-    out = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in tied]
+    out = [(name, m) for name, m in model.named_modules()
+           if isinstance(m, (nn.Linear, nn.RNNBase)) and name not in tied]
     if include_embeddings:
         out += [(name, model.get_submodule(name)) for name in model.token_embeddings]
     return out
 
 
+def _matrices(name: str, module: nn.Module) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of each weight matrix a target quantizes."""
+    if isinstance(module, nn.RNNBase):
+        return [(f"{name}.{m}", getattr(module, m).shape) for m in matrix_names(module)]
+    return [(name, module.weight.shape)]
+
+
 def check_quantizable(model: LanguageModel, entry: dict) -> None:
-    """A one-line UserError if int4's group size does not divide some layer's input size."""
+    """A one-line UserError if int4's group size does not divide some matrix's input size."""
     if entry["method"] != "int4":
         return
     group = entry["group_size"]
     for name, module in _targets(model, entry["include_embeddings"]):
-        rows, cols = module.weight.shape
-        if cols % group:
-            kind = "embedding dim" if isinstance(module, nn.Embedding) else "in_features"
-            raise UserError(f"--group-size {group} does not divide {name}'s {kind} {cols} "
-                            f"(weight {rows}x{cols}); use a group size that divides it")
+        for matrix, (rows, cols) in _matrices(name, module):
+            if cols % group:
+                kind = {nn.Embedding: "embedding dim", nn.Linear: "in_features"}.get(type(module), "input size")
+                raise UserError(f"--group-size {group} does not divide {matrix}'s {kind} {cols} "
+                                f"(weight {rows}x{cols}); use a group size that divides it")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -355,12 +378,16 @@ def _swap_modules(model: LanguageModel, entry: dict, quantize_weights: bool,
     check_quantizable(model, entry)
     method, group = entry["method"], entry["group_size"]
     targets = _targets(model, entry["include_embeddings"])
-    # One runtime for all int8 layers of a model, by its size (see FBGEMM_MIN_MODEL_WEIGHTS).
-    dynamic = sum(m.weight.numel() for _, m in targets) >= FBGEMM_MIN_MODEL_WEIGHTS
+    # One runtime for all int8 Linear layers of a model, by its size (see FBGEMM_MIN_MODEL_WEIGHTS);
+    # recurrent layers use theirs whatever the size (recurrent.py).
+    dynamic = sum(shape.numel() for name, m in targets for _, shape in _matrices(name, m)) >= FBGEMM_MIN_MODEL_WEIGHTS
     for name, module in targets:
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.RNNBase):
+            make = quantize_recurrent if quantize_weights else empty_recurrent
+            new: nn.Module = make(module, method, group, dynamic_activations=True)
+        elif isinstance(module, nn.Embedding):
             if quantize_weights:
-                new: nn.Module = QuantizedEmbedding.from_embedding(module, method, group,
+                new = QuantizedEmbedding.from_embedding(module, method, group,
                                                                    dynamic_activations=dynamic)
             else:
                 new = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, method, group,
@@ -376,29 +403,33 @@ def _swap_modules(model: LanguageModel, entry: dict, quantize_weights: bool,
     for alias, source in model.tied_weights().items():  # a head tied to a now quantized table
         table = model.get_submodule(source.rpartition(".")[0])
         if isinstance(table, QuantizedEmbedding):
-            _set_module(model, alias.rpartition(".")[0], TiedQuantizedHead(table))
+            head = alias.rpartition(".")[0]
+            _set_module(model, head, TiedQuantizedHead(table, getattr(model.get_submodule(head), "bias", None)))
 
 
 def quantized_tensor_names(model: nn.Module) -> set[str]:
     """State-dict names whose dtype is part of the format (integer weights and their scales):
     a loader's `dtype` must not cast them."""
-    return {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantizedWeight)
-            for buf in ("weight", "weight_scale", "weight_zero")}
+    names = {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantizedWeight)
+             for buf in ("weight", "weight_scale", "weight_zero")}
+    return names | {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantizedRecurrent)
+                    for buf in m.quantized_names()}
 
 
 def dequantize_state_dict(tensors: dict[str, torch.Tensor], entry: dict,
                           dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A quantized checkpoint's tensors -> the float state dict of the same model.
 
-    Every `X.weight` with an `X.weight_scale` beside it is dequantized (int8 per row, or int4
-    groups of `entry["group_size"]` with `X.weight_zero`); scales and zero points disappear; other
-    float tensors are cast to `dtype`. A tied head stays implicit, as in a float checkpoint.
+    Every `X` with an `X_scale` beside it (`lm_head.weight`, `rnn.weight_hh_l0`) is dequantized
+    (int8 per row, or int4 groups of `entry["group_size"]` with `X_zero`); scales and zero points
+    disappear; other float tensors are cast to `dtype`. A tied head stays implicit, as in a float
+    checkpoint.
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith((".weight_scale", ".weight_zero")):
+        if name.endswith(("_scale", "_zero")) and name.rpartition("_")[0] in tensors:
             continue
-        scale = tensors.get(name + "_scale") if name.endswith(".weight") else None
+        scale = tensors.get(name + "_scale")
         if scale is None:
             out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         elif entry["method"] == "int8":

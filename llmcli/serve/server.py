@@ -138,7 +138,7 @@ def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, param
               device: torch.device) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size}, "
+    ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size or 'unlimited'}, "
            f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
            f"{opts.max_queue}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
     if opts.api_key is None and not _is_loopback(host):

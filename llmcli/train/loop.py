@@ -43,7 +43,7 @@ from llmcli.train.run_dir import (
     staging_dir,
     truncate_metrics,
 )
-from llmcli.train.schedule import RandomWindows, TrainState, lr_at
+from llmcli.train.schedule import RandomWindows, TrainState, lr_at, steps_per_epoch, with_epochs
 from llmcli.train.strategy import Strategy, peak_process_bytes
 from llmcli.train.trackers import Trackers
 
@@ -157,15 +157,18 @@ class Trainer:
         if self.main and plan.resume:
             truncate_metrics(self.out_dir / METRICS, self.state.step)
         self.tokens_per_step = t.batch_size * self.cfg.model.block_size * t.grad_accum * self.world
+        self.epoch_steps = steps_per_epoch(len(self.train_windows.tokens), self.tokens_per_step)
+        self.schedule = with_epochs(t, self.epoch_steps)  # the saved config keeps max_epochs as given
         self.max_seconds = t.max_minutes * 60 if t.max_minutes else None
         # The budget spans resumes; the reporter times this run only, so give it what is left.
         budget_left = self.max_seconds - self.state.elapsed if self.max_seconds is not None else None
-        self.reporter = Reporter(self.main, t.max_steps, budget_left, console)
+        self.reporter = Reporter(self.main, self.schedule.max_steps, budget_left, console,
+                                 epochs=(self.epoch_steps, t.max_epochs) if t.max_epochs else None)
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        t = self.cfg.train
+        t = self.schedule
         self._announce()
         self.trackers.start(self.accelerator, self.cfg, self.final_dir.name, self.state.step if self.resume else None)
         self.start_step, self.run_start, self.elapsed_before = self.state.step, time.perf_counter(), self.state.elapsed
@@ -216,7 +219,7 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.run_start
 
     def _done(self) -> bool:
-        t = self.cfg.train
+        t = self.schedule
         done = (t.max_steps is not None and self.state.step >= t.max_steps) or \
                (self.max_seconds is not None and self._elapsed() >= self.max_seconds)
         if self.world > 1 and self.max_seconds is not None:  # every process stops at the same step
@@ -263,7 +266,8 @@ class Trainer:
         now = time.perf_counter()
         tok_s = self.tokens_per_step * (self.state.step - self.window_step0) / max(now - self.window_start, 1e-9)
         self.state.elapsed = self._elapsed()
-        self.record({"step": self.state.step, "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+        self.record({"step": self.state.step, "epoch": round(self.state.step / self.epoch_steps, 4),
+                     "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
                      "tokens_per_second": tok_s, "tokens_seen": self.state.tokens_seen,
                      "elapsed": round(self.state.elapsed, 3)})
         self.reporter.step(self.state.step, train_loss, train_acc, lr, tok_s,
@@ -366,6 +370,7 @@ class Trainer:
         best = json.loads((self.out_dir / "best" / "checkpoint.json").read_text()) if self.main else {}
         return {
             "parameters": self.n_params, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
+            "epochs": self.state.step / self.epoch_steps,
             "wall_seconds": wall, "tokens_per_second": trained / max(wall, 1e-9),
             "best_val_loss": self.state.best_val_loss,
             "best_val_ppl": math.exp(min(self.state.best_val_loss, 700.0)), "best_step": self.state.best_step,

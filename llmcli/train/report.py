@@ -19,8 +19,9 @@ class Reporter:
     """
 
     def __init__(self, enabled: bool, total_steps: int | None, max_seconds: float | None,
-                 console: Console = ui.stderr):
-        self.enabled, self.console = enabled, console
+                 console: Console = ui.stderr, epochs: tuple[int, int] | None = None):
+        """`epochs` = (steps per epoch, epochs to train) shows `epoch k/n` with each step."""
+        self.enabled, self.console, self.epochs = enabled, console, epochs
         self.total_steps, self.max_seconds = total_steps, max_seconds
         self.live = enabled and ui.interactive(console)
         self.eval_header_done = False
@@ -62,6 +63,9 @@ class Reporter:
         if not self.enabled:
             return
         stats = f"loss {loss:.4f}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
+        if self.epochs is not None:
+            per_epoch, total = self.epochs
+            stats = f"epoch {min(total, -(-step // per_epoch))}/{total}  {stats}"
         eta = self._eta(step, elapsed, start_step)
         if self.progress is not None:
             self.progress.update(self.task, stats=stats, eta=eta)
@@ -97,6 +101,7 @@ def print_summary(summary: dict[str, Any], console: Console = ui.stdout) -> None
         ("parameters", ui.format_count(summary["parameters"])),
         ("steps", str(summary["steps"])),
         ("tokens seen", ui.format_count(summary["tokens_seen"])),
+        ("epochs", f"{summary['epochs']:.2f}"),
         ("wall time", ui.format_duration(summary["wall_seconds"])),
         ("tokens/s", ui.format_count(summary["tokens_per_second"])),
         ("best val loss", f"{summary['best_val_loss']:.4f} (step {summary['best_step']})"),

@@ -10,6 +10,7 @@ So a run that stops and resumes computes the same thing as one that never stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +35,18 @@ def lr_at(step: int, t: TrainConfig, elapsed: float = 0.0) -> float:
     progress = min(max(progress, 0.0), 1.0)
     # 3) cosine decay down to min_lr
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def steps_per_epoch(train_tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps that draw as many tokens as the training split holds (one epoch)."""
+    return max(1, math.ceil(train_tokens / tokens_per_step))
+
+
+def with_epochs(t: TrainConfig, epoch_steps: int) -> TrainConfig:
+    """`t` with max_steps counted from max_epochs (unchanged when training by steps or time)."""
+    if t.max_epochs is None:
+        return t
+    return dataclasses.replace(t, max_steps=t.max_epochs * epoch_steps)
 
 
 class RandomWindows:

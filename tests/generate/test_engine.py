@@ -147,3 +147,36 @@ def test_repetition_penalty_in_the_engine_matches_a_reference_loop(make_model, r
             expected.append(int(logits.argmax()))
             seq.append(expected[-1])
     assert penalized == expected != plain
+
+
+# --- recurrent models: one hidden state per slot ------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+def test_recurrent_engine_matches_full_recompute_and_never_slides(tiny_recurrent, run_engine, last_logits, arch):
+    model = tiny_recurrent(arch, 40, std=0.4, block_size=16)
+    prompt = torch.randint(0, 40, (40,), generator=torch.Generator().manual_seed(3)).tolist()  # > block_size
+    with last_logits(model) as logits:
+        (tokens,), engine = run_engine(model, [prompt], [SamplingParams(max_new_tokens=60, temperature=0)],
+                                       batch_size=2)
+    assert engine.max_len is None and len(tokens) == 60
+    seq = list(prompt)
+    with torch.no_grad():
+        for token, got in zip(tokens, logits, strict=True):
+            full = model(torch.tensor([seq]))[0, -1]  # the whole history: nothing was dropped
+            torch.testing.assert_close(got, full, rtol=0, atol=5e-5)  # float sums over ~100 steps
+            assert token == int(full.argmax())
+            seq.append(token)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+def test_recurrent_batch_rows_equal_each_prompt_alone(tiny_recurrent, run_engine, arch):
+    model = tiny_recurrent(arch, 40, std=0.4)
+    rng = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 40, (n,), generator=rng).tolist() for n in (3, 17, 9, 1, 30)]
+    greedy = [SamplingParams(max_new_tokens=n, temperature=0) for n in (20, 35, 12, 40, 25)]
+    seeded = [SamplingParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=s) for s in range(5)]
+    for params in (greedy, seeded):
+        alone = [run_engine(model, [p], [sp], batch_size=1)[0][0] for p, sp in zip(prompts, params, strict=True)]
+        batched, _ = run_engine(model, prompts, params, batch_size=3)  # prefills padded together, joins midway
+        assert batched == alone

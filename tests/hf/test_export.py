@@ -171,6 +171,13 @@ def test_cli_export_and_import(tmp_path, bpe_json, make_model, save_run, state_e
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_cli_export_refuses_a_recurrent_model(tmp_path, tiny_recurrent, char_tokenizer, write_run, cli, one_line_error):
+    run = write_run(tmp_path / "lstm", tiny_recurrent("lstm", char_tokenizer.get_vocab_size()), char_tokenizer)
+    one_line_error(cli("export", run, "--out", tmp_path / "hf"),
+                   "holds a model.arch=lstm model: transformers has no lstm language-model class", alone=True)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_chat_template_travels_through_export_and_import(tmp_path, transformers, bpe_json, make_model, save_run):
     """export writes the checkpoint's template (or our default layout, as Jinja); transformers'
     apply_chat_template then gives our prompt; import keeps the template and generation_config."""

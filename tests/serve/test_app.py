@@ -216,3 +216,29 @@ def test_an_engine_failure_is_a_500_and_the_server_recovers(server, client, comp
         complete(client, "ROMEO:", max_tokens=4)
     assert complete(client, "ROMEO:", max_tokens=4).choices[0].text
     server.wait_idle()
+
+
+def test_a_recurrent_model_serves_with_its_whole_history(loaded, tiny_recurrent, start_server, corpus_text):
+    """An LSTM: no context limit (a long prompt is not truncated), concurrent greedy requests equal
+    sequential ones, and streaming reassembles to the same text."""
+    tokenizer = loaded[1]
+    running = start_server(tiny_recurrent("lstm", tokenizer.get_vocab_size(), std=0.3), tokenizer,
+                           model_name="lstm", max_batch_size=3)
+    client = running.client()
+    assert running.health()["max_batch_size"] == 3
+
+    def run(prompt: str, stream: bool = False) -> tuple[str, int]:
+        kwargs = dict(model="lstm", prompt=prompt, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs)), 0
+        done = client.completions.create(**kwargs)
+        assert done.usage.completion_tokens == 20
+        return done.choices[0].text, done.usage.prompt_tokens
+
+    long = corpus_text * 2  # far longer than any transformer context here
+    assert run(long)[1] == len(long)
+    prompts = [corpus_text[i * 5:i * 5 + 2 + i] for i in range(8)]
+    sequential = [run(p)[0] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, prompts, timeout=60)) == [(t, len(p)) for t, p in zip(sequential, prompts, strict=True)]
+    assert run(prompts[3], stream=True)[0] == sequential[3]

@@ -31,8 +31,12 @@ def corpus(tmp_path, monkeypatch):
     return path
 
 
-def tiny(corpus: Path, *extra: str) -> list[str]:
-    return [f"data.source={corpus}", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
+ARCHES = ["transformer", "lstm", "gru", "rnn"]
+
+
+def tiny(corpus: Path, *extra: str, arch: str = "transformer") -> list[str]:
+    family = ["model.n_head=2"] if arch == "transformer" else [f"model.arch={arch}"]
+    return [f"data.source={corpus}", *family, "model.n_layer=2", "model.d_model=32",
             "model.block_size=32", "train.batch_size=4", "train.max_steps=12", "train.warmup_steps=2",
             "train.eval_interval=6", "train.eval_batches=2", "train.log_interval=1", *extra]
 
@@ -41,9 +45,10 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli):
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli, arch):
     run = tmp_path / "run"
-    result = cli("train", "--out", str(run), *tiny(corpus))
+    result = cli("train", "--out", str(run), *tiny(corpus, arch=arch))
     assert result.exit_code == 0, result.output
     assert "training summary" in result.output and "best val loss" in result.output
     for name in ("config.yaml", "model.safetensors", "model.json", "tokenizer.json", "metrics.jsonl",
@@ -59,16 +64,17 @@ def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli):
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in eval_rows)
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
     saved = load_config(run / "config.yaml")
-    assert saved.model.vocab_size is not None and saved.train.max_steps == 12
+    assert saved.model.vocab_size is not None and saved.train.max_steps == 12 and saved.model.arch == arch
     info = json.loads((run / "last/checkpoint.json").read_text())
     assert info["step"] == 12
 
 
-def test_resume_is_bit_identical_to_one_run(corpus, tmp_path, cli):
+@pytest.mark.parametrize("arch", ARCHES)
+def test_resume_is_bit_identical_to_one_run(corpus, tmp_path, cli, arch):
     extra = ["model.dropout=0.1", "train.lr_decay_steps=12"]
-    cfg = load_config(None, tiny(corpus, *extra))
+    cfg = load_config(None, tiny(corpus, *extra, arch=arch))
     train(RunPlan(cfg, tmp_path / "straight"))
-    half = load_config(None, tiny(corpus, *extra, "train.max_steps=6"))
+    half = load_config(None, tiny(corpus, *extra, "train.max_steps=6", arch=arch))
     train(RunPlan(half, tmp_path / "resumed"))
     result = cli("train", "--resume", str(tmp_path / "resumed"), "train.max_steps=12")
     assert result.exit_code == 0, result.output
@@ -154,9 +160,10 @@ def test_bf16_autocast_on_cpu_trains(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path, torchrun):
+@pytest.mark.parametrize("arch", ARCHES)
+def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path, torchrun, arch):
     """torchrun with 2 CPU (gloo) processes == 1 process with grad_accum=2, within float tolerance."""
-    base = tiny(corpus, "train.max_steps=6", "train.eval_interval=6")
+    base = tiny(corpus, "train.max_steps=6", "train.eval_interval=6", arch=arch)
     single = load_config(None, [*base, "train.grad_accum=2"])
     train(RunPlan(single, tmp_path / "one"))
     proc = torchrun("train", "--out", tmp_path / "two", *base)
@@ -183,6 +190,37 @@ def test_init_from_fine_tunes_from_a_checkpoint(corpus, tmp_path, cli):
     assert (tmp_path / "ft" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
     result = cli("train", "--init-from", base, "--out", tmp_path / "ft2", "model.n_layer=4")
     assert result.exit_code == 2 and "only model.dropout can change" in result.output
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_max_epochs_counts_passes_over_the_training_tokens(corpus, tmp_path, cli, arch):
+    run = tmp_path / "run"
+    result = cli("train", "--out", run, *tiny(corpus, "train.max_steps=null", "train.max_epochs=2",
+                                              "train.log_interval=5", "train.eval_interval=100", arch=arch))
+    assert result.exit_code == 0, result.output
+    from llmcli.data.prepare import prepare_data
+
+    train_tokens = len(prepare_data(load_config(run / "config.yaml")).tokens("train"))
+    per_epoch = math.ceil(train_tokens / (4 * 32))  # batch 4 x block 32 tokens per step
+    rows = [r for r in metrics(run) if "train_loss" in r]
+    assert rows[-1]["step"] == 2 * per_epoch and rows[-1]["epoch"] == pytest.approx(2.0)
+    assert f"step 5/{2 * per_epoch}  epoch 1/2  loss" in result.stderr
+    assert f"step {2 * per_epoch}/{2 * per_epoch}  epoch 2/2  loss" in result.stderr
+    assert load_config(run / "config.yaml").train.max_steps is None  # the saved config still counts epochs
+    result = cli("train", "--resume", run, "train.max_epochs=3")
+    assert result.exit_code == 0, result.output
+    assert [r for r in metrics(run) if "train_loss" in r][-1]["step"] == 3 * per_epoch
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.arch=lstm", "model.n_head=2"], "model.n_head: does not apply to model.arch=lstm"),
+    (["model.arch=gru", "model.d_hidden=48"], "model.tie_embeddings: a tied LM head needs d_hidden = d_model"),
+    (["train.max_epochs=2", "train.max_steps=5"], "give train.max_epochs or train.max_steps, not both"),
+])
+def test_family_and_epoch_settings_are_one_line_errors(corpus, tmp_path, cli, one_line_error, args, message):
+    base = [f"data.source={corpus}", "model.n_layer=2", "model.d_model=32", "model.block_size=32"]
+    one_line_error(cli("train", "--out", tmp_path / "r", *base, *args), message)
+    assert not (tmp_path / "r").exists()
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(corpus, tmp_path, cli, monkeypatch):
@@ -250,21 +288,31 @@ def test_an_output_may_not_overlap_an_input(corpus, tmp_path, cli, one_line_erro
     assert {p.relative_to(base): p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("override", ["model.n_layer=100000", "train.batch_size=100000000", "model.d_model=1000000000"])
-def test_a_run_that_cannot_fit_is_refused_at_once(corpus, tmp_path, cli, one_line_error, override):
+@pytest.mark.parametrize("arch, override", [
+    ("transformer", "model.n_layer=100000"), ("transformer", "train.batch_size=100000000"),
+    ("transformer", "model.d_model=1000000000"), ("lstm", "model.d_model=1000000"), ("gru", "model.n_layer=10000000"),
+    ("rnn", "train.batch_size=100000000"),
+])
+def test_a_run_that_cannot_fit_is_refused_at_once(corpus, tmp_path, cli, one_line_error, arch, override):
     started = time.perf_counter()
-    one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus), override, "model.n_head=1"),
+    family = ["model.n_head=1"] if arch == "transformer" else []
+    one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus, arch=arch), override, *family),
                    "this run needs about", "GiB", "train.check_memory=false")
     assert time.perf_counter() - started < 2
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 
-def test_the_estimate_counts_what_the_model_has(corpus):
-    from llmcli.models.transformer import Transformer
+@pytest.mark.parametrize("arch, extra", [("transformer", []), ("lstm", []), ("gru", ["model.bias=false"]),
+                                         ("rnn", ["model.d_hidden=48", "model.tie_embeddings=false"]),
+                                         ("lstm", ["model.n_layer=3", "model.d_hidden=40", "model.tie_embeddings=false"])])
+def test_the_estimate_counts_what_the_model_has(corpus, arch, extra):
+    from llmcli.models.registry import build_model
     from llmcli.train.memory import estimate
 
-    cfg = load_config(None, tiny(corpus, "model.vocab_size=70"))
-    assert estimate(cfg).parameters == Transformer(cfg.model).num_params()
+    cfg = load_config(None, tiny(corpus, "model.vocab_size=70", *extra, arch=arch))
+    assert estimate(cfg).parameters == build_model(cfg.model).num_params()
+    bigger = load_config(None, tiny(corpus, "model.vocab_size=70", "train.batch_size=8", *extra, arch=arch))
+    assert estimate(bigger).activation_bytes == 2 * estimate(cfg).activation_bytes  # batch 4 -> 8
 
 
 def test_out_of_memory_is_one_line(corpus, tmp_path, cli, one_line_error, monkeypatch):
