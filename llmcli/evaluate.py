@@ -49,6 +49,7 @@ from llmcli.models.base import Rows
 from llmcli.options import EvalOptions
 from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars, unknown_noun
 
+DEFAULT_BATCH = 8  # windows per forward
 _OVERRIDE = re.compile(r"^(data|tokenizer|model|train)\.[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -214,9 +215,13 @@ class EvalResult:
     bytes: int
     step: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str = "lm"  # seq2seq: metrics from evaluate_pairs.score_pairs
 
     def to_json(self) -> dict[str, Any]:
         keys = ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte", "tokens", "tokens_per_second")
+        if self.task == "seq2seq":
+            keys = ("loss", "perplexity", "accuracy", "exact_match", "per", "wer", "bleu", "chrf", "sources", "pairs",
+                    "target_tokens", "beams", "decode_tokens_per_second")
         return {**{k: self.metrics[k] for k in keys}, "checkpoint": self.checkpoint}
 
 
@@ -266,6 +271,13 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
     device = select_device(opts.device)
     directory, model, tokenizer = load_for_inference(checkpoint, device,
                                                      select_dtype(opts.dtype, device, auto=torch.float32))
+    if model.task == "seq2seq":  # scored on its pairs, by decoding (evaluate_pairs.py)
+        return _evaluate_pairs(checkpoint, directory, model, tokenizer, opts, overrides)
+    for name, given, also in (("beams", opts.beam.beams > 1, ""), ("limit", opts.limit is not None, " and --tasks")):
+        if given:
+            raise FieldError(name, f"applies to sequence-to-sequence models{also}; {directory} holds a model.arch="
+                                   f"{model.config.arch} language model")
+    batch_size = opts.batch_size or DEFAULT_BATCH
     block = model.context_length
     if opts.stride is not None and block is None:
         raise FieldError("stride", f"does not apply to {directory}: a model.arch={model.config.arch} model has no "
@@ -288,10 +300,10 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
         raise UserError(f"nothing to score: {source} has no tokens")
 
     label = str(checkpoint)
-    score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=opts.batch_size,
+    score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=batch_size,
                               first_token=(end_token_ids(directory, tokenizer) or (eot_id(tokenizer),))[0])
     if block is None:
-        forwards = len(chunk_plan(len(tokens) + 1, model.config.block_size * opts.batch_size))
+        forwards = len(chunk_plan(len(tokens) + 1, model.config.block_size * batch_size))
         unit = "chunk"
     else:
         forwards, unit = len(window_plan(len(tokens) + 1, block, opts.stride or max(1, block // 2))), "window"
@@ -300,6 +312,28 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
     step = read_info(directory).get("step")
     return EvalResult(checkpoint=label, metrics=metrics_from_sums(sums, n_bytes), source=source, bytes=n_bytes,
                       step=step if isinstance(step, int) else None)
+
+
+def _evaluate_pairs(checkpoint: str | Path, directory: Path, model: Any, tokenizer: Any, opts: EvalOptions,
+                    overrides: Sequence[str]) -> EvalResult:
+    """A seq2seq checkpoint on its data's pairs; the language-model options are refused."""
+    from llmcli.data.prepare_pairs import prepare_pairs
+    from llmcli.evaluate_pairs import score_pairs, with_source_tokenizer
+
+    for name, given in (("stride", opts.stride is not None), ("text_file", opts.text_file is not None)):
+        if given:
+            raise FieldError(name, f"applies to language models; {directory} holds a model.arch={model.config.arch} "
+                                   "sequence-to-sequence model (scored on its pairs)")
+    cfg = with_source_tokenizer(data_config(directory, opts.config, overrides), directory)
+    prepared = prepare_pairs(cfg, console=ui.stderr)
+    if opts.split not in prepared.splits:
+        raise UserError(f"the data has no {opts.split!r} split (it has: {', '.join(prepared.splits)}); "
+                        "add e.g. data.test_fraction=0.05 for a test split")
+    metrics = score_pairs(model, tokenizer, prepared, opts.split, batch_size=opts.batch_size, beam=opts.beam,
+                          limit=opts.limit, label=str(checkpoint))
+    step = read_info(directory).get("step")
+    return EvalResult(checkpoint=str(checkpoint), metrics=metrics, source=f"{opts.split} split of {cfg.data.source}",
+                      bytes=0, step=step if isinstance(step, int) else None, task="seq2seq")
 
 
 def _text_file_tokens(path: Path, tokenizer: Any) -> tuple[np.ndarray, int, str]:
@@ -339,11 +373,30 @@ def _with_progress(score: Callable, label: str, total: int, what: str, unit: str
 
 
 def print_results(results: Sequence[EvalResult], json_lines: bool = False, percent: bool = False) -> None:
-    """One JSON object per line, or one comparison table (accuracies as percentages with `percent`)."""
+    """One JSON object per line, or one comparison table per task (accuracies as percentages with
+    `percent`): language models, then sequence-to-sequence models."""
     if json_lines:
         for result in results:
             print(json.dumps(result.to_json()), flush=True)
         return
+    from llmcli.evaluate_pairs import pairs_table
+
+    lm = [r for r in results if r.task == "lm"]
+    tables = ([_lm_table(lm, percent)] if lm else []) + \
+        ([pairs_table([r for r in results if r.task == "seq2seq"], percent)] if len(lm) < len(results) else [])
+    console = ui.stdout
+    if not ui.interactive(console):  # a pipe or a file: never squeeze a table into 80 columns
+        from rich.console import Console
+        from rich.measure import Measurement
+
+        needed = max(Measurement.get(console, console.options.update(max_width=1000), t).maximum for t in tables)
+        console = Console(highlight=False, width=max(console.width, needed))
+    for table in tables:
+        console.print(table)
+    console.print(f"scored: {'; '.join(sorted({r.source for r in results}))}", markup=False, soft_wrap=True)
+
+
+def _lm_table(results: Sequence[EvalResult], percent: bool) -> Table:
     table = Table(title=None)
     table.add_column("checkpoint", overflow="fold")
     for name in ("step", "loss", "ppl", "acc", "top-5", "bits/byte", "tokens", "tok/s"):
@@ -359,13 +412,4 @@ def print_results(results: Sequence[EvalResult], json_lines: bool = False, perce
         table.add_row(r.checkpoint, "-" if r.step is None else str(r.step), f"{m['loss']:.4f}",
                       f"{m['perplexity']:.2f}", acc, top5, bpb,
                       f"{m['tokens']:,}", ui.format_count(m["tokens_per_second"]))
-    sources = sorted({r.source for r in results})
-    console = ui.stdout
-    if not ui.interactive(console):  # a pipe or a file: never squeeze the table into 80 columns
-        from rich.console import Console
-        from rich.measure import Measurement
-
-        needed = Measurement.get(console, console.options.update(max_width=1000), table).maximum
-        console = Console(highlight=False, width=max(console.width, needed))
-    console.print(table)
-    console.print(f"scored: {'; '.join(sources)}", markup=False, soft_wrap=True)
+    return table

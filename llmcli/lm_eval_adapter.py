@@ -56,6 +56,9 @@ class LlmcliLM(LM):
         self._device = select_device(str(device))
         self.directory, self.model, self.tokenizer = load_for_inference(
             path, self._device, select_dtype(str(dtype), self._device, auto=torch.float32))
+        if self.model.task == "seq2seq":
+            raise UserError(f"--tasks scores language models (lm-eval's likelihood of a continuation); {path} holds a "
+                            f"model.arch={self.model.config.arch} sequence-to-sequence model")
         self.path = str(path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.end_ids = end_token_ids(self.directory, self.tokenizer) or (eot_id(self.tokenizer),)

@@ -146,6 +146,28 @@ class SamplingParams(Options):
         return self.temperature == 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class BeamOptions(Options):
+    """Beam search (generate and eval)."""
+
+    beams: int = option(1, "--beams", help="Beam search with N beams, keeping the best hypothesis (1 = off). "
+                                           "Deterministic: temperature, top-k/p, min-p, the repetition penalty "
+                                           "and the seed do not apply.", check=AT_LEAST_ONE)
+    length_penalty: Optional[float] = option(None, "--length-penalty",
+                                             help="Beam search: a hypothesis scores log-probability / length^p "
+                                                  "(default 1; 0 = the plain sum; larger favours longer ones).",
+                                             check=(_number, "a number"))
+    early_stopping: bool = option(False, "--early-stopping", help="Beam search: stop as soon as N hypotheses "
+                                                                  "ended (default: once no running beam can "
+                                                                  "beat them).")
+
+    def check(self) -> None:
+        if self.beams == 1 and self.length_penalty is not None:
+            raise FieldError("length_penalty", "applies to beam search only; add --beams N")
+        if self.beams == 1 and self.early_stopping:
+            raise FieldError("early_stopping", "applies to beam search only; add --beams N")
+
+
 def unescape(text: str) -> str:
     """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line (e.g. in --stop) as the characters."""
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -260,6 +282,14 @@ class EvalOptions(Options):
     of its context; a recurrent model (lstm, gru, rnn) reads it once, carrying its hidden state,
     so every token is predicted from all the text before it.
 
+    A sequence-to-sequence model (encoder-decoder, gru-seq2seq, lstm-seq2seq) is scored on its
+    pairs: loss, perplexity and token accuracy of the targets under teacher forcing, then on the
+    outputs it decodes from each source (greedy, or --beams N): exact match, PER (token edit
+    distance / reference tokens), WER (sources whose output matches none of their references),
+    BLEU and chrF (sacrebleu). A source with several targets (a word's pronunciations) counts as
+    correct when the output equals any of them; PER uses the closest. Pairs longer than the model
+    takes are left out, with a warning.
+
     Examples:
 
       llmcli eval runs/char
@@ -270,6 +300,7 @@ class EvalOptions(Options):
 
       llmcli eval runs/char/best --text-file notes.txt --stride 64 --json
 
+      llmcli eval runs/g2p/best runs/g2p-gru/best --split test --beams 4
       llmcli eval runs/char-lora --tasks data/tasks/shakespeare_plays.yaml     # lm-eval tasks
 
     With --tasks, EleutherAI's lm-evaluation-harness scores the checkpoints on its tasks instead: names
@@ -291,9 +322,11 @@ class EvalOptions(Options):
                                         "once with at least block_size-stride+1 tokens of context (after the "
                                         "first window). Default: block_size/2; block_size = disjoint blocks. "
                                         "Transformers only.")
-    batch_size: int = option(8, "--batch-size", "-b", help="Windows per forward pass (a recurrent model: "
-                                                           "batch-size x block_size tokens per forward).",
-                             check=AT_LEAST_ONE)
+    batch_size: Optional[int] = option(None, "--batch-size", "-b",
+                                       help="Windows per forward pass (default 8; a recurrent model: batch-size x "
+                                            "block_size tokens per forward); seq2seq: pairs per forward and "
+                                            "sources decoded at once (default 64).", check=AT_LEAST_ONE)
+    beam: BeamOptions = nested(BeamOptions)
     json_out: bool = option(False, "--json", help="One JSON object per checkpoint, one per line.")
     percent: bool = option(False, "--percent", help="Show accuracies as percentages (54.03% rather than 0.5403).")
     device: str = option("auto", "--device", help=DEVICE_HELP)
@@ -306,10 +339,11 @@ class EvalOptions(Options):
     num_fewshot: Optional[int] = option(None, "--num-fewshot", help="--tasks: examples in each prompt (default: "
                                                                     "each task's own).", check=NOT_NEGATIVE)
     limit: Optional[int] = option(None, "--limit", help="--tasks: score only the first N documents of each "
-                                                        "task.", check=AT_LEAST_ONE)
+                                                        "task; seq2seq: only the split's first N sources (all "
+                                                        "their pairs).", check=AT_LEAST_ONE)
 
     def check(self) -> None:
-        task_only = {"include_path": self.include_path, "num_fewshot": self.num_fewshot, "limit": self.limit}
+        task_only = {"include_path": self.include_path, "num_fewshot": self.num_fewshot}
         for name, value in task_only.items():
             if value is not None and self.tasks is None:
                 raise FieldError(name, "applies to --tasks only")
@@ -329,6 +363,10 @@ class GenerateOptions(Options):
     block_size/2 tokens and continues. Prompts and samples run batched; a seeded sample is the same
     whatever else runs in the batch.
 
+    A sequence-to-sequence model maps each prompt (its source) to a target and prints the target
+    alone, one line per source; a source longer than its encoder takes is refused. --beams N runs
+    beam search (for any model); with --num-samples K <= N it prints the K best hypotheses.
+
     Examples:
 
       llmcli generate runs/char "ROMEO:" -n 200
@@ -336,6 +374,8 @@ class GenerateOptions(Options):
       llmcli generate runs/char "" --temperature 0 --stop "\\n\\n"
 
       llmcli generate runs/bpe -f prompts.txt --lines --num-samples 3 --seed 1 --json
+
+      llmcli generate runs/g2p "shakespeare" --beams 4
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")
@@ -346,13 +386,20 @@ class GenerateOptions(Options):
                                          dir_okay=False)
     lines: bool = option(False, "--lines", help="Each non-blank line of the input is a prompt.")
     sampling: SamplingParams = nested(SamplingParams)
-    num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt.", check=AT_LEAST_ONE)
+    beam: BeamOptions = nested(BeamOptions)
+    num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt (with --beams: the best "
+                                                              "hypotheses).", check=AT_LEAST_ONE)
     batch_size: int = option(8, "--batch-size", "-b", help="Sequences generated at once.", check=AT_LEAST_ONE)
     json_out: bool = option(False, "--json", help="One JSON object per sample, one per line.")
     no_stream: bool = option(False, "--no-stream", help="Print each sample when complete.")
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = _threads_option()
+
+    def check(self) -> None:
+        if self.beam.beams > 1 and self.num_samples > self.beam.beams:
+            raise FieldError("num_samples", f"must be at most --beams ({self.beam.beams}): beam search returns "
+                                            "its best hypotheses")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 from llmcli.checkpoint import write_checkpoint
 from llmcli.config import PRESETS, Config, ModelConfig, TokenizerConfig, load_config
+from llmcli.models.base import LanguageModel
 from llmcli.models.recurrent import Recurrent
+from llmcli.models.registry import build_model
 from llmcli.models.transformer import Transformer
 from llmcli.tokenizer import save_tokenizer, train_tokenizer
 
@@ -105,6 +107,33 @@ def tiny_recurrent() -> Callable[..., Recurrent]:
     return make
 
 
+SEQ2SEQ_ARCHES = ("encoder-decoder", "gru-seq2seq", "lstm-seq2seq")
+
+
+@pytest.fixture
+def tiny_seq2seq() -> Callable[..., LanguageModel]:
+    """tiny_seq2seq(arch, vocab, src_vocab, seed=, std=, **config): a 2 + 2-layer, 32-wide random
+    sequence-to-sequence model in eval mode (`std` as for tiny_model)."""
+
+    def make(arch: str = "encoder-decoder", vocab: int = 40, src_vocab: int = 30, *, seed: int = 0,
+             std: float | None = None, **overrides) -> LanguageModel:
+        fields = dict(arch=arch, n_layer=2, d_model=32, block_size=24, source_block_size=20, vocab_size=vocab,
+                      src_vocab_size=src_vocab)
+        if arch == "encoder-decoder":
+            fields.update(n_head=4, pos="sinusoidal", act="relu")
+        fields.update(overrides)
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(**fields)).eval()
+        if std is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0.0, std)
+        return model
+
+    return make
+
+
 @pytest.fixture
 def char_tokenizer():
     """A char tokenizer trained on a few lines of Shakespeare (TEXT)."""
@@ -168,6 +197,42 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    """A JSONL of 400 pairs: a short lower-case word -> its letters reversed, upper-case, spaced."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(600)})[:400]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"source": w, "target": " ".join(reversed(w.upper()))}) + "\n" for w in words))
+    return path
+
+
+@pytest.fixture(scope="session")
+def seq2seq_runs(tmp_path_factory, pairs_file) -> dict[str, Path]:
+    """Briefly trained runs on `pairs_file` (chars in, `word` tokens out), by model.arch:
+    "encoder-decoder" (2 + 2 layers, 32 wide) and "gru-seq2seq"."""
+    from llmcli.train.loop import train
+    from llmcli.train.run_dir import RunPlan
+
+    root = tmp_path_factory.mktemp("seq2seq-runs")
+    common = [f"data.source={pairs_file}", f"data.cache_dir={root / 'cache'}", "data.task=seq2seq",
+              "data.val_fraction=0.1", "data.test_fraction=0.1", "tokenizer.kind=word", "source_tokenizer.kind=char",
+              "model.n_layer=2", "model.d_model=32", "model.block_size=12", "train.batch_size=16",
+              "train.max_steps=40", "train.warmup_steps=5", "train.eval_interval=40", "train.eval_batches=2",
+              "train.log_interval=40", "train.lr=3e-3"]
+    runs = {}
+    for arch, extra in {"encoder-decoder": ["model.n_head=4"], "gru-seq2seq": []}.items():
+        train(RunPlan(load_config(None, [*common, f"model.arch={arch}", *extra]), root / arch))
+        runs[arch] = root / arch
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return runs
 
 
 @pytest.fixture

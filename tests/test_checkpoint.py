@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -94,7 +93,7 @@ def test_load_errors_name_the_file(tmp_path, tiny_model):
 def test_config_json_round_trip(tmp_path, tiny_model):
     cfg = tiny_model(VOCAB, preset="llama", n_kv_head=2).config
     path = tmp_path / "model.json"
-    path.write_text(json.dumps(dataclasses.asdict(cfg)))
+    path.write_text(json.dumps(cfg.to_dict()))
     assert model_config_from_json(path) == cfg
 
 

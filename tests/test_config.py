@@ -111,10 +111,10 @@ def test_saved_config_reloads_identically(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.arch=lstm", "model.n_head=4"],
-     "model.n_head: does not apply to model.arch=lstm (only to transformer) (from override 'model.n_head=4')"),
+     "model.n_head: does not apply to model.arch=lstm (only to transformer and encoder-decoder) (from override 'model.n_head=4')"),
     (["model.arch=gru", "model.preset=llama"], "model.preset: does not apply to model.arch=gru"),
     (["model.arch=rnn", "model.pos=rope"], "model.pos: does not apply to model.arch=rnn"),
-    (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru and rnn)"),
+    (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru, rnn, gru-seq2seq and lstm-seq2seq)"),
     (["model.arch=lstm", "model.d_hidden=64"],
      "model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden=64, d_model=128); "
      "set model.tie_embeddings=false or make them equal (from override 'model.d_hidden=64')"),

@@ -141,4 +141,4 @@ def test_lm_eval_command_line_with_our_model(trained_runs, mc_task, tmp_path):
 
 def test_cli_refusals(cli, one_line_error, trained_runs, tmp_path):
     one_line_error(cli("eval", trained_runs["gpt2"], "--tasks", tmp_path / "missing.yaml"), "task file not found")
-    one_line_error(cli("eval", trained_runs["gpt2"], "--limit", "3"), "--limit applies to --tasks only")
+    one_line_error(cli("eval", trained_runs["gpt2"], "--limit", "3"), "--limit applies to sequence-to-sequence models and --tasks")

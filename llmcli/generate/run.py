@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import IO
 
 from llmcli import ui
-from llmcli.checkpoint import end_token_ids, load_for_inference
+from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tokenizer
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
-from llmcli.generate.text import Completion, Generator, encode_prompt
+from llmcli.generate.beam import BeamSearch, BeamSettings
+from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.text import Completion, Generator, StopText, encode_prompt
 from llmcli.options import GenerateOptions
+from llmcli.tokenizer import decode
 
 
 def generate_command(opts: GenerateOptions) -> None:
@@ -63,13 +66,17 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     params = opts.sampling
     device = select_device(opts.device)
     directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+    source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
     jobs = [(p, j) for p in prompts for j in range(opts.num_samples)]
     generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)),
-                          stop_token_ids=end_token_ids(directory, tokenizer))
+                          source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer))
+    inputs = {p: generator.source_ids(p) if generator.seq2seq else encode_prompt(tokenizer, p) for p in prompts}
+    if opts.beam.beams > 1:
+        return _run_beams(opts, generator, prompts, inputs, out, device.type)
     ids = []
     for index, (prompt, j) in enumerate(jobs):
         seed = params.seed + j if params.seed is not None else None
-        request_id = generator.submit(encode_prompt(tokenizer, prompt), dataclasses.replace(params, seed=seed))
+        request_id = generator.submit(inputs[prompt], dataclasses.replace(params, seed=seed))
         dropped = generator.request(request_id).dropped_prompt_tokens
         if dropped and j == 0:
             label = f"prompt {index // opts.num_samples + 1}" if len(prompts) > 1 else "the prompt"
@@ -77,7 +84,7 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
                    f"tokens); its first {dropped} tokens were dropped")
         ids.append(request_id)
     printer = _Printer(out, generator, ids, [p for p, _ in jobs], json_lines=opts.json_out,
-                       stream=not opts.no_stream)
+                       stream=not opts.no_stream, echo=not generator.seq2seq)
     started = time.perf_counter()
     while generator.has_work():
         printer.take(generator.step())
@@ -94,13 +101,59 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     return results
 
 
+def _run_beams(opts: GenerateOptions, generator: Generator, prompts: list[str], inputs: dict, out: IO[str],
+               device: str) -> list[Completion]:
+    """--beams N: the best opts.num_samples hypotheses of each prompt, printed as each prompt's search
+    ends (no streaming)."""
+    model, tokenizer, params = generator.engine.model, generator.tokenizer, opts.sampling
+    eos = -1 if params.ignore_eot or not generator.stop_ids else generator.stop_ids[0]
+    search = BeamSearch(model, batch_size=min(opts.batch_size, len(prompts)), beams=opts.beam.beams, eos_id=eos,
+                        vocab_size=generator.engine.vocab_size)
+    settings = BeamSettings(opts.beam.beams, params.max_new_tokens, length_penalty=_penalty(opts.beam),
+                            early_stopping=opts.beam.early_stopping, returns=opts.num_samples)
+    if generator.seq2seq:
+        decoder_prompts, sources = [[generator.eot]] * len(prompts), [inputs[p] for p in prompts]
+    else:
+        context = model.context_length
+        decoder_prompts, sources = [inputs[p][-(context - 1):] if context else inputs[p] for p in prompts], None
+    started = time.perf_counter()
+    found = search.run(decoder_prompts, settings, sources)
+    results = []
+    for prompt, hypotheses in zip(prompts, found, strict=True):
+        for h in hypotheses:
+            text = StopText(params.stop)
+            text.push(decode(tokenizer, h.tokens, skip_special_tokens=True), final=True)
+            reason = FINISH_STOP if text.stopped else FINISH_EOT if h.finished else FINISH_LENGTH
+            results.append(Completion(id=len(results), completion=text.text, tokens=len(h.tokens) + h.finished,
+                                      prompt_tokens=len(inputs[prompt]), dropped_prompt_tokens=0, finish_reason=reason,
+                                      seed=0, prefill_tokens_per_second=0.0, decode_tokens_per_second=0.0))
+            if opts.json_out:
+                key, value = ("source", "target") if generator.seq2seq else ("prompt", "completion")
+                row = {key: prompt, value: text.text, "tokens": results[-1].tokens, "score": round(h.score, 4),
+                       "logprob": round(h.logprob, 4)}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                out.write(("" if generator.seq2seq else prompt) + text.text + "\n")
+    out.flush()
+    elapsed = time.perf_counter() - started
+    ui.log(f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, {opts.beam.beams} beams, "
+           f"{search.stats['tokens']} beam tokens in {elapsed:.2f}s "
+           f"({ui.format_count(search.stats['tokens'] / max(elapsed, 1e-9))} tok/s, {device})")
+    return results
+
+
+def _penalty(beam) -> float:
+    return 1.0 if beam.length_penalty is None else beam.length_penalty
+
+
 class _Printer:
-    """Prints samples in submission order: the one in front streams, the others wait their turn."""
+    """Prints samples in submission order: the one in front streams, the others wait their turn.
+    Without `echo` (seq2seq) a sample is its text alone, one line each."""
 
     def __init__(self, out: IO[str], generator: Generator, ids: list[int], prompts: list[str], *,
-                 json_lines: bool, stream: bool):
+                 json_lines: bool, stream: bool, echo: bool = True):
         self.out, self.generator, self.ids, self.prompts = out, generator, ids, prompts
-        self.json_lines, self.stream = json_lines, stream
+        self.json_lines, self.stream, self.echo = json_lines, stream, echo
         self.styled = ui.interactive(ui.stdout) and not json_lines
         self.texts: dict[int, list[str]] = {i: [] for i in ids}
         self.finished: set[int] = set()
@@ -116,10 +169,10 @@ class _Printer:
             request_id, prompt = self.ids[self.head], self.prompts[self.head]
             done = request_id in self.finished
             if not self.json_lines and (self.stream or done):
-                if not self.head_started:
+                if not self.head_started and self.echo:
                     self._write("---\n" if self.head > 0 else "")
                     self._write(f"\x1b[1m{prompt}\x1b[0m" if self.styled and prompt else prompt)
-                    self.head_started = True
+                self.head_started = True
                 self._write("".join(self.texts[request_id]))
                 self.texts[request_id].clear()
             if not done:
@@ -127,8 +180,8 @@ class _Printer:
             completion = self.generator.completion(request_id)
             self.results.append(completion)
             if self.json_lines:
-                self._write(json.dumps(_json(prompt, completion), ensure_ascii=False) + "\n")
-            elif not (prompt + completion.completion).endswith("\n"):
+                self._write(json.dumps(_json(prompt, completion, self.echo), ensure_ascii=False) + "\n")
+            elif not self.echo or not (prompt + completion.completion).endswith("\n"):
                 self._write("\n")
             self.head, self.head_started = self.head + 1, False
 
@@ -138,7 +191,8 @@ class _Printer:
             self.out.flush()
 
 
-def _json(prompt: str, c: Completion) -> dict:
-    return {"prompt": prompt, "completion": c.completion, "tokens": c.tokens,
+def _json(prompt: str, c: Completion, lm: bool = True) -> dict:
+    key, value = ("prompt", "completion") if lm else ("source", "target")
+    return {key: prompt, value: c.completion, "tokens": c.tokens,
             "prefill_tokens_per_second": round(c.prefill_tokens_per_second, 2),
             "decode_tokens_per_second": round(c.decode_tokens_per_second, 2)}

@@ -121,6 +121,18 @@ class _TextState:
     request: Request
 
 
+def encode_source(tokenizer: Any, source: str) -> list[int]:
+    """A seq2seq source's ids, its end token (<|endoftext|>) appended; an empty source, and
+    characters the tokenizer never saw, are refused."""
+    if not source.strip():
+        raise UserError("the source is empty: a sequence-to-sequence model needs something to map")
+    unknown = unknown_chars(tokenizer, source)
+    if unknown:
+        shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        raise UserError(f"the source contains {unknown_noun(unknown)} this model's source tokenizer never saw: {shown}")
+    return encode(tokenizer, source) + [eot_id(tokenizer)]
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """A text prompt's ids; "" is <|endoftext|> alone (the start of a document). Characters a
     char-level tokenizer never saw are refused, naming them."""
@@ -132,13 +144,20 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 
 
 class Generator:
-    """Prompts in, streamed text out, on top of an `Engine` (see the module docstring)."""
+    """Prompts in, streamed text out, on top of an `Engine` (see the module docstring).
+
+    For a seq2seq model a prompt is the source (encoded with `source_tokenizer`, default
+    `tokenizer`), and the text out is the target, decoded from the start token.
+    """
 
     def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8,
-                 stop_token_ids: Sequence[int] | None = None, **engine_kwargs: Any):
+                 source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None, **engine_kwargs: Any):
         """`stop_token_ids`: the ids that end a sequence (checkpoint.end_token_ids; none: only the length
         limit); default <|endoftext|>."""
         self.tokenizer = tokenizer
+        self.seq2seq = model.task == "seq2seq"
+        self.source_tokenizer = source_tokenizer or tokenizer
+        self.eot = eot_id(tokenizer) if self.seq2seq else None  # the decoder's start token
         self.stop_ids = tuple(stop_token_ids) if stop_token_ids is not None else (eot_id(tokenizer),)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > model.config.vocab_size:
@@ -148,17 +167,30 @@ class Generator:
         self._done: dict[int, Completion] = {}
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a prompt (text, or token ids already encoded); returns its request id."""
-        ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        """Queue a prompt (text, or token ids already encoded; for seq2seq the source, whose end
+        token is appended when missing); returns its request id."""
         stop_ids = () if params.ignore_eot else self.stop_ids
-        request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
+        if self.seq2seq:
+            source = self.source_ids(prompt)
+            ids, context = [self.eot], []  # the decoder starts from <|endoftext|>
+            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids, source_ids=source)
+        else:
+            ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
+            context = ids[-1:] if ids[-1] not in self.stop_ids else []  # after an end token, text starts afresh
         request = self.engine.get(request_id)
         assert request is not None
-        ends = (*self.stop_ids, eot_id(self.tokenizer))  # after an end token, text starts afresh
-        context = ids[-1:] if ids[-1] not in ends else []
         self._states[request_id] = _TextState(IncrementalDecoder(self.tokenizer, context), StopText(params.stop),
                                               request)
         return request_id
+
+    def source_ids(self, source: str | Sequence[int]) -> list[int]:
+        """A seq2seq source as the encoder's ids (text encoded, ids given an end token if they lack one)."""
+        if isinstance(source, str):
+            return encode_source(self.source_tokenizer, source)
+        end = eot_id(self.source_tokenizer)
+        ids = list(source)
+        return ids if ids and ids[-1] == end else ids + [end]
 
     def request(self, request_id: int) -> Request:
         return self._states[request_id].request
@@ -199,7 +231,8 @@ class Generator:
         prefill_tps = len(r.prompt_ids) / r.prefill_seconds if r.prefill_seconds > 0 else 0.0
         decode_tps = (r.generated - 1) / r.decode_seconds if r.decode_seconds > 0 and r.generated > 1 else 0.0
         return Completion(id=r.id, completion=state.stop.text, tokens=r.generated,
-                          prompt_tokens=len(r.prompt_ids), dropped_prompt_tokens=r.dropped_prompt_tokens,
+                          prompt_tokens=len(r.source_ids if r.source_ids is not None else r.prompt_ids),
+                          dropped_prompt_tokens=r.dropped_prompt_tokens,
                           finish_reason=reason, seed=r.seed, prefill_tokens_per_second=prefill_tps,
                           decode_tokens_per_second=decode_tps)
 

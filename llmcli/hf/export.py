@@ -5,7 +5,8 @@ The folder holds config.json (see mapping.py), model.safetensors, generation_con
 special tokens, `model_max_length` = block_size, the checkpoint's chat template or our default
 layout as Jinja) and special_tokens_map.json. The eos / bos ids are
 the tokenizer's `<|endoftext|>`, or `eos_token_id` / `bos_token_id` from checkpoint.json when an
-import recorded them there. A quantized checkpoint is refused unless `--dequantize`.
+import recorded them there. A quantized checkpoint is refused unless `--dequantize`. An
+encoder-decoder becomes a MarianMTModel folder instead (marian.py, seq2seq.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llmcli.chat_template import DEFAULT_JINJA, jinja_source
 from llmcli.chat_template import tokenizer_config as tokenizer_config_of
 from llmcli.checkpoint import (
     MODEL_CONFIG,
+    SOURCE_TOKENIZER,
     TOKENIZER,
     check_output_dir,
     load_model,
@@ -44,11 +46,14 @@ from llmcli.hf.files import (
     parse_dtype,
 )
 from llmcli.hf.mapping import ARCHITECTURE, export_family, hf_config_dict, state_dict_to_hf
+from llmcli.hf.marian import ARCHITECTURE as MARIAN
+from llmcli.hf.marian import check_exportable, marian_config, state_dict_to_marian
+from llmcli.hf.seq2seq import marian_folder_files
 from llmcli.io import atomic_replace_dir, atomic_write, atomic_write_text
 from llmcli.models import registry
 from llmcli.options import ExportOptions
 from llmcli.quantize.modules import dequantize_model, quantization_of
-from llmcli.tokenizer import EOT, load_tokenizer
+from llmcli.tokenizer import EOT, eot_id, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -61,6 +66,7 @@ class ExportResult:
     dtype: str
     eos_token_id: int | None
     files: list[str]
+    loader: str = "AutoModelForCausalLM"  # the transformers Auto class that loads it
 
 
 def export_command(opts: ExportOptions) -> None:
@@ -88,9 +94,13 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     model_config = model_config_from_json(src / MODEL_CONFIG)  # refuse before reading the weights
     if not registry.family(model_config).exports_to_hf:
         raise UserError(f"{src} holds a model.arch={model_config.arch} model: transformers has no "
-                        f"{model_config.arch} language-model class to export it as (only model.arch=transformer "
-                        "exports)")
-    family = export_family(model_config)
+                        f"{model_config.arch} class to export it as (model.arch=transformer and encoder-decoder "
+                        "export)")
+    if model_config.task == "seq2seq":
+        check_exportable(model_config)
+        family = "marian"
+    else:
+        family = export_family(model_config)
     if quantized:
         model = load_model(src)
         if quantization_of(model) is not None:
@@ -100,6 +110,8 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     else:
         model = load_model(src, dtype=want)
     config = model.config
+    if config.task == "seq2seq":
+        return _export_marian(model, src, out)
     tensors = state_dict_to_hf(model.state_dict(), config, family)
     stored = next(iter(tensors.values())).dtype
 
@@ -133,6 +145,28 @@ def export_hf(opts: ExportOptions) -> ExportResult:
                         eos_token_id=first(eos_id), files=sorted([HF_WEIGHTS, HF_TOKENIZER, *texts]))
 
 
+def _export_marian(model: Any, src: Path, out: Path) -> ExportResult:
+    """A seq2seq checkpoint as a MarianMTModel folder (marian.py, seq2seq.py)."""
+    config = model.config
+    tensors = state_dict_to_marian(model.state_dict(), config)
+    stored = next(iter(tensors.values())).dtype
+    eot = eot_id(load_tokenizer(src / TOKENIZER))
+    own = src / SOURCE_TOKENIZER
+    texts = {HF_CONFIG: json_text(marian_config(config, eos_token_id=eot, dtype=stored)),
+             **marian_folder_files(config, src / TOKENIZER, own if own.is_file() else None, eot)}
+
+    def build(tmp: Path) -> None:
+        atomic_write(tmp / HF_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        for name, text in texts.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(tmp / name, text)
+
+    atomic_replace_dir(out, build)
+    return ExportResult(out=out, family="marian", architecture=MARIAN, config=config, parameters=model.num_params(),
+                        dtype=str(stored).removeprefix("torch."), eos_token_id=eot,
+                        files=sorted([HF_WEIGHTS, *texts]), loader="AutoModelForSeq2SeqLM")
+
+
 def print_export(result: ExportResult, console: Any = None) -> None:
     from llmcli import ui
 
@@ -140,5 +174,5 @@ def print_export(result: ExportResult, console: Any = None) -> None:
     console.print(f"exported {result.architecture} ({describe(result.config, result.parameters)}, "
                   f"{result.dtype}) -> {result.out}", markup=False, soft_wrap=True)
     console.print(f"files: {', '.join(result.files)}", markup=False, soft_wrap=True)
-    console.print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(result.out)!r}), "
+    console.print(f"load it with transformers: {result.loader}.from_pretrained({str(result.out)!r}), "
                   f"AutoTokenizer.from_pretrained({str(result.out)!r})", markup=False, soft_wrap=True)

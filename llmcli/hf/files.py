@@ -64,6 +64,12 @@ def describe(config: ModelConfig, parameters: int) -> str:
     from llmcli.ui import format_count
 
     heads = f"{config.n_head} heads" + (f" / {config.kv_heads} kv" if config.kv_heads != config.n_head else "")
+    if config.task == "seq2seq":
+        vocab = f"vocab {config.vocab_size}" if config.share_embeddings else \
+            f"vocab {config.source_vocab_size} -> {config.vocab_size}"
+        return (f"{config.encoder_layers} + {config.n_layer} layers, d_model {config.d_model}, {heads}, {vocab}, "
+                f"context {config.source_context} -> {config.block_size}, "
+                f"{'tied' if config.tie_embeddings else 'untied'} head; {format_count(parameters)} parameters")
     return (f"{config.n_layer} layers, d_model {config.d_model}, {heads}, vocab {config.vocab_size}, "
             f"context {config.block_size}, {'tied' if config.tie_embeddings else 'untied'} head; "
             f"{format_count(parameters)} parameters")

@@ -1,4 +1,4 @@
-"""`llmcli import`: a Hugging Face GPT2LMHeadModel / LlamaForCausalLM folder or hub id -> a checkpoint.
+"""`llmcli import`: a Hugging Face GPT2LMHeadModel / LlamaForCausalLM / MarianMTModel folder or hub id -> a checkpoint.
 
 A local folder may hold model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model.bin (read with `torch.load(weights_only=True)`, which never runs pickled code); a
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from llmcli.checkpoint import INFO, check_output_dir, write_checkpoint
-from llmcli.config import Config, ModelConfig, TokenizerConfig
+from llmcli.checkpoint import INFO, SOURCE_TOKENIZER, check_output_dir, write_checkpoint
+from llmcli.config import Config, DataConfig, ModelConfig, SourceTokenizerConfig, TokenizerConfig
 from llmcli.errors import UserError
 from llmcli.hf.files import (
     HF_CONFIG,
@@ -39,6 +39,10 @@ from llmcli.hf.files import (
     token_content,
 )
 from llmcli.hf.mapping import ARCHITECTURE, hf_tensor_names, model_config_from_hf, state_dict_from_hf
+from llmcli.hf.marian import ARCHITECTURE as MARIAN
+from llmcli.hf.marian import hf_tensor_names as marian_tensor_names
+from llmcli.hf.marian import model_config_from_marian, state_dict_from_marian
+from llmcli.hf.seq2seq import marian_tokenizers
 from llmcli.models.registry import build_model
 from llmcli.options import ImportOptions
 from llmcli.tokenizer import EOT, load_tokenizer
@@ -229,16 +233,22 @@ def import_hf(opts: ImportOptions) -> ImportResult:
     inputs = {"the source": directory, **({"the tokenizer file": Path(opts.tokenizer)} if opts.tokenizer else {})}
     check_output_dir(out, opts.overwrite, inputs)
     hf = read_json(directory / HF_CONFIG)
-    family, config = model_config_from_hf(hf, str(directory / HF_CONFIG))
-    tok, tok_bytes = _tokenizer_for_import(directory, opts.tokenizer)
-    hf_state, weights_name = load_hf_weights(directory)
-    state = state_dict_from_hf(hf_state, config, family, source=weights_name)
+    source_tok_bytes = None
+    if MARIAN in (hf.get("architectures") or [hf.get("model_type")]) or hf.get("model_type") == "marian":
+        family, config = "marian", model_config_from_marian(hf, str(directory / HF_CONFIG))
+        tok, tok_bytes, source_tok_bytes = marian_tokenizers(directory, opts.tokenizer, config)
+        hf_state, weights_name = load_hf_weights(directory)
+        state, names = state_dict_from_marian(hf_state, config, source=weights_name), marian_tensor_names(config)
+    else:
+        family, config = model_config_from_hf(hf, str(directory / HF_CONFIG))
+        tok, tok_bytes = _tokenizer_for_import(directory, opts.tokenizer)
+        hf_state, weights_name = load_hf_weights(directory)
+        state, names = state_dict_from_hf(hf_state, config, family, source=weights_name), hf_tensor_names(config, family)
     del hf_state
 
     with torch.device("meta"):  # no memory, no random init: every weight comes from the source
         model = build_model(config)
     expected = model.state_dict()
-    names = hf_tensor_names(config, family)
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise UserError(f"{weights_name}: {names[name]} has shape {tuple(tensor.shape)}, but "
@@ -270,12 +280,18 @@ def import_hf(opts: ImportOptions) -> ImportResult:
 
     kind = "char" if type(tok.model).__name__ == "WordLevel" else "bpe"
     run_config = Config(model=config, tokenizer=TokenizerConfig(kind=kind, vocab_size=tok_vocab))
-    info = {"imported_from": source, "architecture": (hf.get("architectures") or [ARCHITECTURE[family]])[0],
+    if config.task == "seq2seq":  # its config.yaml must say it maps pairs
+        run_config = dataclasses.replace(run_config, data=DataConfig(task="seq2seq", source="cmudict"),
+                                         source_tokenizer=SourceTokenizerConfig(
+                                             kind="shared" if source_tok_bytes is None else "char"))
+    info = {"imported_from": source, "architecture": (hf.get("architectures") or [{**ARCHITECTURE, "marian": MARIAN}[family]])[0],
             "eos_token_id": eos_id, "bos_token_id": bos_id, "eos_token": eos_token}
     if str(directory) != source:
         info["downloaded_to"] = str(directory)
     kept = {name: (directory / name).read_bytes() for name in (HF_TOKENIZER_CONFIG, HF_GENERATION_CONFIG)
-            if (directory / name).is_file()}  # the chat template, the end tokens
+            if (directory / name).is_file() and family != "marian"}  # the chat template, the end tokens
+    if source_tok_bytes is not None:
+        kept[SOURCE_TOKENIZER] = source_tok_bytes
     write_checkpoint(out, model, run_config, tok_bytes, info, kept)
     return ImportResult(out=out, source=source, architecture=info["architecture"], family=family,
                         config=config, parameters=model.num_params(),
@@ -289,7 +305,8 @@ def print_import(result: ImportResult, console: Any = None) -> None:
     console = console or ui.stdout
     for warning in result.warnings:
         ui.stderr.print(f"warning: {warning}", markup=False, soft_wrap=True)
-    console.print(f"imported {result.architecture} from {result.source} as model.preset={result.family} "
+    as_ = f"model.arch={result.config.arch}" if result.family == "marian" else f"model.preset={result.family}"
+    console.print(f"imported {result.architecture} from {result.source} as {as_} "
                   f"({describe(result.config, result.parameters)}, {result.dtype}) -> {result.out}",
                   markup=False, soft_wrap=True)
     eos = "none" if result.eos_token_id is None else f"{result.eos_token!r} (id {result.eos_token_id})"

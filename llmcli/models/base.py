@@ -11,6 +11,17 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
   `llmcli attention`); the default refuses, naming the family;
 * names its repeated blocks for sharded training (`shard_units`);
 * names what LoRA may adapt in its own terms (`lora_targets`).
+
+Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
+slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
+
+Sequence-to-sequence families (`task = "seq2seq"`) map a source sequence to a target one. Their
+`forward(idx, source=..., source_lengths=...)` gives the target-side logits of the decoder inputs
+`idx` given padded sources (teacher forcing: training and scoring), and `encode(source,
+state=state, rows=rows)` runs the encoder once per source and keeps its memory (for a transformer
+the cross-attention keys and values) in each row's slot, beside the decoder's own state; decoding
+then goes through `forward(idx, state=state, rows=rows)` as for a language model. Commands ask
+`task` (and `source_length`, `source_vocab_size`) rather than which family they hold.
 """
 
 from __future__ import annotations
@@ -72,9 +83,26 @@ class LanguageModel(nn.Module):
     partition_refusal: str | None = None
     # Whether `llmcli export --format hf` has a `transformers` class to write this family as.
     exports_to_hf: bool = False
+    # "lm": continues a sequence; "seq2seq": maps a source sequence to a target (see the module docstring).
+    task: str = "lm"
 
     def forward(self, idx: torch.Tensor, *, state: Any = None, rows: Rows | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def encode(self, source: torch.Tensor, *, state: Any, rows: Rows) -> None:
+        """seq2seq: encode `source` [B, S] (row b's first `rows.lengths[b]` tokens are real) into slot
+        `rows.slots[b]` of `state`, ready for the decoder's first step."""
+        raise NotImplementedError(f"model.arch={self.config.arch} has no encoder (it is a {self.task} model)")
+
+    @property
+    def source_length(self) -> int | None:
+        """seq2seq: the most source tokens (its end token included) the encoder takes; None for an LM."""
+        return None
+
+    @property
+    def source_vocab_size(self) -> int | None:
+        """seq2seq: the size of the source vocabulary; None for an LM."""
+        return None
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> Any:

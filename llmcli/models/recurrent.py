@@ -81,6 +81,15 @@ class RecurrentState:
         for slot, start, length in zip(rows.slots, rows.starts, rows.lengths, strict=True):
             self.positions[slot] = start + length
 
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        """Slot targets[i] becomes a copy of slot sources[i] (all read before any is written)."""
+        src, dst = torch.tensor(sources), torch.tensor(targets)
+        for t in self.tensors:
+            t[:, dst.to(t.device)] = t[:, src.to(t.device)]
+        positions = [self.positions[s] for s in sources]
+        for slot, position in zip(targets, positions, strict=True):
+            self.positions[slot] = position
+
 
 class Recurrent(LanguageModel):
     """Embedding → dropout → n_layer recurrent layers (dropout between) → dropout → LM head."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from llmcli.config import ModelConfig
 from llmcli.models.base import LanguageModel
+from llmcli.models.encoder_decoder import EncoderDecoder
 from llmcli.models.recurrent import Recurrent
+from llmcli.models.recurrent_seq2seq import RecurrentSeq2Seq
 from llmcli.models.transformer import Transformer
 
 FAMILIES: dict[str, type[LanguageModel]] = {
@@ -12,6 +14,9 @@ FAMILIES: dict[str, type[LanguageModel]] = {
     "lstm": Recurrent,
     "gru": Recurrent,
     "rnn": Recurrent,
+    "encoder-decoder": EncoderDecoder,
+    "gru-seq2seq": RecurrentSeq2Seq,
+    "lstm-seq2seq": RecurrentSeq2Seq,
 }
 
 

@@ -118,6 +118,13 @@ class KVCache:
                              f"max_len={self.max_len}); got {lo}..{hi}")
         return CacheStep(self, rows, length, hi + 1, device)
 
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        """Slot targets[i] becomes a copy of slot sources[i] (all read before any is written)."""
+        src, dst = torch.tensor(sources), torch.tensor(targets)
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[dst.to(t.device)] = t[src.to(t.device)]
+
 
 class CacheStep:
     """One forward's view of a KVCache: where each row writes, and what it may attend to.
@@ -200,11 +207,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)). Or down(relu(up(x)))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.act == "swiglu"
+        self.swiglu, self.relu = config.act == "swiglu", config.act == "relu"
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
@@ -214,6 +221,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.relu:
+            hidden = F.relu(self.up_proj(x))
         else:
             hidden = F.gelu(self.up_proj(x), approximate="tanh")  # HF's "gelu_new"
         return self.dropout(self.down_proj(hidden))

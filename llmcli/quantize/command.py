@@ -15,6 +15,7 @@ from rich.table import Table
 from llmcli import ui
 from llmcli.checkpoint import (
     RUN_CONFIG,
+    SOURCE_TOKENIZER,
     TOKENIZER,
     WEIGHTS,
     check_output_dir,
@@ -91,7 +92,9 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     quantize_model(model, entry)
     info = {**read_info(source), "quantization": entry, "quantized_from": str(source.resolve()),
             "quantized_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_checkpoint(out, model, load_config(source / RUN_CONFIG), (source / TOKENIZER).read_bytes(), info)
+    own_source = source / SOURCE_TOKENIZER  # a seq2seq model's source side, when it has its own
+    write_checkpoint(out, model, load_config(source / RUN_CONFIG), (source / TOKENIZER).read_bytes(), info,
+                     {SOURCE_TOKENIZER: own_source.read_bytes()} if own_source.is_file() else None)
     layers = quantized_layer_count(model)
     del model
     report = QuantizeReport(source=source, out=out, entry=entry, before=before,
@@ -105,7 +108,8 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
         if opts.decode_tokens:
             log("timing decoding, both models in turn")
             original = load_model(source).eval()
-            (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [_eot(source)])
+            (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [_eot(source)],
+                                                               sources=_decode_sources(source, original))
             before.decode_tokens_per_second = statistics.median(fp)
             report.after.decode_tokens_per_second = statistics.median(q)
             same = sum(a == b for a, b in zip(reference, tokens, strict=False))
@@ -119,31 +123,71 @@ def _eot(directory: Path) -> int:
     return eot_id(load_tokenizer(directory / TOKENIZER))
 
 
-def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> tuple[float | None, int]:
-    """Perplexity on the first `eval_tokens` tokens of the run's own val split, scored by
-    llmcli.evaluate (sliding windows, as `llmcli eval`); (None, 0) when eval_tokens is 0."""
-    if eval_tokens == 0:
-        return None, 0
+def _prepared(directory: Path, model: nn.Module):
+    """The run's own data (its pairs, for a seq2seq model), as `llmcli eval` reads it."""
     from llmcli.data.prepare import prepare_data
-    from llmcli.evaluate import data_config, metrics_from_sums, score_tokens
+    from llmcli.data.prepare_pairs import prepare_pairs
+    from llmcli.evaluate import data_config
+    from llmcli.evaluate_pairs import with_source_tokenizer
 
     try:
-        prepared = prepare_data(data_config(directory, None, []), console=ui.stderr)
+        cfg = data_config(directory, None, [])
+        if model.task == "seq2seq":
+            return prepare_pairs(with_source_tokenizer(cfg, directory), console=ui.stderr)
+        return prepare_data(cfg, console=ui.stderr)
     except UserError as exc:
-        raise UserError(f"{exc} (measuring perplexity needs the run's data; --eval-tokens 0 skips it)") from None
+        raise UserError(f"{exc} (measuring needs the run's data; --eval-tokens 0 --decode-tokens 0 skip it)") from None
+
+
+def _decode_sources(directory: Path, model: nn.Module) -> list[list[int]] | None:
+    """seq2seq: the val sources decoding is timed on (None for a language model)."""
+    if model.task != "seq2seq":
+        return None
+    from llmcli.evaluate_pairs import first_sources
+
+    return first_sources(_prepared(directory, model), "val", 256)
+
+
+def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> tuple[float | None, int]:
+    """Perplexity on the first `eval_tokens` tokens of the run's own val split, scored by
+    llmcli.evaluate (sliding windows, as `llmcli eval`; a seq2seq model's targets by teacher
+    forcing); (None, 0) when eval_tokens is 0."""
+    if eval_tokens == 0:
+        return None, 0
+    from llmcli.evaluate import metrics_from_sums, score_tokens
+
+    prepared = _prepared(directory, model)
     if "val" not in prepared.splits:
         raise UserError("the run's data has no val split to measure perplexity on; pass --eval-tokens 0")
+    if model.task == "seq2seq":
+        from llmcli.evaluate_pairs import pairs_perplexity
+
+        return pairs_perplexity(model, prepared, "val", eval_tokens)
     tokens = prepared.tokens("val")[:eval_tokens]
     metrics = metrics_from_sums(score_tokens(model, tokens, first_token=_eot(directory)))
     return metrics["perplexity"], int(metrics["tokens"])
 
 
-def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int]) -> tuple[float, list[int]]:
+def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
+                   sources: list[list[int]] | None = None) -> tuple[float, list[int]]:
     """One greedy generation of `new_tokens` at batch 1 with llmcli.generate's engine:
-    (decode tok/s, the tokens)."""
+    (decode tok/s, the tokens). A seq2seq model decodes `sources` one after another (each to its
+    end token) until it has `new_tokens` tokens."""
     from llmcli.generate.engine import Engine
     from llmcli.options import SamplingParams
 
+    if sources is not None:
+        engine, tokens = Engine(model, max_batch_size=1), []
+        params = SamplingParams(max_new_tokens=(model.context_length or model.config.block_size + 1) - 1,
+                                temperature=0.0)
+        for source in sources:
+            engine.add(prompt_ids, params, stop_token_ids=prompt_ids, source_ids=source)
+            while engine.has_work():
+                tokens += [ev.token for ev in engine.step()]
+            if len(tokens) >= new_tokens:
+                break
+        stats = engine.stats
+        return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
     if model.context_length is not None:
         new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
     engine = Engine(model, max_batch_size=1)
@@ -157,15 +201,16 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int]) -> 
 
 
 def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,
-                        rounds: int = 3) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
+                        rounds: int = 3, sources: list[list[int]] | None = None
+                        ) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
     """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
     that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
     of a, (tok/s per round, tokens) of b)."""
-    tokens = [measure_decode(model, new_tokens, prompt_ids)[1] for model in (a, b)]  # warm-up: runtime weights
+    tokens = [measure_decode(model, new_tokens, prompt_ids, sources)[1] for model in (a, b)]  # warm-up
     speeds: list[list[float]] = [[], []]
     for _ in range(rounds):
         for speed, model in zip(speeds, (a, b), strict=True):
-            speed.append(measure_decode(model, new_tokens, prompt_ids)[0])
+            speed.append(measure_decode(model, new_tokens, prompt_ids, sources)[0])
     return (speeds[0], tokens[0]), (speeds[1], tokens[1])
 
 

@@ -35,12 +35,12 @@ DYNAMIC_MODES = ("LSTM", "GRU")  # the recurrent kernels torch has in dynamic in
 
 
 def matrix_names(rnn: nn.RNNBase) -> list[str]:
-    """The weight matrices of a (unidirectional) recurrent layer stack: weight_ih_l0, weight_hh_l0, ..."""
+    """The weight matrices of a recurrent layer stack: weight_ih_l0, weight_hh_l0, (weight_ih_l0_reverse, ...)"""
     return [name for name in rnn._flat_weights_names if name.startswith("weight")]
 
 
 class QuantizedRecurrent(nn.Module):
-    """nn.LSTM / nn.GRU / nn.RNN (batch_first, one direction) with quantized weight matrices.
+    """nn.LSTM / nn.GRU / nn.RNN (batch_first, one direction or both) with quantized weight matrices.
 
     Built from a float layer (or an empty one on the meta device, to load into). `forward(input,
     hx)` takes and returns what the float layer does, PackedSequence included.
@@ -49,11 +49,11 @@ class QuantizedRecurrent(nn.Module):
     def __init__(self, rnn: nn.RNNBase, method: str, group_size: int | None, *, dynamic_activations: bool = False,
                  quantize_weights: bool = True):
         super().__init__()
-        if rnn.bidirectional or not rnn.batch_first or rnn.proj_size:
-            raise ValueError("only batch-first, unidirectional recurrent layers without projections are supported")
+        if not rnn.batch_first or rnn.proj_size:
+            raise ValueError("only batch-first recurrent layers without projections are supported")
         self.mode, self.method, self.group_size = rnn.mode, method, group_size
         self.options = dict(input_size=rnn.input_size, hidden_size=rnn.hidden_size, num_layers=rnn.num_layers,
-                            bias=rnn.bias, batch_first=True, dropout=rnn.dropout)
+                            bias=rnn.bias, batch_first=True, dropout=rnn.dropout, bidirectional=rnn.bidirectional)
         if self.mode.startswith("RNN"):
             self.options["nonlinearity"] = self.mode[4:].lower()
         self.matrices = matrix_names(rnn)
@@ -140,13 +140,16 @@ class QuantizedRecurrent(nn.Module):
     def _cell_params(self) -> list[Any]:
         """fbgemm's packed cell parameters per layer, from our exact int8 matrices and scales."""
         params = []
+        suffixes = ("", "_reverse") if self.options["bidirectional"] else ("",)
         for layer in range(self.options["num_layers"]):
-            packed, biases = [], []
-            for kind in ("ih", "hh"):
-                name, bias = f"weight_{kind}_l{layer}", self._parameters[f"bias_{kind}_l{layer}"].detach()
-                packed.append(fbgemm_pack(self._buffers[name], self._buffers[f"{name}_scale"], bias))
-                biases.append(bias)
-            params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(*packed, *biases, True))
+            for suffix in suffixes:  # torch's order: layer by layer, forward then reverse
+                packed, biases = [], []
+                for kind in ("ih", "hh"):
+                    name = f"weight_{kind}_l{layer}{suffix}"
+                    bias = self._parameters[f"bias_{kind}_l{layer}{suffix}"].detach()
+                    packed.append(fbgemm_pack(self._buffers[name], self._buffers[f"{name}_scale"], bias))
+                    biases.append(bias)
+                params.append(torch.ops.quantized.make_quantized_cell_params_dynamic(*packed, *biases, True))
         return params
 
     def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
@@ -184,16 +187,16 @@ class QuantizedRecurrent(nn.Module):
     def _dynamic(self, x: torch.Tensor, states: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, tuple]:
         """One row [1, T, in] through fbgemm's dynamic int8 kernel: (output, (h,) or (h, c))."""
         params = self._cached("fbgemm", self._cell_params)
-        layers, hidden = self.options["num_layers"], self.options["hidden_size"]
+        layers, hidden, both = self.options["num_layers"], self.options["hidden_size"], self.options["bidirectional"]
         if states is None:
-            zeros = x.new_zeros(layers, 1, hidden)
+            zeros = x.new_zeros(layers * (2 if both else 1), 1, hidden)
             states = (zeros, zeros) if self.mode == "LSTM" else (zeros,)
         x32 = x.float()
         if self.mode == "LSTM":
             out, h, c = torch.quantized_lstm(x32, [s.float() for s in states], params, True, layers, 0.0, False,
-                                             False, True, dtype=torch.qint8, use_dynamic=True)
+                                             both, True, dtype=torch.qint8, use_dynamic=True)
             return out.to(x.dtype), (h.to(x.dtype), c.to(x.dtype))
-        out, h = torch.quantized_gru(x32, states[0].float(), params, True, layers, 0.0, False, False, True)
+        out, h = torch.quantized_gru(x32, states[0].float(), params, True, layers, 0.0, False, both, True)
         return out.to(x.dtype), (h.to(x.dtype),)
 
 

@@ -13,7 +13,12 @@ Endpoints (OpenAI semantics, JSON in and out; the wire format is in protocol.py)
   `choices[].delta` chunks.
 
 A prompt longer than the context window keeps its last block_size tokens (`usage.prompt_tokens`
-counts what the model saw). Handlers tokenize on the event loop (off it when long) and hand token
+counts what the model saw).
+
+A sequence-to-sequence model (`task` seq2seq) translates instead of continuing: /v1/completions
+takes each prompt as a source (token-id prompts are source ids), /v1/chat/completions the content
+of the last user message (the chat template does not apply); the completion is the target. A
+source longer than the encoder takes, or an empty one, is a 400. Handlers tokenize on the event loop (off it when long) and hand token
 ids to the engine thread (engine_loop.py). A handler that sees its client disconnect (it watches
 the ASGI receive channel) cancels its sequences, which frees their slots.
 """
@@ -79,6 +84,8 @@ class ServerState:
     template: ChatTemplate | JinjaTemplate
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    task: str = "lm"  # seq2seq: prompts are sources (`tokenizer` is the source side's)
+    source_length: int | None = None  # seq2seq: the most source tokens the encoder takes
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # sequences admitted and not finished
     draining: bool = False
@@ -257,14 +264,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _parse(request, ChatBody)
-        try:
-            text = state.template.render(chat_messages(body.messages))
-        except UserError as exc:  # the chat template refused the conversation
-            raise invalid(str(exc), "messages", "chat_template_error") from None
-        prompt = await _encode(state, text, "messages")
+        messages = chat_messages(body.messages)
+        if state.task == "seq2seq":  # the last user message is the source
+            users = [content for role, content in messages if role == "user"]
+            if not users:
+                raise invalid("messages: a sequence-to-sequence model needs a user message (its source)", "messages")
+            prompt, stop = await _encode(state, users[-1], "messages"), ()
+        else:
+            try:
+                text = state.template.render(messages)
+            except UserError as exc:  # the chat template refused the conversation
+                raise invalid(str(exc), "messages", "chat_template_error") from None
+            prompt, stop = await _encode(state, text, "messages"), state.template.stop
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
-        return await _serve(state, request, body, [prompt], chat=True, max_tokens=max_tokens,
-                            extra_stop=state.template.stop)
+        return await _serve(state, request, body, [prompt], chat=True, max_tokens=max_tokens, extra_stop=stop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,10 +315,15 @@ async def _parse(request: Request, model: type[Body]) -> Any:
 async def _encode(state: ServerState, text: str, param: str) -> Prompt:
     """Tokenize a text prompt (off the event loop when it is long); unknown characters are a 400."""
 
+    if state.task == "seq2seq" and not text.strip():
+        raise invalid(f"{param}: the source is empty", param)
+
     def work() -> Prompt | list[str]:
         unknown = unknown_chars(state.tokenizer, text)
         if unknown:
             return unknown
+        if state.task == "seq2seq":
+            return Prompt(text, encode(state.tokenizer, text) + [state.eot])  # the source, with its end token
         return Prompt(text, encode(state.tokenizer, text) or [state.eot])  # "": a new document
 
     result = await asyncio.to_thread(work) if len(text) > LONG_PROMPT_CHARS else work()
@@ -313,7 +331,14 @@ async def _encode(state: ServerState, text: str, param: str) -> Prompt:
         shown = " ".join(repr(c) for c in result[:20]) + (" ..." if len(result) > 20 else "")
         raise invalid(f"{param}: {len(result)} character(s) this model's tokenizer never saw: {shown}", param,
                       "unknown_characters")
+    _check_source_length(state, result.ids, param)
     return result
+
+
+def _check_source_length(state: ServerState, ids: list[int], param: str) -> None:
+    if state.source_length is not None and len(ids) > state.source_length:
+        raise invalid(f"{param}: the source has {len(ids)} tokens (with its end token); this model's encoder takes "
+                      f"at most {state.source_length}", param, "source_too_long")
 
 
 async def _completion_prompts(state: ServerState, prompt: Any) -> list[Prompt]:
@@ -328,7 +353,10 @@ async def _completion_prompts(state: ServerState, prompt: Any) -> list[Prompt]:
         if bad:
             raise invalid(f"prompt: token id {bad[0]} is outside the vocabulary (0..{state.vocab_size - 1})",
                           "prompt")
-        out.append(Prompt(decode(state.tokenizer, ids), list(ids)))
+        if state.task == "seq2seq":  # source ids: the end token is added when missing
+            ids = list(ids) if ids[-1] == state.eot else [*ids, state.eot]
+            _check_source_length(state, ids, "prompt")
+        out.append(Prompt(decode(state.tokenizer, ids, skip_special_tokens=state.task == "seq2seq"), list(ids)))
     return out
 
 
@@ -362,7 +390,7 @@ async def _serve(state: ServerState, request: Request, body: Any, prompts: list[
     n = body.n or 1
     _admit(state, n * len(prompts))
     for p in prompts:
-        if state.block_size is not None and len(p.ids) > state.block_size:
+        if state.task == "lm" and state.block_size is not None and len(p.ids) > state.block_size:
             log.info("a prompt of %d tokens keeps its last %d (the context window)", len(p.ids), state.block_size)
     job = Job(state.engine, _sequences(prompts, n, params), on_release=state.release)
     state.in_flight += len(job.sequences)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from llmcli import ui
 from llmcli.chat_template import load_chat_template
-from llmcli.checkpoint import end_token_ids, load_for_inference, resolve_checkpoint
+from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tokenizer, resolve_checkpoint
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
@@ -41,21 +41,28 @@ def default_model_name(run_dir: str | Path) -> str:
 
 
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
-                max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None) -> ServerState:
+                max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None,
+                source_tokenizer: Any = None) -> ServerState:
     """Everything a server needs for a loaded model (the engine thread starts with the app).
 
-    `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>.
+    `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>. A
+    seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
+    `tokenizer`).
     """
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
-                                          stop_token_ids=stop_token_ids))
+                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids))
     name = opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
-    eot = stop_token_ids[0] if stop_token_ids else eot_id(tokenizer)  # what an empty prompt starts from
-    return ServerState(engine=engine, tokenizer=Tokenizer.from_str(tokenizer.to_str()), eot=eot,
+    seq2seq = model.task == "seq2seq"
+    prompts = source_tokenizer or tokenizer if seq2seq else tokenizer  # what requests encode with
+    # what an empty prompt starts from
+    eot = stop_token_ids[0] if stop_token_ids and not seq2seq else eot_id(prompts)
+    return ServerState(engine=engine, tokenizer=Tokenizer.from_str(prompts.to_str()), eot=eot,
                        model_name=name, block_size=model.context_length,
-                       vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+                       vocab_size=prompts.get_vocab_size(with_added_tokens=True),
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
-                       api_key=opts.api_key, max_body_bytes=max_body_bytes)
+                       api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
+                       source_length=model.source_length)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -123,9 +130,10 @@ def serve_command(opts: ServeOptions) -> None:
     sock = bind_socket(opts.host, opts.port)
     try:
         directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
+        source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
         parameters = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
-        state = build_state(model, tokenizer, opts, template,
-                            stop_token_ids=end_token_ids(directory, tokenizer))
+        state = build_state(model, tokenizer, opts, template, stop_token_ids=end_token_ids(directory, tokenizer),
+                            source_tokenizer=source_tokenizer)
         _announce(opts, state, sock, parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from llmcli import ui
-from llmcli.checkpoint import link_checkpoint, write_checkpoint
+from llmcli.checkpoint import SOURCE_TOKENIZER, TOKENIZER, link_checkpoint, write_checkpoint
 from llmcli.config import Config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
-from llmcli.io import atomic_replace_dir, swap_in
+from llmcli.io import atomic_replace_dir, atomic_write_bytes, swap_in
 from llmcli.options import TrainOptions
 from llmcli.train import state as saved
-from llmcli.train.finetune import IGNORE, ExampleWindows, carried_files, describe_trainable, starting_model
+from llmcli.train.batches import PairBatches, WindowBatches, training_data
+from llmcli.train.finetune import IGNORE, carried_files, describe_trainable, starting_model
 from llmcli.train.memory import check_fits, estimate
 from llmcli.train.report import Reporter, print_summary
 from llmcli.train.run_dir import (
@@ -43,7 +44,7 @@ from llmcli.train.run_dir import (
     staging_dir,
     truncate_metrics,
 )
-from llmcli.train.schedule import RandomWindows, TrainState, lr_at, steps_per_epoch, with_epochs
+from llmcli.train.schedule import TrainState, lr_at, with_epochs
 from llmcli.train.strategy import Strategy, peak_process_bytes
 from llmcli.train.trackers import Trackers
 
@@ -63,17 +64,18 @@ def train(plan: RunPlan, console: Console = ui.stderr) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, windows: RandomWindows, batches: int, accelerator: Any) -> dict[str, float]:
-    """Loss, perplexity and next-token accuracy on a fixed set of validation windows."""
+def evaluate(model: torch.nn.Module, windows: WindowBatches | PairBatches, batches: int,
+             accelerator: Any) -> dict[str, float]:
+    """Loss, perplexity and next-token accuracy on a fixed set of validation batches (padding left out)."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
     world = accelerator.num_processes
     for first in range(0, batches, world):  # as many forwards on every process: FSDP and ZeRO-3 gather in each
         index = first + accelerator.process_index
-        x, y = windows.eval_batch(min(index, batches - 1))
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        inputs, y = windows.eval_batch(min(index, batches - 1))
+        inputs, y = _to(inputs, accelerator.device), y.to(accelerator.device)
         with accelerator.autocast():
-            logits = model(x)
+            logits = model(**inputs)
         if index >= batches:
             continue  # a stand-in forward, not counted
         logits = logits.float()
@@ -126,23 +128,31 @@ class Trainer:
         check_fits(plan.cfg, self.accelerator.device, tokenizer.vocab_size if tokenizer.kind == "bpe" else 256,
                    self.world)
         with self.accelerator.main_process_first():
-            from llmcli.data.prepare import prepare_data
+            from llmcli.data.tasks import prepare_for_task
 
-            prepared = prepare_data(plan.cfg, console=console if self.main else Console(quiet=True))
+            prepared = prepare_for_task(plan.cfg, console=console if self.main else Console(quiet=True))
         self.cfg = _resolve(plan.cfg, prepared)
         check_fits(self.cfg, self.accelerator.device, world=self.world)
-        self.tokenizer = prepared.tokenizer_path.read_bytes()
-        self.train_windows = _windows(prepared, "train", self.cfg, t.seed)
-        self.val_windows = _windows(prepared, "val", self.cfg, t.seed + 1)
+        data = training_data(prepared, self.cfg, t.grad_accum * self.world)
+        self.tokenizer, self.source_tokenizer = data.tokenizer, data.source_tokenizer
+        self.train_windows, self.val_windows = data.train, data.val
         if self.main and not self.resume:
             self.cfg.save(self.out_dir / "config.yaml")
-            shutil.copyfile(prepared.tokenizer_path, self.out_dir / "tokenizer.json")
+            atomic_write_bytes(self.out_dir / TOKENIZER, self.tokenizer)
+            if self.source_tokenizer is not None:
+                atomic_write_bytes(self.out_dir / SOURCE_TOKENIZER, self.source_tokenizer)
+        if self.main and getattr(data.train, "dropped", 0):
+            ui.log(f"warning: {data.train.dropped:,} training pairs are longer than the model takes (sources "
+                   f"<= {self.cfg.model.source_context} tokens with their end token, targets < "
+                   f"{self.cfg.model.block_size}) and are left out", console)
         self.accelerator.wait_for_everyone()
 
         # 3) Model and optimizer.
         set_seed(t.seed)
         model = starting_model(self.cfg, plan.init_from, self.out_dir, self.resume)
         self.files = carried_files(self.cfg, plan.init_from, self.out_dir, self.resume)
+        if self.source_tokenizer is not None:
+            self.files[SOURCE_TOKENIZER] = self.source_tokenizer
         self.trainable_note = describe_trainable(model, self.cfg)
         self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token()
         # One fused kernel for every parameter: on the CPU 4x faster than the default per-tensor
@@ -156,8 +166,8 @@ class Trainer:
         self.state = self._restore() if self.resume else TrainState()
         if self.main and plan.resume:
             truncate_metrics(self.out_dir / METRICS, self.state.step)
-        self.tokens_per_step = t.batch_size * self.cfg.model.block_size * t.grad_accum * self.world
-        self.epoch_steps = steps_per_epoch(len(self.train_windows.tokens), self.tokens_per_step)
+        self.tokens_per_step = self.train_windows.tokens_per_step  # seq2seq: the average
+        self.epoch_steps = self.train_windows.epoch_steps
         self.schedule = with_epochs(t, self.epoch_steps)  # the saved config keeps max_epochs as given
         self.max_seconds = t.max_minutes * 60 if t.max_minutes else None
         # The budget spans resumes; the reporter times this run only, so give it what is left.
@@ -172,6 +182,7 @@ class Trainer:
         self._announce()
         self.trackers.start(self.accelerator, self.cfg, self.final_dir.name, self.state.step if self.resume else None)
         self.start_step, self.run_start, self.elapsed_before = self.state.step, time.perf_counter(), self.state.elapsed
+        self.tokens_at_start = self.state.tokens_seen
         self._reset_window()
         self.first_bad_step = torch.full((), -1, device=self.accelerator.device, dtype=torch.long)
         self.last_train_loss: float | None = None
@@ -233,11 +244,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for micro in range(t.grad_accum):
-            x, y = self.train_windows.batch(self.state.step, micro * self.world + self.rank)
-            x, y = x.to(device), y.to(device)
+            inputs, y = self.train_windows.batch(self.state.step, micro * self.world + self.rank)
+            inputs, y = _to(inputs, device), y.to(device)
             with accelerator.accumulate(self.model):
-                logits = self.model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+                logits = self.model(**inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                       label_smoothing=t.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -249,14 +261,17 @@ class Trainer:
             self.window_count += 1
             self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                               torch.tensor(self.state.step, device=device), self.first_bad_step)
+        tokens = sum(self.train_windows.tokens(self.state.step, i) for i in range(t.grad_accum * self.world))
+        self.window_tokens += tokens
         self.state.step += 1
-        self.state.tokens_seen += self.tokens_per_step
+        self.state.tokens_seen += tokens
 
     def _reset_window(self) -> None:
         device = self.accelerator.device
         self.window_loss = torch.zeros((), device=device, dtype=torch.float64)
         self.window_correct = torch.zeros((), device=device, dtype=torch.float64)
         self.window_count, self.window_start, self.window_step0 = 0, time.perf_counter(), self.state.step
+        self.window_tokens = 0
 
     def _log(self, lr: float) -> None:
         """Average the losses since the last log line over steps and processes; one metrics row."""
@@ -264,7 +279,7 @@ class Trainer:
         stats = self.accelerator.reduce(torch.stack([self.window_loss, self.window_correct]), reduction="mean")
         train_loss, train_acc = (stats / self.window_count).tolist()
         now = time.perf_counter()
-        tok_s = self.tokens_per_step * (self.state.step - self.window_step0) / max(now - self.window_start, 1e-9)
+        tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
         self.state.elapsed = self._elapsed()
         self.record({"step": self.state.step, "epoch": round(self.state.step / self.epoch_steps, 4),
                      "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
@@ -345,7 +360,9 @@ class Trainer:
                             + (f", {torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu" else ""))
         self.reporter.print(f"model {ui.format_count(self.n_params)} parameters, "
                             f"{ui.format_count(self.flops_per_token)} training FLOPs/token; "
-                            f"{ui.format_count(self.tokens_per_step)} tokens/step")
+                            f"{'~' if self.cfg.data.task == 'seq2seq' else ''}"
+                            f"{ui.format_count(self.tokens_per_step)} {'target ' if self.cfg.data.task == 'seq2seq' else ''}"
+                            "tokens/step")
         self.reporter.print(f"strategy {self.strategy.describe()} over {self.world} process(es): "
                             f"{estimate(self.cfg, world=self.world).describe()} (estimate)")
         if self.trainable_note:
@@ -366,7 +383,7 @@ class Trainer:
 
     def _summary(self, final: dict[str, float] | None) -> dict[str, Any]:
         wall = time.perf_counter() - self.run_start
-        trained = (self.state.step - self.start_step) * self.tokens_per_step
+        trained = self.state.tokens_seen - self.tokens_at_start
         best = json.loads((self.out_dir / "best" / "checkpoint.json").read_text()) if self.main else {}
         return {
             "parameters": self.n_params, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
@@ -383,23 +400,22 @@ class Trainer:
 
 
 def _resolve(cfg: Config, prepared: Any) -> Config:
-    """`cfg` with what the data decides: the vocabulary size, when the config leaves it open."""
-    if cfg.model.vocab_size is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=prepared.vocab_size))
-    if cfg.model.vocab_size < prepared.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                        f"vocabulary ({prepared.vocab_size})")
-    return cfg
+    """`cfg` with what the data decides: the vocabulary sizes, when the config leaves them open."""
+    sizes = {"vocab_size": prepared.vocab_size}
+    if cfg.model.applies("src_vocab_size") and not cfg.model.share_embeddings:
+        sizes["src_vocab_size"] = prepared.source_vocab_size
+    model = cfg.model
+    for key, size in sizes.items():
+        given = getattr(model, key)
+        if given is None:
+            model = dataclasses.replace(model, **{key: size})
+        elif given < size:
+            raise UserError(f"model.{key}={given} is smaller than the tokenizer's vocabulary ({size})")
+    return dataclasses.replace(cfg, model=model)
 
 
-def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows | ExampleWindows:
-    tokens, block = prepared.tokens(split), cfg.model.block_size
-    if (examples := prepared.examples(split)) is not None:
-        return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
-    if len(tokens) <= block + 1:
-        raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
-                        f"has {len(tokens)}")
-    return RandomWindows(tokens, block, cfg.train.batch_size, seed)
+def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device) for name, t in inputs.items()}
 
 
 def _move_contents(src: Path, dst: Path) -> None:

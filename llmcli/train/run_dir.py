@@ -17,6 +17,7 @@ from pathlib import Path
 from llmcli import ui
 from llmcli.checkpoint import (
     MODEL_CONFIG,
+    SOURCE_TOKENIZER,
     TOKENIZER,
     model_config_from_json,
     read_quantization,
@@ -77,6 +78,8 @@ def inputs(cfg: Config, init_from: Path | None) -> dict[str, Path]:
     found.update(local_inputs(cfg.data))
     if cfg.tokenizer.path:
         found["the tokenizer file"] = Path(cfg.tokenizer.path)
+    if cfg.data.task == "seq2seq" and cfg.source_tokenizer.path:
+        found["the source tokenizer file"] = Path(cfg.source_tokenizer.path)
     return found
 
 
@@ -126,7 +129,7 @@ def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list
     directory = resolve_checkpoint(checkpoint)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key.startswith(("model.", "tokenizer.")) and key != "model.dropout":
+        if key.startswith(("model.", "tokenizer.", "source_tokenizer.")) and key != "model.dropout":
             raise UserError(f"override '{item}': with --init-from the model and tokenizer come from "
                             f"{directory}; only model.dropout can change")
     cfg = load_config(config_path, overrides)
@@ -134,8 +137,16 @@ def init_from_config(checkpoint: Path, config_path: Path | None, overrides: list
         raise UserError(f"{directory} is quantized; fine-tune the full-precision checkpoint, or train a LoRA "
                         "adapter on this one (train.lora.r=8)")
     model = dataclasses.replace(model_config_from_json(directory / MODEL_CONFIG), dropout=cfg.model.dropout)
+    if model.task != cfg.data.task:
+        raise UserError(f"{directory} holds a model.arch={model.arch} model ({model.task}) but the data is "
+                        f"data.task={cfg.data.task}; set data.task={model.task}")
     tokenizer = dataclasses.replace(cfg.tokenizer, path=str((directory / TOKENIZER).resolve()))
-    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
+    source = cfg.source_tokenizer
+    if model.task == "seq2seq":  # the source side's own tokenizer, or the shared one
+        own = directory / SOURCE_TOKENIZER
+        source = dataclasses.replace(source, kind="char", path=str(own.resolve())) if own.is_file() else \
+            dataclasses.replace(source, kind="shared", path=None)
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer, source_tokenizer=source)
 
 
 def check_out_dir(plan: RunPlan) -> None:

@@ -174,7 +174,7 @@ def test_cli_export_and_import(tmp_path, bpe_json, make_model, save_run, state_e
 def test_cli_export_refuses_a_recurrent_model(tmp_path, tiny_recurrent, char_tokenizer, write_run, cli, one_line_error):
     run = write_run(tmp_path / "lstm", tiny_recurrent("lstm", char_tokenizer.get_vocab_size()), char_tokenizer)
     one_line_error(cli("export", run, "--out", tmp_path / "hf"),
-                   "holds a model.arch=lstm model: transformers has no lstm language-model class", alone=True)
+                   "holds a model.arch=lstm model: transformers has no lstm class to export it as", alone=True)
     assert not (tmp_path / "hf").exists()
 
 

@@ -168,7 +168,7 @@ def test_missing_data_says_how_to_skip_perplexity(trained_runs, tmp_path, quanti
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace(str(trained_runs["gpt2"].parent / "corpus.txt"), str(tmp_path / "gone.txt")))
     result = quantize_cli(run, "--method", "int8", "--out", tmp_path / "q")
-    one_line_error(result, "--eval-tokens 0 skips it")
+    one_line_error(result, "--eval-tokens 0 --decode-tokens 0 skip it")
     assert not (tmp_path / "q").exists()
     result = quantize_cli(run, "--method", "int8", "--out", tmp_path / "q", "--eval-tokens", "0")
     assert result.exit_code == 0, result.output

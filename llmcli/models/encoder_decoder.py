@@ -1,0 +1,293 @@
+"""The Transformer encoder-decoder of "Attention Is All You Need", laid out as Hugging Face's MarianMTModel.
+
+Encoder: token embedding x sqrt(d_model) + positions -> dropout -> encoder layers (self-attention
+over the source with its padding masked, then a feed-forward of `act`). Decoder: the same over
+the target, each layer with causal self-attention, cross-attention over the encoder's output, and
+a feed-forward. Post-norm layers (the paper's and Marian's): x = LayerNorm(x + dropout(f(x))) after
+each sublayer; pre-norm layers: x = x + dropout(f(LayerNorm(x))), with one more LayerNorm after each
+stack. Positions are sinusoidal (Marian's layout: the sines of a position in the first half of its
+vector, the cosines in the second) or learned. The head maps to the target vocabulary with a bias
+(Marian's `final_logits_bias`); it may reuse the target embedding, and the source may share it.
+
+Decoding: `EncoderDecoderState` keeps the decoder's KV cache (transformer.KVCache) and, per slot,
+the cross-attention keys and values of every decoder layer, computed once by `encode`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcli.config import ModelConfig
+from llmcli.errors import UserError
+from llmcli.models.base import LanguageModel, Rows
+from llmcli.models.seq2seq_state import SourceMemory, key_padding_mask
+from llmcli.models.transformer import CacheStep, KVCache
+
+
+def sinusoids(positions: int, dim: int, device: torch.device | str) -> torch.Tensor:
+    """[positions, dim] float32: position p, column j < dim/2: sin(p / 10000^(2j/dim)); column dim/2 + j:
+    the cosine of the same angle (MarianSinusoidalPositionalEmbedding, computed in float64 as it is)."""
+    half = (dim + 1) // 2
+    exponent = 2 * torch.arange(half, dtype=torch.float64, device=device) / dim
+    angles = torch.arange(positions, dtype=torch.float64, device=device)[:, None] / torch.pow(10000.0, exponent)
+    return torch.cat([angles.sin(), angles[:, : dim // 2].cos()], dim=1).float()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query, key, value and output projections (as Marian's)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, self.n_head = config.d_model, config.n_head
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d, bias=config.bias) for _ in range(4))
+        self.dropout = config.dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, S, head_dim] of x [B, S, d_model]."""
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool = False) -> torch.Tensor:
+        """Queries from x [B, T, d_model] over k/v; `mask` [B, 1, T or 1, S] True where allowed."""
+        q = self._heads(self.q_proj(x))
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(x.shape))
+
+
+class _Layer(nn.Module):
+    """Shared parts of both layer kinds: the feed-forward and the residual + norm around a sublayer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        self.pre_norm = config.norm_placement == "pre"
+        self.fc1, self.fc2 = nn.Linear(d, config.ff_dim, bias=config.bias), nn.Linear(config.ff_dim, d, bias=config.bias)
+        self.final_norm = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias)
+        self.act = F.relu if config.act == "relu" else F.gelu  # gelu: the exact erf form, as Marian's
+        self.dropout = nn.Dropout(config.dropout)
+
+    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(_Layer):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.self_attn = Attention(config)
+        self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.residual(x, self.self_attn_norm, lambda h: self.self_attn.attend(h, *self.self_attn.keys_values(h),
+                                                                                  mask))
+        return self.residual(x, self.final_norm, self.feed_forward)
+
+
+class DecoderLayer(_Layer):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__(config)
+        self.layer = layer
+        self.self_attn, self.cross_attn = Attention(config), Attention(config)
+        self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.cross_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, memory_k: torch.Tensor, memory_v: torch.Tensor,
+                memory_mask: torch.Tensor | None, cache: CacheStep | None) -> torch.Tensor:
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = self.self_attn.keys_values(h)
+            if cache is None:
+                return self.self_attn.attend(h, k, v, None, causal=True)
+            k, v = cache.update(self.layer, k, v)
+            return self.self_attn.attend(h, k, v, cache.mask)
+
+        x = self.residual(x, self.self_attn_norm, self_attention)
+        x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn.attend(h, memory_k, memory_v, memory_mask))
+        return self.residual(x, self.final_norm, self.feed_forward)
+
+
+class EncoderDecoderState:
+    """The decoder's KV cache and, per slot, every decoder layer's cross-attention keys and values."""
+
+    def __init__(self, model: EncoderDecoder, max_slots: int, max_len: int | None, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        c = model.config
+        self.self_cache = KVCache(c, max_slots, max_len, dtype=dtype, device=device)
+        shape = (c.n_head, c.source_context, c.head_dim)
+        self.memory = SourceMemory([shape] * (2 * c.n_layer), [2] * (2 * c.n_layer), max_slots, c.source_context,
+                                   dtype=dtype, device=device)
+
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        self.self_cache.copy_slots(sources, targets)
+        self.memory.copy_slots(sources, targets)
+
+
+class EncoderDecoder(LanguageModel):
+    """Embeddings -> encoder layers; target embeddings -> decoder layers (over the encoder's output) -> head."""
+
+    task = "seq2seq"
+    exports_to_hf = True  # as MarianMTModel (llmcli/hf/marian.py)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        d = config.d_model
+        self.tgt_embed = nn.Embedding(config.vocab_size, d)
+        self.src_embed = None if config.share_embeddings else nn.Embedding(config.source_vocab_size, d)
+        learned = config.pos == "learned"
+        self.src_pos_embed = nn.Embedding(config.source_context, d) if learned else None
+        self.pos_embed = nn.Embedding(config.block_size, d) if learned else None
+        self.embed_scale = math.sqrt(d)
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
+        pre = config.norm_placement == "pre"
+        self.encoder_norm = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias) if pre else None
+        self.decoder_norm = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias) if pre else None
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=config.bias)
+        self._sinusoids: torch.Tensor | None = None  # built on first use, on the input's device
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """nn.Transformer's Xavier-uniform matrices; embeddings N(0, 1/d_model) (scaled by sqrt(d_model))."""
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.d_model ** -0.5)
+
+    @property
+    def token_embeddings(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("tgt_embed",) if self.src_embed is None else ("src_embed", "tgt_embed")
+
+    @property
+    def source_length(self) -> int:
+        return self.config.source_context
+
+    @property
+    def source_vocab_size(self) -> int:
+        return self.config.source_vocab_size
+
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "tgt_embed.weight"} if self.config.tie_embeddings else {}
+
+    def lora_targets(self) -> dict[str, list[str]]:
+        """q, k, v, o in every attention (encoder and decoder self-attention, cross-attention), up and
+        down (the feed-forward's fc1, fc2) in every layer; embed and head when the head is untied."""
+        c = self.config
+        layers = [f"encoder.{i}" for i in range(c.encoder_layers)] + [f"decoder.{i}" for i in range(c.n_layer)]
+        attentions = [f"{layer}.self_attn" for layer in layers] + [f"decoder.{i}.cross_attn" for i in range(c.n_layer)]
+        out = {term: [f"{a}.{proj}" for a in attentions]
+               for term, proj in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))}
+        out.update(up=[f"{layer}.fc1" for layer in layers], down=[f"{layer}.fc2" for layer in layers])
+        if not c.tie_embeddings:
+            out.update(embed=list(self.token_embeddings), head=["lm_head"])
+        return out
+
+    def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> EncoderDecoderState:
+        return EncoderDecoderState(self, max_slots, max_len, dtype=dtype, device=device)
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor, table: nn.Module, positions: torch.Tensor,
+               learned: nn.Module | None) -> torch.Tensor:
+        x = table(ids) * self.embed_scale
+        if learned is not None:
+            return self.dropout(x + learned(positions))
+        if self._sinusoids is None or self._sinusoids.device != ids.device:
+            rows = max(self.config.block_size, self.config.source_context)
+            self._sinusoids = sinusoids(rows, self.config.d_model, ids.device)
+        return self.dropout(x + self._sinusoids[positions].to(x.dtype))
+
+    # -- encoder ---------------------------------------------------------------------------------
+
+    def _encoder(self, source: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's output [B, S, d_model] and the source mask [B, 1, 1, S] (None: no padding)."""
+        B, S = source.shape
+        if S > self.config.source_context:
+            raise ValueError(f"sources may have at most {self.config.source_context} tokens "
+                             f"(model.source_block_size); got {S}")
+        mask = key_padding_mask(lengths if lengths is not None else [S] * B, S, source.device)
+        mask = None if mask is None else mask[:, None, None, :]
+        positions = torch.arange(S, device=source.device).expand(B, S)
+        x = self._embed(source, self.src_embed if self.src_embed is not None else self.tgt_embed, positions,
+                        self.src_pos_embed)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return (self.encoder_norm(x) if self.encoder_norm is not None else x), mask
+
+    def encode(self, source: torch.Tensor, *, state: EncoderDecoderState, rows: Rows) -> None:
+        memory, _ = self._encoder(source, rows.lengths)
+        tensors = []
+        for layer in self.decoder:
+            tensors += layer.cross_attn.keys_values(memory)
+        state.memory.write(rows, tensors)
+
+    # -- decoder ---------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, *, state: EncoderDecoderState | None = None, rows: Rows | None = None,
+                source: torch.Tensor | None = None, source_lengths=None) -> torch.Tensor:
+        """Float32 logits [B, T, target vocab] for the decoder inputs `idx` [B, T].
+
+        Teacher forcing: `source` [B, S] padded source ids (`source_lengths` real tokens per row;
+        default all), decoder inputs at positions 0..T-1. With a `state`: row b continues slot
+        `rows.slots[b]` from position `rows.starts[b]` over the source `encode` stored there.
+        """
+        B, T = idx.shape
+        if state is not None:
+            if rows is None or len(rows.slots) != B:
+                raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
+            cache = state.self_cache.bind(rows, T, idx.device)
+            memory, mask = state.memory.read(rows, idx.device)
+            memory_mask, positions = mask[:, None, None, :], cache.positions
+        else:
+            if source is None:
+                raise ValueError("an encoder-decoder needs its source: forward(idx, source=..., source_lengths=...)")
+            if T > self.config.block_size:
+                raise ValueError(f"positions must be in [0, {self.config.block_size}) "
+                                 f"(block_size={self.config.block_size}); got 0..{T - 1}")
+            encoded, memory_mask = self._encoder(source, source_lengths)
+            memory = [t for layer in self.decoder for t in layer.cross_attn.keys_values(encoded)]
+            cache, positions = None, torch.arange(T, device=idx.device).expand(B, T)
+        x = self._embed(idx, self.tgt_embed, positions, self.pos_embed)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, memory[2 * i], memory[2 * i + 1], memory_mask, cache)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.lm_head(x).float()
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per target token, for a source as long as the target (`seq_len`, default
+        block_size): 6 * every Linear weight + 12 * d_model * seq_len per attention (encoder self,
+        decoder self and cross)."""
+        seq_len = seq_len or self.config.block_size
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attentions = self.config.encoder_layers + 2 * self.config.n_layer
+        return 6 * matmul + 12 * attentions * self.config.d_model * seq_len
+
+
+def _check_config(config: ModelConfig) -> None:
+    """The cross-field checks build_config does, for configs constructed directly."""
+    if not config.vocab_size or not config.source_vocab_size:
+        raise UserError("model.vocab_size / model.src_vocab_size is not set (they normally come from the tokenizers)")
+    if config.d_model % config.n_head:
+        raise UserError(f"model.n_head={config.n_head} must divide model.d_model={config.d_model}")
+    if config.pos not in ("sinusoidal", "learned") or config.act not in ("relu", "gelu"):
+        raise UserError(f"model.arch=encoder-decoder takes pos sinusoidal|learned and act relu|gelu; got "
+                        f"pos={config.pos}, act={config.act}")

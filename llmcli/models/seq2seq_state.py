@@ -1,0 +1,83 @@
+"""What a sequence-to-sequence decoder keeps per slot besides its own state: the encoder's memory.
+
+`SourceMemory` holds, for every slot, tensors computed once from that slot's source (a
+transformer's cross-attention keys and values per decoder layer; a recurrent model's attention
+keys and encoder outputs) and the source's length, so that every decode step attends to the
+source without running the encoder again. A new sequence overwrites its slot's memory; positions
+past its source length are masked, whatever an earlier occupant left there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llmcli.models.base import Rows
+
+
+class SourceMemory:
+    """Per-slot tensors over source positions: tensor i has shape [max_slots, *shapes[i]], its
+    source positions along dimension `seq_dims[i]` (counting the slot dimension as 0)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], seq_dims: Sequence[int], max_slots: int, max_source: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        self.max_slots, self.max_source, self.seq_dims = max_slots, max_source, list(seq_dims)
+        self.tensors = [torch.zeros(max_slots, *shape, dtype=dtype, device=device) for shape in shapes]
+        self.lengths = [0] * max_slots
+
+    def _check(self, rows: Rows) -> None:
+        if not rows.slots:
+            raise ValueError("a decode step needs rows: one slot, start and length per row")
+        if min(rows.slots) < 0 or max(rows.slots) >= self.max_slots:
+            raise ValueError(f"slots must be in [0, {self.max_slots}); got {min(rows.slots)}..{max(rows.slots)}")
+
+    def write(self, rows: Rows, tensors: Sequence[torch.Tensor]) -> None:
+        """Store each row's tensors (the first `rows.lengths[b]` source positions of row b are real)."""
+        self._check(rows)
+        longest = max(rows.lengths)
+        if min(rows.lengths) < 1 or longest > self.max_source:
+            raise ValueError(f"source lengths must be in [1, {self.max_source}]; got {min(rows.lengths)}..{longest}")
+        slots = torch.tensor(rows.slots, device=self.tensors[0].device)
+        for memory, new, dim in zip(self.tensors, tensors, self.seq_dims, strict=True):
+            index = [slice(None)] * memory.dim()
+            index[0], index[dim] = slots, slice(0, new.shape[dim])
+            memory[tuple(index)] = new.to(memory.dtype)
+        for slot, length in zip(rows.slots, rows.lengths, strict=True):
+            self.lengths[slot] = length
+
+    def read(self, rows: Rows, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The rows' tensors, cut to the longest of their sources, and mask [B, width] (True = a real
+        source position)."""
+        self._check(rows)
+        lengths = [self.lengths[slot] for slot in rows.slots]
+        if min(lengths) < 1:
+            raise ValueError("a slot was decoded before its source was encoded")
+        width = max(lengths)
+        first, count = rows.slots[0], len(rows.slots)
+        consecutive = rows.slots == tuple(range(first, first + count))
+        index = slice(first, first + count) if consecutive else torch.tensor(rows.slots, device=device)
+        out = []
+        for memory, dim in zip(self.tensors, self.seq_dims, strict=True):
+            cut = [slice(None)] * memory.dim()
+            cut[dim] = slice(0, width)
+            out.append(memory[index][tuple(cut)])
+        mask = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        return out, mask
+
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        """Slot targets[i] becomes a copy of slot sources[i] (all read before any is written)."""
+        src, dst = torch.tensor(sources), torch.tensor(targets)
+        for memory in self.tensors:
+            memory[dst.to(memory.device)] = memory[src.to(memory.device)]
+        lengths = [self.lengths[s] for s in sources]
+        for slot, length in zip(targets, lengths, strict=True):
+            self.lengths[slot] = length
+
+
+def key_padding_mask(lengths: torch.Tensor | Sequence[int], width: int, device: torch.device) -> torch.Tensor | None:
+    """[B, width] with True at each row's first lengths[b] positions; None when nothing is padding."""
+    lengths = torch.as_tensor(lengths, device=device)
+    if bool((lengths >= width).all()):
+        return None
+    return torch.arange(width, device=device)[None, :] < lengths[:, None]

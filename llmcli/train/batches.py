@@ -1,0 +1,171 @@
+"""What a training step reads, for either task: micro-batches of (model inputs, labels).
+
+A micro-batch is `(inputs, labels)`: `model(**inputs)` gives logits [B, T, vocab] for labels
+[B, T], where IGNORE marks positions that are padding. Every batch is a function of (seed, step,
+micro-batch index), as schedule.py explains, so resumed runs and several processes see exactly the
+batches of one uninterrupted process.
+
+* `WindowBatches` (data.task=lm): random windows of block_size tokens (schedule.RandomWindows), or
+  windows that start at an example (finetune.ExampleWindows, data.format alpaca/chat).
+* `PairBatches` (data.task=seq2seq): padded pairs bucketed by length. Each epoch sorts the pairs by
+  (source length, target length) with random ties, cuts the order into batches of batch_size pairs
+  and shuffles the batches, all from (seed, epoch); so every pair is seen once per epoch and a
+  batch pads little. Decoder inputs are `<|endoftext|>` + target, labels target + `<|endoftext|>`.
+  Pairs longer than the model takes are left out of training, with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcli.config import Config
+from llmcli.errors import UserError
+from llmcli.train.finetune import IGNORE, ExampleWindows
+from llmcli.train.schedule import RandomWindows, steps_per_epoch
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+class WindowBatches:
+    """Language-model windows (RandomWindows, or finetune.ExampleWindows for alpaca/chat data) as
+    (inputs, labels)."""
+
+    def __init__(self, windows: RandomWindows | ExampleWindows, per_step: int):
+        self.windows, self.per_step = windows, per_step
+        self.tokens_per_batch = windows.batch_size * windows.block_size
+
+    def batch(self, step: int, index: int) -> Batch:
+        x, y = self.windows.batch(step, index)
+        return {"idx": x}, y
+
+    def eval_batch(self, index: int) -> Batch:
+        x, y = self.windows.eval_batch(index)
+        return {"idx": x}, y
+
+    def tokens(self, step: int, index: int) -> int:
+        return self.tokens_per_batch
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens_per_batch * self.per_step
+
+    @property
+    def epoch_steps(self) -> int:
+        return steps_per_epoch(len(self.windows.tokens), self.tokens_per_batch * self.per_step)
+
+
+class PairBatches:
+    """Bucketed, padded (source, target) pairs (see the module docstring); `per_step` micro-batches
+    make one optimizer step (grad_accum x processes)."""
+
+    def __init__(self, arrays: Any, batch_size: int, seed: int, per_step: int, eot: int, *,
+                 source_limit: int, target_limit: int, eval_batches: int = 0):
+        self.arrays, self.batch_size, self.seed, self.per_step, self.eot = arrays, batch_size, seed, per_step, eot
+        src, tgt = arrays.source_lengths, arrays.target_lengths
+        fits = (src <= source_limit) & (tgt + 1 <= target_limit)
+        self.kept = np.flatnonzero(fits)
+        self.dropped = int(len(src) - len(self.kept))
+        if not len(self.kept):
+            raise UserError(f"no pair fits the model: sources need <= {source_limit} tokens with their end token "
+                            f"(model.source_block_size), targets <= {target_limit - 1} (model.block_size - 1)")
+        self.src_len, self.tgt_len = src[self.kept], tgt[self.kept]
+        self.n_batches = math.ceil(len(self.kept) / batch_size)
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+        self._eval = self._eval_batches(eval_batches) if eval_batches else []
+
+    def _sorted_chunks(self, order: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """`order` (positions in self.kept) sorted by length with random ties, in batches."""
+        ties = rng.random(len(order))
+        order = order[np.lexsort((ties, self.tgt_len[order], self.src_len[order]))]
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _batches_of_epoch(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, 2, epoch])
+            chunks = self._sorted_chunks(np.arange(len(self.kept)), rng)
+            self._epoch = (epoch, [chunks[i] for i in rng.permutation(len(chunks))])
+        return self._epoch[1]
+
+    def _eval_batches(self, count: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1])
+        chosen = rng.permutation(len(self.kept))[:count * self.batch_size]
+        return self._sorted_chunks(chosen, rng)
+
+    def _chunk(self, step: int, index: int) -> np.ndarray:
+        k = step * self.per_step + index
+        return self._batches_of_epoch(k // self.n_batches)[k % self.n_batches]
+
+    def batch(self, step: int, index: int) -> Batch:
+        return self.collate(self._chunk(step, index))
+
+    def eval_batch(self, index: int) -> Batch:
+        return self.collate(self._eval[index % len(self._eval)])
+
+    def tokens(self, step: int, index: int) -> int:
+        return int(self.tgt_len[self._chunk(step, index)].sum()) + len(self._chunk(step, index))
+
+    @property
+    def tokens_per_step(self) -> float:
+        return float(self.tgt_len.mean() + 1) * self.batch_size * self.per_step
+
+    @property
+    def epoch_steps(self) -> int:
+        return max(1, math.ceil(self.n_batches / self.per_step))
+
+    def collate(self, chunk: np.ndarray) -> Batch:
+        """Padded sources [B, S] and their lengths, decoder inputs and labels [B, T]."""
+        pairs = self.kept[chunk]
+        sources = [self.arrays.source_ids(i) for i in pairs]
+        targets = [self.arrays.target_ids(i) for i in pairs]
+        width, length = max(map(len, sources)), max(map(len, targets)) + 1
+        source = torch.full((len(pairs), width), self.eot, dtype=torch.long)
+        idx = torch.full((len(pairs), length), self.eot, dtype=torch.long)
+        labels = torch.full((len(pairs), length), IGNORE, dtype=torch.long)
+        for b, (s, t) in enumerate(zip(sources, targets, strict=True)):
+            source[b, :len(s)] = torch.from_numpy(s.astype(np.int64))
+            t = torch.from_numpy(t.astype(np.int64))
+            idx[b, 1:len(t) + 1] = t
+            labels[b, :len(t)] = t
+            labels[b, len(t)] = self.eot
+        lengths = torch.tensor([len(s) for s in sources])
+        return {"idx": idx, "source": source, "source_lengths": lengths}, labels
+
+
+@dataclass
+class TrainingData:
+    """The batches a run trains and validates on, and the tokenizer files its checkpoints carry."""
+
+    train: WindowBatches | PairBatches
+    val: WindowBatches | PairBatches
+    tokenizer: bytes
+    source_tokenizer: bytes | None  # seq2seq with a tokenizer of its own for the source
+
+
+def training_data(prepared: Any, cfg: Config, per_step: int) -> TrainingData:
+    """The batches of `prepared` (prepare.PreparedData or prepare_pairs.PreparedPairs) for `cfg`."""
+    t, m = cfg.train, cfg.model
+    if cfg.data.task != "seq2seq":
+        train, val = (WindowBatches(_windows(prepared, split, cfg, seed), per_step)
+                      for split, seed in (("train", t.seed), ("val", t.seed + 1)))
+        return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), None)
+    limits = dict(source_limit=m.source_context, target_limit=m.block_size)
+    train = PairBatches(prepared.arrays("train"), t.batch_size, t.seed, per_step, prepared.eot_id, **limits)
+    val = PairBatches(prepared.arrays("val"), t.batch_size, t.seed + 1, per_step, prepared.eot_id,
+                      eval_batches=t.eval_batches, **limits)
+    source = prepared.source_tokenizer_path
+    return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), source.read_bytes() if source else None)
+
+
+def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows | ExampleWindows:
+    tokens, block = prepared.tokens(split), cfg.model.block_size
+    if (examples := prepared.examples(split)) is not None:
+        return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
+    if len(tokens) <= block + 1:
+        raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
+                        f"has {len(tokens)}")
+    return RandomWindows(tokens, block, cfg.train.batch_size, seed)

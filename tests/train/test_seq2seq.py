@@ -1,0 +1,80 @@
+"""Training sequence-to-sequence models: bucketed padded batches, label smoothing, exact resume,
+and the refusals of settings that belong to the other task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmcli.config import load_config
+from llmcli.train.batches import IGNORE
+from llmcli.train.loop import train
+from llmcli.train.run_dir import RunPlan
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(pairs_file, tmp_path, arch, *extra):
+    return load_config(None, [f"data.source={pairs_file}", f"data.cache_dir={tmp_path / 'cache'}",
+                              f"model.arch={arch}", "tokenizer.kind=word", "source_tokenizer.kind=char",
+                              "model.n_layer=1", "model.d_model=16", "model.block_size=12", "model.dropout=0.1",
+                              "train.batch_size=8", "train.max_steps=8", "train.warmup_steps=2",
+                              "train.eval_interval=4", "train.eval_batches=1", "train.log_interval=1",
+                              "train.lr_decay_steps=8", "train.label_smoothing=0.1",
+                              *(["model.n_head=2"] if arch == "encoder-decoder" else []), *extra])
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_second")} for r in rows]
+
+
+@pytest.mark.parametrize("arch", ["encoder-decoder", "lstm-seq2seq"])
+def test_resume_is_bit_identical_to_one_run(pairs_file, tmp_path, cli, arch):
+    train(RunPlan(_settings(pairs_file, tmp_path, arch), tmp_path / "straight"))
+    train(RunPlan(_settings(pairs_file, tmp_path, arch, "train.max_steps=4"), tmp_path / "resumed"))
+    result = cli("train", "--resume", str(tmp_path / "resumed"), "train.max_steps=8")
+    assert result.exit_code == 0, result.output
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "resumed")
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "resumed" / "best" / "source_tokenizer.json").is_file()
+
+
+def test_batches_are_bucketed_padded_and_masked(pairs_file, tmp_path):
+    from llmcli.data.tasks import prepare_for_task
+    from llmcli.train.batches import training_data
+    from llmcli.train.loop import _resolve
+
+    cfg = _settings(pairs_file, tmp_path, "encoder-decoder")
+    prepared = prepare_for_task(cfg)
+    data = training_data(prepared, _resolve(cfg, prepared), 1)
+    seen = set()
+    for step in range(data.train.epoch_steps):
+        inputs, labels = data.train.batch(step, 0)
+        lengths = inputs["source_lengths"]
+        assert lengths.max() - lengths.min() <= 2  # sorted by length: little padding
+        assert inputs["source"].shape[1] == lengths.max()
+        real = labels != IGNORE
+        assert torch.equal(real.sum(1), (inputs["idx"][:, 1:] != prepared.eot_id).sum(1) + 1)
+        assert (inputs["idx"][:, 0] == prepared.eot_id).all()
+        seen.update(map(tuple, inputs["source"].tolist()))
+    assert len(seen) == len(data.train.kept)  # every training pair once per epoch
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.task=seq2seq", "model.arch=transformer"], "data.task=seq2seq needs a sequence-to-sequence model.arch"),
+    (["model.arch=gru-seq2seq", "data.task=lm"], "maps a source to a target: set data.task=seq2seq"),
+    (["data.task=seq2seq", "data.format=alpaca"], "data.format: does not apply to data.task=seq2seq"),
+    (["data.task=seq2seq", "data.text_field=x"], "data.text_field: does not apply to data.task=seq2seq"),
+    (["data.source_field=x"], "data.source_field: does not apply to data.task=lm"),
+    (["source_tokenizer.kind=char"], "source_tokenizer.kind: does not apply to data.task=lm"),
+    (["data.task=seq2seq", "model.share_embeddings=true", "source_tokenizer.kind=char"], "set source_tokenizer.kind=shared"),
+    (["data.task=seq2seq", "data.source_lang=de"], "set both data.source_lang and data.target_lang"),
+])
+def test_settings_of_the_other_task_are_refused(tmp_path, cli, one_line_error, overrides, fragment):
+    one_line_error(cli("train", "--out", tmp_path / "run", *overrides), fragment)
+    assert not (tmp_path / "run").exists()
