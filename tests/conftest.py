@@ -123,13 +123,7 @@ def tiny_seq2seq() -> Callable[..., LanguageModel]:
             fields.update(n_head=4, pos="sinusoidal", act="relu")
         fields.update(overrides)
         torch.manual_seed(seed)
-        model = build_model(ModelConfig(**fields)).eval()
-        if std is not None:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.dim() >= 2:
-                        p.normal_(0.0, std)
-        return model
+        return _redrawn(build_model(ModelConfig(**fields)).eval(), std)
 
     return make
 
