@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, Rows
-from llmcli.models.seq2seq_state import SourceMemory, key_padding_mask
+from llmcli.models.base import Rows
+from llmcli.models.seq2seq_state import Seq2SeqModel, SourceMemory, key_padding_mask
 from llmcli.models.transformer import CacheStep, KVCache
 
 
@@ -134,7 +134,7 @@ class EncoderDecoderState:
         self.memory.copy_slots(sources, targets)
 
 
-class EncoderDecoder(LanguageModel):
+class EncoderDecoder(Seq2SeqModel):
     """Embeddings -> encoder layers; target embeddings -> decoder layers (over the encoder's output) -> head."""
 
     task = "seq2seq"
@@ -170,21 +170,6 @@ class EncoderDecoder(LanguageModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.d_model ** -0.5)
-
-    @property
-    def token_embeddings(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("tgt_embed",) if self.src_embed is None else ("src_embed", "tgt_embed")
-
-    @property
-    def source_length(self) -> int:
-        return self.config.source_context
-
-    @property
-    def source_vocab_size(self) -> int:
-        return self.config.source_vocab_size
-
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "tgt_embed.weight"} if self.config.tie_embeddings else {}
 
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o in every attention (encoder and decoder self-attention, cross-attention), up and

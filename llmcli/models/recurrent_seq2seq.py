@@ -23,9 +23,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, Rows
+from llmcli.models.base import Rows
 from llmcli.models.recurrent import ONEDNN_MIN_STEPS, _native_kernels
-from llmcli.models.seq2seq_state import SourceMemory, key_padding_mask
+from llmcli.models.seq2seq_state import Seq2SeqModel, SourceMemory, key_padding_mask
 
 CELLS: dict[str, type[nn.RNNBase]] = {"gru-seq2seq": nn.GRU, "lstm-seq2seq": nn.LSTM}
 
@@ -72,7 +72,7 @@ class RecurrentSeq2SeqState:
         self.memory.copy_slots(sources, targets)
 
 
-class RecurrentSeq2Seq(LanguageModel):
+class RecurrentSeq2Seq(Seq2SeqModel):
     """Source embedding -> recurrent encoder; target embedding -> recurrent decoder -> attention -> head."""
 
     task = "seq2seq"
@@ -104,21 +104,6 @@ class RecurrentSeq2Seq(LanguageModel):
     @property
     def context_length(self) -> int | None:
         return None  # the decoder carries its state: no window
-
-    @property
-    def token_embeddings(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("tgt_embed",) if self.src_embed is None else ("src_embed", "tgt_embed")
-
-    @property
-    def source_length(self) -> int:
-        return self.config.source_context
-
-    @property
-    def source_vocab_size(self) -> int:
-        return self.config.source_vocab_size
-
-    def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "tgt_embed.weight"} if self.config.tie_embeddings else {}
 
     def tie_weights(self) -> None:
         """Also regroups the recurrent weights into one block (cuDNN wants them so after a load)."""

@@ -13,7 +13,28 @@ from collections.abc import Sequence
 
 import torch
 
-from llmcli.models.base import Rows
+from llmcli.models.base import LanguageModel, Rows
+
+
+class Seq2SeqModel(LanguageModel):
+    """What every sequence-to-sequence family shares: `src_embed` (None when the sides share one
+    table) and `tgt_embed`, an `lm_head` tied to `tgt_embed` when the config says so, and the
+    source's context and vocabulary from the config."""
+
+    @property
+    def token_embeddings(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("tgt_embed",) if self.src_embed is None else ("src_embed", "tgt_embed")
+
+    @property
+    def source_length(self) -> int:
+        return self.config.source_context
+
+    @property
+    def source_vocab_size(self) -> int:
+        return self.config.source_vocab_size
+
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "tgt_embed.weight"} if self.config.tie_embeddings else {}
 
 
 class SourceMemory:
