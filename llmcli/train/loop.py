@@ -41,6 +41,7 @@ from llmcli.train.run_dir import (
     RunPlan,
     check_out_dir,
     plan_run,
+    removed_if_left_empty,
     staging_dir,
     truncate_metrics,
 )
@@ -52,15 +53,17 @@ from llmcli.train.trackers import Trackers
 def train_command(opts: TrainOptions) -> None:
     plan = dataclasses.replace(plan_run(opts), plot=opts.plot)
     configure_threads(opts.threads)
-    trainer = Trainer(plan)
-    summary = trainer.run()
+    with removed_if_left_empty(plan.out_dir):
+        trainer = Trainer(plan)
+        summary = trainer.run()
     if trainer.main:
         print_summary(summary)
 
 
 def train(plan: RunPlan, console: Console = ui.stderr) -> dict[str, Any]:
     """Train `plan.cfg` into `plan.out_dir` (or continue the run there); the final summary."""
-    return Trainer(plan, console).run()
+    with removed_if_left_empty(plan.out_dir):
+        return Trainer(plan, console).run()
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,6 +162,18 @@ def check_out_dir(plan: RunPlan) -> None:
         raise UserError(f"{out_dir} already holds a run ({', '.join(existing)}); "
                         "use --resume to continue it or --overwrite to replace it")
     ensure_writable_dir(out_dir)
+
+
+@contextmanager
+def removed_if_left_empty(out_dir: Path) -> Iterator[None]:
+    """A run that fails before writing anything leaves no empty --out behind it."""
+    existed = out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def truncate_metrics(path: Path, step: int) -> None:
