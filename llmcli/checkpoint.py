@@ -56,6 +56,7 @@ GENERATION_CONFIG = "generation_config.json"
 CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, SOURCE_TOKENIZER, RUN_CONFIG, INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG,
                     BASE, TOKENIZER_CONFIG, GENERATION_CONFIG)
 QUANTIZATION_KEY = "quantization"  # the model.json entry of a quantized checkpoint
+PRUNING_KEY = "pruning"  # the model.json entry of a checkpoint written by `llmcli prune`
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,20 +141,35 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     if not path.is_file():
         raise UserError(f"model config not found: {path}")
     raw = read_json_object(path, what="a JSON object of model settings")
-    raw.pop(QUANTIZATION_KEY, None)  # not a model setting: see read_quantization
+    raw.pop(QUANTIZATION_KEY, None)  # not model settings: see read_quantization, read_pruning
+    raw.pop(PRUNING_KEY, None)
     return build_config({"model": raw}, {f"model.{key}": str(path) for key in raw}).model
+
+
+def _model_json_entry(path: Path, key: str) -> Any:
+    """model.json's `key` entry, or None (also for an unreadable file: model_config_from_json reports it)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get(key) if isinstance(raw, dict) else None
 
 
 def read_quantization(directory: str | Path) -> dict | None:
     """The `quantization` entry of a checkpoint's model.json, or None for a float checkpoint."""
     path = Path(directory) / MODEL_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # model_config_from_json reports unreadable files
-    if not isinstance(raw, dict) or QUANTIZATION_KEY not in raw:
-        return None
-    return quantized.parse_quantization(raw[QUANTIZATION_KEY], str(path))
+    entry = _model_json_entry(path, QUANTIZATION_KEY)
+    return None if entry is None else quantized.parse_quantization(entry, str(path))
+
+
+def read_pruning(directory: str | Path) -> dict | None:
+    """The `pruning` entry of a checkpoint's model.json (what `llmcli prune` did: its method, source
+    run and amounts, any keys), or None for a checkpoint that was not pruned."""
+    path = Path(directory) / MODEL_CONFIG
+    entry = _model_json_entry(path, PRUNING_KEY)
+    if entry is not None and not isinstance(entry, dict):
+        raise UserError(f"{path}: \"{PRUNING_KEY}\" must be a JSON object (what was pruned, and how much)")
+    return entry
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu",

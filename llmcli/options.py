@@ -605,7 +605,9 @@ class AttentionOptions(Options):
     so the softmax is kept; the logits are the same). By default every layer x head is drawn (a
     row per layer); --layer and --head pick one, --aggregate combines each layer's heads. Without
     --out or --json a shaded view prints in the terminal (up to 32 tokens). Layers and heads
-    count from 0.
+    count from 0. For a sequence-to-sequence model TEXT is the source and the target is the
+    model's own greedy output (to its end token, or N tokens with --generate N): encoder and
+    decoder self-attention, and cross-attention (target tokens down, source tokens across).
 
     Examples:
 
@@ -616,6 +618,8 @@ class AttentionOptions(Options):
       llmcli attention runs/char "JULIET:" --generate 20 --aggregate mean --out gen.png
 
       llmcli attention runs/char "Hello" --json
+
+      llmcli attention runs/g2p "shakespeare" --layer 1 --aggregate mean --out g2p.png
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")

@@ -155,6 +155,15 @@ def unknown_pieces(tok: Tokenizer, pieces: Iterable[str]) -> list[str]:
             if piece not in vocab and unk_id in tok.encode(piece, add_special_tokens=False).ids]
 
 
+def kind_of(tok: Tokenizer) -> str:
+    """Which `TokenizerConfig.kind` made `tok` (char and word are both WordLevel models); another
+    model's type (an imported tokenizer's) as it is."""
+    model = json.loads(tok.to_str()).get("model", {}).get("type")
+    if model == "WordLevel":
+        return "char" if _splits_characters(tok) else "word"
+    return {"BPE": "bpe"}.get(model, str(model))
+
+
 def _splits_characters(tok: Tokenizer) -> bool:
     pre = json.loads(tok.to_str()).get("pre_tokenizer") or {}
     return pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}

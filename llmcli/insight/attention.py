@@ -6,6 +6,10 @@ tokens (and, with --generate, greedily continues it), selects layers and heads, 
 maps to a picture, a shaded terminal view, or JSON. Each map names the token sequences along its
 axes, so an encoder-decoder's cross-attention (generated target tokens over the source text) is
 drawn like any other map; a family without attention refuses through the same interface.
+
+For a sequence-to-sequence model TEXT is the source, and the target is the model's own greedy
+output (up to its end token, or N tokens with --generate N): the maps are those of one teacher-
+forced forward over that target, so each cross-attention row is the step that produced its token.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from llmcli import ui
-from llmcli.checkpoint import load_for_inference
+from llmcli.checkpoint import load_for_inference, load_source_tokenizer
 from llmcli.device import configure_threads, select_device
 from llmcli.errors import FieldError, UserError
 from llmcli.insight import figures, heatmap
@@ -34,7 +38,8 @@ def attention_command(opts: AttentionOptions) -> None:
     configure_threads(opts.threads)
     device = select_device(opts.device)
     directory, model, tokenizer = load_for_inference(opts.run_dir, device, torch.float32)
-    tokens, maps = run_attention(model, tokenizer, opts.text, opts.generate)
+    source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
+    tokens, maps = run_attention(model, tokenizer, opts.text, opts.generate, source_tokenizer)
     panels = select(maps, tokens, opts.layer, opts.head, opts.aggregate)
     if opts.json_out:
         print_json(maps, tokens, panels, opts)
@@ -49,13 +54,15 @@ def attention_command(opts: AttentionOptions) -> None:
         heatmap.show(panels, ui.stdout)
 
 
-def run_attention(model: LanguageModel, tokenizer: Any, text: str,
-                  generate: int = 0) -> tuple[dict[str, list[str]], list[AttentionMap]]:
+def run_attention(model: LanguageModel, tokenizer: Any, text: str, generate: int = 0,
+                  source_tokenizer: Any = None) -> tuple[dict[str, list[str]], list[AttentionMap]]:
     """The tokens of `text` (and of `generate` greedy tokens after it) and the model's maps."""
     from llmcli.generate.text import encode_prompt
 
     if text == "":
         raise FieldError("text", "is empty: give some text to attend over")
+    if model.task == "seq2seq":
+        return _seq2seq_attention(model, tokenizer, source_tokenizer or tokenizer, text, generate)
     ids = encode_prompt(tokenizer, text)
     limit = model.context_length
     if limit is not None and len(ids) + generate > limit:
@@ -71,11 +78,31 @@ def run_attention(model: LanguageModel, tokenizer: Any, text: str,
     return tokens, maps
 
 
-def _greedy(model: LanguageModel, tokenizer: Any, ids: list[int], count: int) -> list[int]:
-    """Up to `count` greedy tokens after `ids` (fewer if <|endoftext|> comes first, kept)."""
+def _seq2seq_attention(model: LanguageModel, tokenizer: Any, source_tokenizer: Any, text: str,
+                       generate: int) -> tuple[dict[str, list[str]], list[AttentionMap]]:
+    """TEXT as the source, the model's greedy target (see the module docstring), and the maps."""
+    from llmcli.generate.text import encode_source
+    from llmcli.tokenizer import eot_id
+
+    source = encode_source(source_tokenizer, text)
+    limit = model.context_length or model.config.block_size
+    if generate > limit:
+        raise FieldError("generate", f"{generate} is more than the {limit} target tokens the model takes")
+    target = _greedy(model, tokenizer, source, generate or limit, source_tokenizer)
+    inputs = [eot_id(tokenizer), *target[:-1]]  # the decoder starts from <|endoftext|>
+    device = next(model.parameters()).device
+    maps = model.attention_maps(torch.tensor([source], device=device), torch.tensor([inputs], device=device))
+    tokens = {"text": _pieces(source_tokenizer, source), "generated": _pieces(tokenizer, target),
+              "decoder input": _pieces(tokenizer, inputs)}
+    return tokens, maps
+
+
+def _greedy(model: LanguageModel, tokenizer: Any, ids: list[int], count: int, source_tokenizer: Any = None) -> list[int]:
+    """Up to `count` greedy tokens after `ids` (for seq2seq: for the source `ids`), fewer if
+    <|endoftext|> comes first (kept)."""
     from llmcli.generate.text import Generator
 
-    generator = Generator(model, tokenizer, max_batch_size=1)
+    generator = Generator(model, tokenizer, max_batch_size=1, source_tokenizer=source_tokenizer)
     generator.submit(ids, SamplingParams(max_new_tokens=count, temperature=0.0))
     out: list[int] = []
     while generator.has_work():

@@ -3,8 +3,8 @@
 Everything is read from the files as they are, generically, so that entries other commands add
 (to model.json, checkpoint.json, trainer_state.json) show up without this module knowing them:
 the family and its settings from model.json, parameter counts from the family itself (built on
-the meta device: no weights are read), the tokenizer, quantization, the training summary, and
-every file with its size.
+the meta device: no weights are read), the tokenizer (a seq2seq model's target and source ones),
+quantization and pruning, the training summary, and every file with its size.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from llmcli.checkpoint import (
     BASE,
     INFO,
     MODEL_CONFIG,
+    PRUNING_KEY,
     QUANTIZATION_KEY,
     RUN_CONFIG,
+    SOURCE_TOKENIZER,
     TOKENIZER,
     adapter_base,
     is_adapter,
     model_config_from_json,
+    read_pruning,
     read_quantization,
     resolve_checkpoint,
 )
@@ -56,13 +59,18 @@ def inspect_run(path: Path) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(path)
     run = _run_dir(path)
     model_json = read_json_object(checkpoint / MODEL_CONFIG, what="a JSON object of model settings")
+    task, parameters = _parameters(checkpoint)
+    source = checkpoint / SOURCE_TOKENIZER
     return {
         "path": str(path), "checkpoint": str(checkpoint), "run": str(run) if run else None,
-        "family": model_json.get("arch"),
-        "model": {k: v for k, v in model_json.items() if k not in ("arch", QUANTIZATION_KEY)},
-        "parameters": _parameters(checkpoint),
+        "family": model_json.get("arch"), "task": task,
+        "model": {k: v for k, v in model_json.items() if k not in ("arch", QUANTIZATION_KEY, PRUNING_KEY)},
+        "parameters": parameters,
         "tokenizer": _tokenizer(checkpoint / TOKENIZER),
+        # seq2seq: the source side's own tokenizer; None when it shares the target's
+        "source_tokenizer": _tokenizer(source) if task == "seq2seq" and source.is_file() else None,
         "quantization": read_quantization(checkpoint),
+        "pruning": read_pruning(checkpoint),
         "adapter": _adapter(checkpoint) if is_adapter(checkpoint) else None,
         "checkpoint_info": read_json_object(checkpoint / INFO) if (checkpoint / INFO).is_file() else {},
         "training": _training(run, checkpoint) if run else {},
@@ -79,9 +87,9 @@ def _run_dir(path: Path) -> Path | None:
     return None
 
 
-def _parameters(checkpoint: Path) -> dict[str, int]:
-    """Counted by the family on the meta device, so a quantized checkpoint counts its logical
-    (float) parameters and nothing is loaded."""
+def _parameters(checkpoint: Path) -> tuple[str, dict[str, int]]:
+    """The family's task and its parameters, counted on the meta device, so a quantized checkpoint
+    counts its logical (float) parameters and nothing is loaded."""
     import torch
 
     from llmcli.models.registry import build_model
@@ -90,7 +98,7 @@ def _parameters(checkpoint: Path) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(config)
     total, non_embedding = model.num_params(), model.num_params(non_embedding=True)
-    return {"total": total, "embedding": total - non_embedding, "non_embedding": non_embedding}
+    return model.task, {"total": total, "embedding": total - non_embedding, "non_embedding": non_embedding}
 
 
 def _adapter(checkpoint: Path) -> dict[str, Any]:
@@ -124,11 +132,11 @@ def _lora_targets(config_path: Path) -> list[str] | None:
 
 
 def _tokenizer(path: Path) -> dict[str, Any]:
-    from llmcli.tokenizer import EOT, load_tokenizer
+    from llmcli.tokenizer import EOT, kind_of, load_tokenizer
 
     tokenizer = load_tokenizer(path)
-    kind = json.loads(tokenizer.to_str()).get("model", {}).get("type")
-    return {"kind": {"WordLevel": "char", "BPE": "bpe"}.get(kind, kind), "model": kind,
+    model = json.loads(tokenizer.to_str()).get("model", {}).get("type")
+    return {"kind": kind_of(tokenizer), "model": model,
             "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "eot_id": tokenizer.token_to_id(EOT)}
 
 
@@ -218,18 +226,29 @@ def print_table(info: dict[str, Any], console: Console = ui.stdout) -> None:
 def _model_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     p, tok, q = info["parameters"], info["tokenizer"], info["quantization"]
     shape = ", ".join(f"{k} {_plain(v)}" for k, v in info["model"].items())
-    quantized = "none (float weights)" if q is None else ", ".join(f"{k} {_plain(v)}" for k, v in q.items())
+    quantized = "none (float weights)" if q is None else _entries(q)
+    seq2seq = info["task"] == "seq2seq"
     rows = [
         ("family", str(info["family"])),
         ("shape", shape),
         ("parameters", f"{ui.format_count(p['total'])} ({p['total']:,})"),
         ("  embedding", f"{ui.format_count(p['embedding'])} ({p['embedding']:,})"),
         ("  non-embedding", f"{ui.format_count(p['non_embedding'])} ({p['non_embedding']:,})"),
-        ("tokenizer", f"{tok['kind']} ({tok['model']}), vocab {tok['vocab_size']:,}, <|endoftext|> id "
-                      f"{tok['eot_id']}"),
+        ("target tokenizer" if seq2seq else "tokenizer", _tokenizer_row(tok)),
+        *([("source tokenizer", _tokenizer_row(info["source_tokenizer"]) if info["source_tokenizer"]
+            else "shared with the target")] if seq2seq else []),
         ("quantization", quantized),
+        ("pruning", "none" if info["pruning"] is None else _entries(info["pruning"])),
     ]
     return rows + (_adapter_rows(info["adapter"]) if info["adapter"] else [])
+
+
+def _tokenizer_row(tok: dict[str, Any]) -> str:
+    return f"{tok['kind']} ({tok['model']}), vocab {tok['vocab_size']:,}, <|endoftext|> id {tok['eot_id']}"
+
+
+def _entries(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_plain(v)}" for k, v in entry.items())
 
 
 def _adapter_rows(a: dict[str, Any]) -> list[tuple[str, str]]:

@@ -62,8 +62,10 @@ class AttentionMap:
 
     `queries` and `keys` name the token sequences along each axis, in order: "text" (the tokens
     the maps were asked for) and "generated" (tokens generated after or for them). A decoder-only
-    model's self-attention over text + generated tokens has both on both axes; an encoder-decoder's
-    cross-attention has queries ("generated",) and keys ("text",).
+    model's self-attention over text + generated tokens has both on both axes; a seq2seq model's
+    cross-attention has queries ("generated",) (the target) and keys ("text",) (the source), its
+    decoder self-attention keys ("decoder input",) (the tokens the decoder read: its start token,
+    then the target but the last).
     """
 
     name: str  # e.g. "self-attention", "cross-attention"
@@ -127,7 +129,8 @@ class LanguageModel(nn.Module):
     def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
         """The attention weights of a forward pass over token ids `idx` [1, T] (and `generated`
         [1, G], tokens the model produced after or for them), computed by the same code as
-        `forward`. Families without attention keep this refusal."""
+        `forward`. A seq2seq family reads `idx` as the source and `generated` as the decoder's
+        inputs (see Seq2SeqModel.attention_maps). Families without attention keep this refusal."""
         raise UserError(f"model.arch={self.config.arch!r} has no attention weights to show "
                         "(it is not an attention model)")
 

@@ -11,6 +11,10 @@ vector, the cosines in the second) or learned. The head maps to the target vocab
 
 Decoding: `EncoderDecoderState` keeps the decoder's KV cache (transformer.KVCache) and, per slot,
 the cross-attention keys and values of every decoder layer, computed once by `encode`.
+
+Attention runs through SDPA. When its weights are asked for (`attention_maps`: a forward with a
+`record`), every attention computes them step by step instead (transformer.explicit_attention),
+the rest of the forward unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +28,16 @@ import torch.nn.functional as F
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.models.base import Rows
-from llmcli.models.seq2seq_state import Seq2SeqModel, SourceMemory, key_padding_mask
-from llmcli.models.transformer import CacheStep, KVCache
+from llmcli.models.seq2seq_state import (
+    CROSS,
+    DECODER_SELF,
+    ENCODER_SELF,
+    Record,
+    Seq2SeqModel,
+    SourceMemory,
+    key_padding_mask,
+)
+from llmcli.models.transformer import CacheStep, KVCache, explicit_attention
 
 
 def sinusoids(positions: int, dim: int, device: torch.device | str) -> torch.Tensor:
@@ -55,11 +67,19 @@ class Attention(nn.Module):
         return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               causal: bool = False) -> torch.Tensor:
-        """Queries from x [B, T, d_model] over k/v; `mask` [B, 1, T or 1, S] True where allowed."""
+               causal: bool = False, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Queries from x [B, T, d_model] over k/v; `mask` [B, 1, T or 1, S] True where allowed. With
+        `record`, the attention runs step by step and its weights [B, heads, T, S] are appended."""
         q = self._heads(self.q_proj(x))
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if record is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
+        else:
+            if mask is None and not causal:  # explicit_attention reads no mask as causal
+                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+            y, weights = explicit_attention(q, k, v, mask, dropout_p)
+            record.append(weights)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape))
 
 
@@ -90,9 +110,10 @@ class EncoderLayer(_Layer):
         self.self_attn = Attention(config)
         self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, record: Record | None = None) -> torch.Tensor:
+        weights = None if record is None else record.setdefault(ENCODER_SELF, [])
         x = self.residual(x, self.self_attn_norm, lambda h: self.self_attn.attend(h, *self.self_attn.keys_values(h),
-                                                                                  mask))
+                                                                                  mask, record=weights))
         return self.residual(x, self.final_norm, self.feed_forward)
 
 
@@ -105,16 +126,20 @@ class DecoderLayer(_Layer):
         self.cross_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
     def forward(self, x: torch.Tensor, memory_k: torch.Tensor, memory_v: torch.Tensor,
-                memory_mask: torch.Tensor | None, cache: CacheStep | None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None, cache: CacheStep | None, record: Record | None = None) -> torch.Tensor:
+        own, cross = (None, None) if record is None else (record.setdefault(DECODER_SELF, []),
+                                                          record.setdefault(CROSS, []))
+
         def self_attention(h: torch.Tensor) -> torch.Tensor:
             k, v = self.self_attn.keys_values(h)
             if cache is None:
-                return self.self_attn.attend(h, k, v, None, causal=True)
+                return self.self_attn.attend(h, k, v, None, causal=True, record=own)
             k, v = cache.update(self.layer, k, v)
-            return self.self_attn.attend(h, k, v, cache.mask)
+            return self.self_attn.attend(h, k, v, cache.mask, record=own)
 
         x = self.residual(x, self.self_attn_norm, self_attention)
-        x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn.attend(h, memory_k, memory_v, memory_mask))
+        x = self.residual(x, self.cross_attn_norm,
+                          lambda h: self.cross_attn.attend(h, memory_k, memory_v, memory_mask, record=cross))
         return self.residual(x, self.final_norm, self.feed_forward)
 
 
@@ -202,7 +227,8 @@ class EncoderDecoder(Seq2SeqModel):
 
     # -- encoder ---------------------------------------------------------------------------------
 
-    def _encoder(self, source: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encoder(self, source: torch.Tensor, lengths,
+                 record: Record | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder's output [B, S, d_model] and the source mask [B, 1, 1, S] (None: no padding)."""
         B, S = source.shape
         if S > self.config.source_context:
@@ -214,7 +240,7 @@ class EncoderDecoder(Seq2SeqModel):
         x = self._embed(source, self.src_embed if self.src_embed is not None else self.tgt_embed, positions,
                         self.src_pos_embed)
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = layer(x, mask, record)
         return (self.encoder_norm(x) if self.encoder_norm is not None else x), mask
 
     def encode(self, source: torch.Tensor, *, state: EncoderDecoderState, rows: Rows) -> None:
@@ -227,12 +253,14 @@ class EncoderDecoder(Seq2SeqModel):
     # -- decoder ---------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, *, state: EncoderDecoderState | None = None, rows: Rows | None = None,
-                source: torch.Tensor | None = None, source_lengths=None) -> torch.Tensor:
+                source: torch.Tensor | None = None, source_lengths=None, record: Record | None = None) -> torch.Tensor:
         """Float32 logits [B, T, target vocab] for the decoder inputs `idx` [B, T].
 
         Teacher forcing: `source` [B, S] padded source ids (`source_lengths` real tokens per row;
         default all), decoder inputs at positions 0..T-1. With a `state`: row b continues slot
         `rows.slots[b]` from position `rows.starts[b]` over the source `encode` stored there.
+        With `record`, each attention's weights are appended to record[its kind] (see the module
+        docstring).
         """
         B, T = idx.shape
         if state is not None:
@@ -247,12 +275,12 @@ class EncoderDecoder(Seq2SeqModel):
             if T > self.config.block_size:
                 raise ValueError(f"positions must be in [0, {self.config.block_size}) "
                                  f"(block_size={self.config.block_size}); got 0..{T - 1}")
-            encoded, memory_mask = self._encoder(source, source_lengths)
+            encoded, memory_mask = self._encoder(source, source_lengths, record)
             memory = [t for layer in self.decoder for t in layer.cross_attn.keys_values(encoded)]
             cache, positions = None, torch.arange(T, device=idx.device).expand(B, T)
         x = self._embed(idx, self.tgt_embed, positions, self.pos_embed)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, memory[2 * i], memory[2 * i + 1], memory_mask, cache)
+            x = layer(x, memory[2 * i], memory[2 * i + 1], memory_mask, cache, record)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.lm_head(x).float()

@@ -6,7 +6,8 @@ sequence). Decoder: target embedding -> dropout -> nn.GRU / nn.LSTM (n_layer lay
 hidden state is tanh(W_b [the encoder's final states of its top layer]) (cell state zero), then
 Luong's global attention ("general" score h_t . W_a m_s over the encoder outputs m_s, padding
 masked) and the attentional state tanh(W_c [context; h_t]) -> dropout -> head. The decoder runs
-over the whole target in one fused call when training (no input feeding).
+over the whole target in one fused call when training (no input feeding). `attention_maps` keeps
+that attention's softmax (one layer, one head: cross-attention over the encoder states).
 
 For decoding, `RecurrentSeq2SeqState` keeps per slot the decoder's hidden (and cell) state, the
 initial state the bridge made from the slot's source, and the attention keys W_a m_s and encoder
@@ -25,7 +26,7 @@ from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.models.base import Rows
 from llmcli.models.recurrent import ONEDNN_MIN_STEPS, _native_kernels
-from llmcli.models.seq2seq_state import Seq2SeqModel, SourceMemory, key_padding_mask
+from llmcli.models.seq2seq_state import CROSS, Record, Seq2SeqModel, SourceMemory, key_padding_mask
 
 CELLS: dict[str, type[nn.RNNBase]] = {"gru-seq2seq": nn.GRU, "lstm-seq2seq": nn.LSTM}
 
@@ -146,9 +147,10 @@ class RecurrentSeq2Seq(Seq2SeqModel):
     # -- decoder ---------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, *, state: RecurrentSeq2SeqState | None = None, rows: Rows | None = None,
-                source: torch.Tensor | None = None, source_lengths=None) -> torch.Tensor:
+                source: torch.Tensor | None = None, source_lengths=None, record: Record | None = None) -> torch.Tensor:
         """Float32 logits [B, T, target vocab] for the decoder inputs `idx` [B, T]: teacher forcing
-        over padded `source` ids, or a decode step of the slots `rows` names (see Transformer's)."""
+        over padded `source` ids, or a decode step of the slots `rows` names (see Transformer's).
+        With `record`, the attention weights [B, 1, T, S] are appended to record[CROSS]."""
         B, T = idx.shape
         x = self.dropout(self.tgt_embed(idx))
         if state is None:
@@ -165,7 +167,10 @@ class RecurrentSeq2Seq(Seq2SeqModel):
             state.write(rows, final)
         scores = torch.bmm(out, keys.to(out.dtype).transpose(1, 2))  # [B, T, S]
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        context = torch.bmm(scores.softmax(-1), memory.to(out.dtype))
+        weights = scores.softmax(-1)
+        if record is not None:
+            record.setdefault(CROSS, []).append(weights[:, None])
+        context = torch.bmm(weights, memory.to(out.dtype))
         attentional = torch.tanh(self.combine(torch.cat([context, out], dim=-1)))
         return self.lm_head(self.dropout(attentional)).float()
 

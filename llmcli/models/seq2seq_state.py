@@ -5,6 +5,10 @@ transformer's cross-attention keys and values per decoder layer; a recurrent mod
 keys and encoder outputs) and the source's length, so that every decode step attends to the
 source without running the encoder again. A new sequence overwrites its slot's memory; positions
 past its source length are masked, whatever an earlier occupant left there.
+
+`Seq2SeqModel.attention_maps` runs one teacher-forced forward with a `Record`: each attention
+appends its weights [B, heads, queries, keys] under its kind (`ENCODER_SELF`, `DECODER_SELF`,
+`CROSS`), in the order the forward computes them (layer by layer).
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ from collections.abc import Sequence
 
 import torch
 
-from llmcli.models.base import LanguageModel, Rows
+from llmcli.models.base import AttentionMap, LanguageModel, Rows
+
+ENCODER_SELF, DECODER_SELF, CROSS = "encoder self-attention", "decoder self-attention", "cross-attention"
+# What each kind attends from and to: the source is "text"; a decoder position is named by the
+# target token it produces ("generated") as a query, and by the token it reads ("decoder input") as a key.
+AXES = {ENCODER_SELF: (("text",), ("text",)), DECODER_SELF: (("generated",), ("decoder input",)),
+        CROSS: (("generated",), ("text",))}
+Record = dict[str, list[torch.Tensor]]
 
 
 class Seq2SeqModel(LanguageModel):
@@ -35,6 +46,20 @@ class Seq2SeqModel(LanguageModel):
 
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "tgt_embed.weight"} if self.config.tie_embeddings else {}
+
+    def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
+        """The weights of one teacher-forced forward: `idx` is the source [1, S] (its end token
+        included) and `generated` the decoder's inputs [1, G] (its start token, then the target
+        tokens but the last), so that query t is the step that produces target token t."""
+        if idx.shape[0] != 1:
+            raise ValueError(f"attention maps are for one sequence; got a batch of {idx.shape[0]}")
+        if generated is None or generated.shape[1] == 0:
+            raise ValueError("a seq2seq model's maps need the decoder's inputs (its start token first)")
+        record: Record = {}
+        with torch.no_grad():
+            self(generated.to(idx.device), source=idx, record=record)
+        return [AttentionMap(kind, torch.stack([w[0].float() for w in weights]), *AXES[kind])
+                for kind, weights in record.items()]
 
 
 class SourceMemory:

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from llmcli.checkpoint import load_for_inference
-from llmcli.models.base import LanguageModel
-from llmcli.models.transformer import Transformer
+from tests.conftest import RECURRENT_ARCHES
 
 TEXT = "the quick brown"
 
@@ -132,7 +131,12 @@ def test_an_unwritable_out_is_refused_before_any_work(cli, run, one_line_error, 
     one_line_error(cli("attention", run, TEXT, "--out", "/sys/llmcli-attention.png"), "cannot write in /sys")
 
 
-def test_a_family_without_attention_is_refused_in_one_line(cli, run, one_line_error, monkeypatch):
-    """What a plain recurrent LM gets: the family interface's default."""
-    monkeypatch.setattr(Transformer, "attention_maps", LanguageModel.attention_maps)
-    one_line_error(cli("attention", run, TEXT), "model.arch='transformer' has no attention weights to show")
+@pytest.mark.parametrize("arch", RECURRENT_ARCHES)
+def test_a_recurrent_language_model_is_refused_in_one_line(cli, trained_runs, arch, tmp_path, one_line_error):
+    """A plain LSTM/GRU/RNN LM has no attention: the family interface's default refusal."""
+    out = tmp_path / "a.png"
+    for extra in (("--out", out), ("--json",), ()):
+        result = cli("attention", trained_runs[arch], TEXT, *extra)
+        one_line_error(result, f"model.arch='{arch}' has no attention weights to show")
+        assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []

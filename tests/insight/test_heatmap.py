@@ -1,5 +1,5 @@
-"""The drawing code for an encoder-decoder's maps (no such family exists yet: a fake set of maps in
-its shape): encoder self-attention over the source, decoder self-attention over the target, and
+"""The drawing code for an encoder-decoder's maps (a hand-made set of maps in their shape; the real
+families' maps are tested in test_attention_seq2seq.py): encoder self-attention over the source, decoder self-attention over the target, and
 cross-attention with target tokens down and source tokens across, in a picture and the terminal."""
 
 from __future__ import annotations

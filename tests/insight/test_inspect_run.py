@@ -109,3 +109,62 @@ def test_a_lora_run_shows_its_adapter_and_base(cli, lora_run, trained_runs):
 def test_bad_paths_are_one_line_errors(cli, tmp_path, one_line_error):
     one_line_error(cli("inspect", tmp_path / "nothing"), "checkpoint not found")
     one_line_error(cli("inspect", tmp_path), "no model.safetensors in")
+
+
+def embedding_split(model) -> dict[str, int]:
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return {"total": model.num_params(), "embedding": embedding, "non_embedding": model.num_params() - embedding}
+
+
+def test_a_recurrent_language_model_run(cli, trained_runs):
+    run = trained_runs["lstm"]
+    info = inspect_json(cli, run)
+    model = load_model(run)
+    assert (info["family"], info["task"], info["model"]["d_model"], info["model"]["n_layer"]) == ("lstm", "lm", 32, 2)
+    assert info["parameters"] == embedding_split(model)
+    assert info["tokenizer"]["kind"] == "char" and info["source_tokenizer"] is None and info["pruning"] is None
+    rows = read_metrics(run / "metrics.jsonl")
+    t = info["training"]
+    assert t["step"] == 60 and t["tokens_seen"] == max(r["tokens_seen"] for r in rows if "tokens_seen" in r)
+    assert t["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
+    out = cli("inspect", run).stdout
+    assert "lstm" in out and f"{model.num_params():,}" in out and "source tokenizer" not in out
+
+
+def test_a_seq2seq_run_shows_both_tokenizers(cli, seq2seq_runs):
+    from llmcli.checkpoint import load_for_inference, load_source_tokenizer
+
+    run = seq2seq_runs["encoder-decoder"]
+    info = inspect_json(cli, run)
+    directory, model, tokenizer = load_for_inference(run, torch.device("cpu"), torch.float32)
+    source = load_source_tokenizer(directory, model, tokenizer)
+    assert (info["family"], info["task"], info["model"]["n_head"]) == ("encoder-decoder", "seq2seq", 4)
+    assert info["parameters"] == embedding_split(model)
+    assert info["tokenizer"]["kind"] == "word"
+    assert info["tokenizer"]["vocab_size"] == tokenizer.get_vocab_size(with_added_tokens=True)
+    assert info["source_tokenizer"]["kind"] == "char"
+    assert info["source_tokenizer"]["vocab_size"] == source.get_vocab_size(with_added_tokens=True)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert info["training"]["step"] == 40
+    assert info["training"]["best_val_loss"] == min(r["val_loss"] for r in rows if "val_loss" in r)
+    out = cli("inspect", run).stdout
+    for fragment in ("encoder-decoder", "target tokenizer", "word (WordLevel)", "source tokenizer",
+                     "char (WordLevel)", f"{model.num_params():,}", "best val loss"):
+        assert fragment in out, fragment
+
+
+def test_pruning_is_shown_when_the_checkpoint_records_it(cli, trained_runs, tmp_path, one_line_error):
+    """The `pruning` entry `llmcli prune` writes into model.json (here by hand), shown as it is."""
+    checkpoint = shutil.copytree(trained_runs["gpt2"] / "best", tmp_path / "pruned")
+    model_json = json.loads((checkpoint / "model.json").read_text())
+    lines = cli("inspect", checkpoint).stdout.splitlines()
+    assert any("pruning" in line and "none" in line for line in lines) and inspect_json(cli, checkpoint)["pruning"] is None
+    entry = {"method": "structured", "heads": 0.25, "mlp": 0.3, "from": "runs/gpt2"}
+    (checkpoint / "model.json").write_text(json.dumps({**model_json, "pruning": entry}))
+    info = inspect_json(cli, checkpoint)
+    assert info["pruning"] == entry and "pruning" not in info["model"]
+    assert info["parameters"] == inspect_json(cli, trained_runs["gpt2"])["parameters"]
+    assert "method structured, heads 0.25, mlp 0.3, from runs/gpt2" in cli("inspect", checkpoint).stdout
+    assert load_model(checkpoint).config == load_model(trained_runs["gpt2"]).config  # no model setting
+    (checkpoint / "model.json").write_text(json.dumps({**model_json, "pruning": "half"}))
+    one_line_error(cli("inspect", checkpoint), '"pruning" must be a JSON object')
