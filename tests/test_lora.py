@@ -166,3 +166,28 @@ def test_an_adapter_run_resumes(lora_run, cli, tmp_path):
     after = load_file(str(run / ADAPTER_WEIGHTS))
     assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in after)
     assert not (run / WEIGHTS).exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_on_a_seq2seq_run(seq2seq_runs, pairs_file, tmp_path, cli):
+    """LoRA on q, v (self- and cross-attention) and up of an encoder-decoder: only those weights move,
+    the run loads merged, generates, and scores no worse on its val pairs than the base."""
+    base, out = seq2seq_runs["encoder-decoder"], tmp_path / "lora"
+    result = cli("train", "--init-from", base, "--out", out, "data.task=seq2seq", f"data.source={pairs_file}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.1", "data.test_fraction=0.1",
+                 "source_tokenizer.kind=char", "train.lora.r=4", "train.lora.targets=[q,v,up]",
+                 "train.max_steps=30", "train.lr=1e-2", "train.warmup_steps=2", "train.eval_interval=30",
+                 "train.eval_batches=2", "train.log_interval=30")
+    assert result.exit_code == 0, result.output
+    assert not (out / WEIGHTS).exists() and (out / ADAPTER_WEIGHTS).stat().st_size < (base / WEIGHTS).stat().st_size
+    merged, original = load_model(out), load_model(base)
+    deltas = {k for k, t in merged.state_dict().items() if not torch.equal(t, original.state_dict()[k])}
+    assert any(".cross_attn.q_proj." in k for k in deltas) and any(k.startswith("encoder.") for k in deltas)
+    assert deltas and all(k.endswith(("q_proj.weight", "v_proj.weight", "fc1.weight")) for k in deltas)
+    generated = cli("generate", out, "abc", "-t", "0", "--json")
+    assert generated.exit_code == 0, generated.output
+    assert set(json.loads(generated.stdout)["target"].split()) <= set("ABCDEFGH")
+    scores = [cli("eval", run, "--json") for run in (base, out)]
+    assert all(s.exit_code == 0 for s in scores), scores[1].output
+    before, after = (json.loads(s.stdout.strip().splitlines()[-1]) for s in scores)
+    assert after["perplexity"] < before["perplexity"]

@@ -18,7 +18,9 @@ Sequence-to-sequence models. A request also carries its source's ids; when it ta
 source is encoded once (`model.encode`, batched with the other sources admitted in the same step)
 and its memory stays in the slot beside the decoder's cache, so each step attends to it at no
 further encoder cost. Its prompt is the decoder's start token; a source longer than the encoder
-takes is refused.
+takes is refused. It ends when its decoder's context is full (finish reason "length", as
+`transformers`' max_length = block_size): a target longer than block_size - 1 was never trained,
+so its window does not slide.
 """
 
 from __future__ import annotations
@@ -319,6 +321,8 @@ class Engine:
             reason = FINISH_EOT
         elif request.generated >= request.params.max_new_tokens:
             reason = FINISH_LENGTH
+        elif request.source_ids is not None and self.max_len is not None and len(request.tokens) >= self.max_len:
+            reason = FINISH_LENGTH  # a seq2seq decoder's context is full: it never learnt longer targets
         if reason is not None:
             self._finish(request, reason)
         return TokenEvent(request.id, token, reason is not None, reason)

@@ -27,7 +27,10 @@ _IGNORED = ("model.encoder.embed_positions.weight", "model.decoder.embed_positio
 
 def check_exportable(config: ModelConfig) -> None:
     """A UserError naming every field that MarianMTModel cannot reproduce."""
-    wrong = [f"model.{key}={value}" for key, value, want in (
+    def shown(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)  # as YAML writes it
+
+    wrong = [f"model.{key}={shown(value)}" for key, value, want in (
         ("arch", config.arch, "encoder-decoder"), ("pos", config.pos, "sinusoidal"),
         ("norm_placement", config.norm_placement, "post"), ("bias", config.bias, True),
         ("norm_eps", config.norm_eps, NORM_EPS)) if value != want]
@@ -73,11 +76,16 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, str]:
 
 
 def state_dict_to_marian(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> MarianMTModel tensors (contiguous; tied tables written once)."""
+    """Our state dict -> MarianMTModel tensors (contiguous; a tied head written once). A shared table
+    also goes to the encoder's and decoder's embed_tokens: transformers ties those to model.shared
+    only when tie_word_embeddings is set, and reads them from the file otherwise."""
     out = {}
     for ours, theirs, how in _tensor_pairs(config):
         tensor = state[ours][None] if how == "row" else state[ours]
         out[theirs] = tensor.detach().contiguous()
+    if config.share_embeddings:
+        for side in ("encoder", "decoder"):
+            out[f"model.{side}.embed_tokens.weight"] = out["model.shared.weight"].clone()
     return out
 
 

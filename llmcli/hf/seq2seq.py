@@ -55,7 +55,8 @@ def _token_files(tok: Any, max_length: int) -> dict[str, Any]:
     unk = getattr(tok.model, "unk_token", None) or EOT
     special = {"eos_token": EOT, "pad_token": EOT, "unk_token": unk}
     return {HF_TOKENIZER_CONFIG: {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                                  "model_max_length": max_length, "clean_up_tokenization_spaces": False},
+                                  "model_max_length": max_length, "clean_up_tokenization_spaces": False,
+                                  "model_input_names": ["input_ids", "attention_mask"]},  # what generate() takes
             HF_SPECIAL_TOKENS: special}
 
 

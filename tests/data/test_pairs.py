@@ -10,6 +10,7 @@ from llmcli.config import load_config
 from llmcli.data.cmudict import cmudict_pairs
 from llmcli.data.pairs import load_pairs, split_pairs
 from llmcli.data.sources import _stderr_console
+from llmcli.errors import UserError
 
 
 def test_cmudict_pairs_are_words_and_phonemes():
@@ -53,6 +54,39 @@ def test_local_pair_files(tmp_path, suffix):
                              "data.target_field=en", "data.val_fraction=0.34"]).data
     splits = load_pairs(cfg, _stderr_console())
     assert sorted(set(splits["train"] + splits["val"])) == sorted(set(rows))
+
+
+def test_parquet_pairs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(f"wort {i}", f"word {i}") for i in range(12)]
+    pq.write_table(pa.table({"de": [s for s, _ in rows], "en": [t for _, t in rows], "n": list(range(12))}),
+                   tmp_path / "pairs.parquet")
+    cfg = load_config(None, ["data.task=seq2seq", f"data.source={tmp_path / 'pairs.parquet'}", "data.source_field=de",
+                             "data.target_field=en", "data.val_fraction=0.25"]).data
+    splits = load_pairs(cfg, _stderr_console())
+    assert len(splits["val"]) == 3 and sorted(splits["train"] + splits["val"]) == sorted(rows)
+
+
+def test_save_to_disk_folder_keeps_its_own_splits(tmp_path):
+    """A DatasetDict with train / validation / test: its splits are used as they are."""
+    import datasets
+
+    def split(name: str, n: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"translation": [{"de": f"{name} eins {i}", "en": f"{name} one {i}"}
+                                                           for i in range(n)]})
+
+    datasets.DatasetDict(train=split("train", 8), validation=split("val", 3), test=split("test", 2)).save_to_disk(
+        tmp_path / "saved")
+    cfg = load_config(None, ["data.task=seq2seq", f"data.source={tmp_path / 'saved'}", "data.source_lang=de",
+                             "data.target_lang=en", "data.val_fraction=0.5"]).data
+    splits = load_pairs(cfg, _stderr_console())
+    assert {k: len(v) for k, v in splits.items()} == {"train": 8, "val": 3, "test": 2}
+    assert splits["test"][1] == ("test eins 1", "test one 1")
+    bad = load_config(None, ["data.task=seq2seq", f"data.source={tmp_path / 'saved'}", "data.source_field=de"]).data
+    with pytest.raises(UserError, match="no column 'de'"):
+        load_pairs(bad, _stderr_console())
 
 
 def test_translation_column_with_languages(tmp_path):

@@ -120,3 +120,27 @@ def test_a_source_longer_than_the_encoder_is_refused(tiny_seq2seq):
     model = tiny_seq2seq()
     with pytest.raises(ValueError, match="at most 20 tokens"):
         model(torch.tensor([[EOT]]), source=torch.ones(1, 21, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", SEQ2SEQ_ARCHES)
+def test_beam_hypotheses_stop_at_their_first_end_token(arch, tiny_seq2seq):
+    """No hypothesis holds the end token, and each one's log-probability is teacher forcing's over
+    its tokens plus one end token: it ended the first time it chose the end token (whose logit is
+    raised here, so that many beams end early and at different lengths)."""
+    model = tiny_seq2seq(arch, std=0.3)
+    with torch.no_grad():
+        model.lm_head.bias[EOT] += 2.5
+    sources = _sources(4, seed=6)
+    search = BeamSearch(model, batch_size=4, beams=4, eos_id=EOT)
+    found = search.run([[EOT]] * 4, BeamSettings(4, 12, returns=4), sources)
+    lengths = set()
+    for source, hypotheses in zip(sources, found, strict=True):
+        assert len(hypotheses) == 4
+        for h in hypotheses:
+            assert EOT not in h.tokens
+            ended = h.tokens + [EOT] if h.finished else h.tokens
+            logits = model(torch.tensor([[EOT, *ended[:-1]]]), source=torch.tensor([source]))[0]
+            expected = logits.log_softmax(-1)[torch.arange(len(ended)), torch.tensor(ended)].sum().item()
+            assert h.logprob == pytest.approx(expected, abs=1e-4)
+            lengths.add((h.finished, len(h.tokens)))
+    assert len({n for finished, n in lengths if finished}) >= 2
