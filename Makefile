@@ -53,6 +53,7 @@ bench: install
 	$(PY) benchmarks/bench_recurrent.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_strategy.py
+	$(PY) benchmarks/bench_compress.py
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks

@@ -304,18 +304,31 @@ class TrainConfig(StrategyConfig):
 
 
 @dataclass
+class DistillConfig:
+    """llmcli distill: the teacher and how its softened distribution mixes into the loss,
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (llmcli/distill.py)."""
+
+    teacher: Optional[str] = _opt(None, help="the teacher checkpoint (set by --teacher)")
+    temperature: float = _opt(2.0, min=0.0, min_exclusive=True, help="T: both distributions are softmax(logits / T)")
+    alpha: float = _opt(0.5, min=0.0, max=1.0, help="the KL term's weight; 0 = plain training on the data")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)  # seq2seq only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # llmcli distill only
 
     def to_dict(self) -> dict[str, Any]:
         """Each section's settings that apply (its model family's, its data task's)."""
         out = {**dataclasses.asdict(self), "data": self.data.to_dict(), "model": self.model.to_dict()}
         if self.data.task != "seq2seq":
             del out["source_tokenizer"]
+        if self.distill == DistillConfig():
+            del out["distill"]
         return out
 
     def save(self, path: str | Path) -> None:

@@ -56,7 +56,7 @@ class Column:
     size_bytes: int
     perplexity: float | None = None
     eval_tokens: int = 0
-    decode: dict[int, float] = field(default_factory=dict)  # batch -> tok/s (median of rounds)
+    decode: dict[int, list[float]] = field(default_factory=dict)  # batch -> tok/s of each timed round
     agreement: float | None = None  # share of greedy tokens equal to the original's
 
 
@@ -182,7 +182,7 @@ def _measure(opts: PruneOptions, models: list[tuple[str, Path, LanguageModel]],
             timed = measure_decode_rounds(nets, opts.decode_tokens, [end_token(first)], sources=sources, batch=batch)
         reference = timed[0][1]
         for column, (speeds, tokens) in zip(columns, timed, strict=True):
-            column.decode[batch] = statistics.median(speeds)
+            column.decode[batch] = speeds
             if batch == 1:
                 column.agreement = sum(a == b for a, b in zip(reference, tokens, strict=False)) / max(1, len(reference))
     return columns
@@ -211,8 +211,8 @@ def print_report(report: PruneReport, console=None) -> None:
         row(f"val perplexity ({first.eval_tokens:,} tokens)", [f"{c.perplexity:.4f}" for c in report.columns],
             f"{100 * (last.perplexity / first.perplexity - 1):+.2f}%")
     for batch in first.decode:
-        row(f"decode tok/s (batch {batch}, greedy)", [f"{c.decode[batch]:.1f}" for c in report.columns],
-            f"{last.decode[batch] / first.decode[batch]:.2f}x")
+        speeds = [statistics.median(c.decode[batch]) for c in report.columns]
+        row(f"decode tok/s (batch {batch}, greedy)", [f"{v:.1f}" for v in speeds], f"{speeds[-1] / speeds[0]:.2f}x")
     if first.agreement is not None:
         row("greedy tokens equal to the original's", [f"{100 * c.agreement:.0f}%" for c in report.columns], "")
     console.print(table)

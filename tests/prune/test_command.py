@@ -37,7 +37,7 @@ def test_the_pruned_checkpoint_is_smaller_and_says_how_it_was_made(pruned_llama,
     original, pruned = report.columns
     assert pruned.parameters < original.parameters and pruned.size_bytes < original.size_bytes
     assert original.agreement == 1 and 0 <= pruned.agreement <= 1
-    assert set(original.decode) == {1, 8} and all(v > 0 for v in pruned.decode.values())
+    assert set(original.decode) == {1, 8} and all(min(v) > 0 for v in pruned.decode.values())
     assert original.perplexity > 1 and pruned.perplexity > 1 and original.eval_tokens == 256
 
 
