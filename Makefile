@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_strategy.py
 	$(PY) benchmarks/bench_seq2seq.py
+	$(PY) benchmarks/bench_compress.py
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `model.safetensors` (the weights; a tied weight is stored once),
 `model.json` (the model config, plus a `quantization` entry for a checkpoint written by
-`llmcli quantize`), `tokenizer.json` (a sequence-to-sequence model's target side, with
+`llmcli quantize` and a `pruning` entry for one written by `llmcli prune`; a magnitude-pruned
+model's sparse weights are stored as values + bitmask, llmcli/prune/storage.py), `tokenizer.json` (a sequence-to-sequence model's target side, with
 `source_tokenizer.json` beside it when the source has a tokenizer of its own), `config.yaml` (the effective config of the run that made it)
 and `checkpoint.json` (step, metrics, provenance). A run directory is itself a checkpoint (its final
 weights) with `best/` and `last/` checkpoint directories and a `state/` directory for exact resume.
@@ -40,6 +41,7 @@ from llmcli.io import (
 )
 from llmcli.models.base import LanguageModel
 from llmcli.models.registry import build_model
+from llmcli.prune import storage as sparse
 from llmcli.quantize import modules as quantized
 
 WEIGHTS = "model.safetensors"
@@ -57,6 +59,7 @@ CHECKPOINT_FILES = (WEIGHTS, MODEL_CONFIG, TOKENIZER, SOURCE_TOKENIZER, RUN_CONF
                     BASE, TOKENIZER_CONFIG, GENERATION_CONFIG)
 QUANTIZATION_KEY = "quantization"  # the model.json entry of a quantized checkpoint
 PRUNING_KEY = "pruning"  # the model.json entry of a checkpoint written by `llmcli prune`
+PRUNING_ATTR = "llmcli_pruning"  # where a model in memory keeps that entry
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +80,11 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
     entry = quantized.quantization_of(model)
     if entry is not None:
         model_json[QUANTIZATION_KEY] = entry
+    pruning = pruning_of(model)
+    if pruning is not None:
+        model_json[PRUNING_KEY] = pruning
+        if pruning.get("method") in ("magnitude", "2:4"):
+            tensors = sparse.pack(tensors)
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / MODEL_CONFIG, model_json)
 
@@ -172,6 +180,17 @@ def read_pruning(directory: str | Path) -> dict | None:
     return entry
 
 
+def pruning_of(model: torch.nn.Module) -> dict | None:
+    """The `pruning` entry a model carries (see mark_pruned), or None."""
+    return getattr(model, PRUNING_ATTR, None)
+
+
+def mark_pruned(model: torch.nn.Module, entry: dict | None) -> torch.nn.Module:
+    """Let `model` carry its `pruning` entry into the checkpoints it is saved to."""
+    setattr(model, PRUNING_ATTR, entry)
+    return model
+
+
 def load_model(directory: str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> LanguageModel:
     """Rebuild a model saved by `save_model`, optionally casting floating weights to `dtype`.
@@ -201,8 +220,13 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
         model = build_model(config)
         if entry is not None:
             quantized.swap_in_quantized_modules(model, entry, dtype)
+    if any(name.endswith(sparse.VALUES) for name in tensors):
+        try:
+            tensors = sparse.unpack(tensors, {k: v.shape for k, v in model.state_dict().items()})
+        except ValueError as exc:
+            raise UserError(f"{weights_path}: {exc}") from None
     _load_tensors(model, tensors, weights_path, dtype)
-    return model
+    return mark_pruned(model, read_pruning(directory))
 
 
 def _load_tensors(model: LanguageModel, tensors: dict[str, torch.Tensor], source: Path,

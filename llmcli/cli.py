@@ -43,6 +43,8 @@ COMMANDS = (
     Command(("export",), options.ExportOptions, "llmcli.hf.export:export_command"),
     Command(("import",), options.ImportOptions, "llmcli.hf.importer:import_command"),
     Command(("quantize",), options.QuantizeOptions, "llmcli.quantize.command:quantize_command"),
+    Command(("prune",), options.PruneOptions, "llmcli.prune.command:prune_command"),
+    Command(("distill",), options.DistillOptions, "llmcli.distill:distill_command"),
     Command(("serve",), options.ServeOptions, "llmcli.serve.server:serve_command"),
     Command(("attention",), options.AttentionOptions, "llmcli.insight.attention:attention_command"),
     Command(("plot",), options.PlotOptions, "llmcli.insight.curves:plot_command"),

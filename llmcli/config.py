@@ -25,11 +25,12 @@ from llmcli.errors import ConfigError
 
 def _opt(default: Any, *, min: float | None = None, max: float | None = None,
          min_exclusive: bool = False, help: str = "", families: tuple[str, ...] | None = None,
-         tasks: tuple[str, ...] | None = None) -> Any:
-    """A config field with optional numeric bounds (checked at load); a model field may apply to
-    some `families` (model.arch values) only, a data field to some `tasks` (data.task values)."""
+         tasks: tuple[str, ...] | None = None, omit_none: bool = False) -> Any:
+    """A config field with optional numeric bounds (checked at load, on each item of a list); a
+    model field may apply to some `families` (model.arch values) only, a data field to some `tasks`
+    (data.task values); `omit_none` leaves it out of to_dict while it is null."""
     meta = {"min": min, "max": max, "min_exclusive": min_exclusive, "help": help, "families": families,
-            "tasks": tasks}
+            "tasks": tasks, "omit_none": omit_none}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -163,6 +164,13 @@ class ModelConfig:
                                               "source_tokenizer.kind=shared)", families=SEQ2SEQ)
     tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: needs "
                                            "d_hidden = d_model)")
+    # A structurally pruned transformer (llmcli prune): per-layer sizes, null = every layer has the
+    # full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
+    layer_heads: Optional[list[int]] = _opt(None, min=1, help="query heads kept in each layer (a multiple of "
+                                                              "n_head / n_kv_head); null = n_head in every layer",
+                                            families=TRANSFORMER, omit_none=True)
+    layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer; null = ff_dim in every "
+                                                           "layer", families=TRANSFORMER, omit_none=True)
 
     @property
     def task(self) -> str:
@@ -201,14 +209,28 @@ class ModelConfig:
     def hidden_size(self) -> int:
         return self.d_hidden or self.d_model
 
+    def heads_in(self, layer: int) -> int:
+        """Query heads of transformer layer `layer` (fewer than n_head once pruned)."""
+        return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+    def kv_heads_in(self, layer: int) -> int:
+        """Key/value heads of layer `layer`: its query heads over the group size n_head / kv_heads."""
+        return self.heads_in(layer) // (self.n_head // self.kv_heads)
+
+    def ff_in(self, layer: int) -> int:
+        """MLP hidden units of layer `layer`."""
+        return self.layer_ff[layer] if self.layer_ff else self.ff_dim
+
     def applies(self, key: str) -> bool:
         """Whether the setting `key` means anything to this config's family."""
         families = MODEL_FIELDS[key].metadata["families"]
         return families is None or self.arch in families
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings of this family only (what model.json and config.yaml hold)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.applies(f.name)}
+        """The settings of this family only (what model.json and config.yaml hold); per-layer sizes
+        only when a model has them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if self.applies(f.name)
+                and not (f.metadata.get("omit_none") and getattr(self, f.name) is None)}
 
 
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
@@ -282,18 +304,31 @@ class TrainConfig(StrategyConfig):
 
 
 @dataclass
+class DistillConfig:
+    """llmcli distill: the teacher and how its softened distribution mixes into the loss,
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (llmcli/distill.py)."""
+
+    teacher: Optional[str] = _opt(None, help="the teacher checkpoint (set by --teacher)")
+    temperature: float = _opt(2.0, min=0.0, min_exclusive=True, help="T: both distributions are softmax(logits / T)")
+    alpha: float = _opt(0.5, min=0.0, max=1.0, help="the KL term's weight; 0 = plain training on the data")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source_tokenizer: SourceTokenizerConfig = field(default_factory=SourceTokenizerConfig)  # seq2seq only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # llmcli distill only
 
     def to_dict(self) -> dict[str, Any]:
         """Each section's settings that apply (its model family's, its data task's)."""
         out = {**dataclasses.asdict(self), "data": self.data.to_dict(), "model": self.model.to_dict()}
         if self.data.task != "seq2seq":
             del out["source_tokenizer"]
+        if self.distill == DistillConfig():
+            del out["distill"]
         return out
 
     def save(self, path: str | Path) -> None:
@@ -507,6 +542,10 @@ def _coerce(name: str, value: Any, hint: Any, meta: Any, where: str) -> Any:
             choices = ", ".join(str(a) for a in args)
             raise ConfigError(f"{name}: must be one of {choices}; got {value!r} (from {where})")
         return value
+    if origin is list and args == (int,):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{name}: must be a list of integers; got {value!r} (from {where})")
+        return [_coerce(f"{name}[{i}]", item, int, meta, where) for i, item in enumerate(value)]
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -582,6 +621,20 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("data.val_fraction", "val_fraction + test_fraction must be below 1")
     _check_strategy(t, fail)
     _check_seq2seq_fields(cfg, fail, origin)
+    _check_layer_sizes(m, fail)
+
+
+def _check_layer_sizes(m: ModelConfig, fail: Any) -> None:
+    """Per-layer sizes (a pruned transformer): one per layer, heads in whole kv groups."""
+    for key in ("layer_heads", "layer_ff"):
+        sizes = getattr(m, key) if m.applies(key) else None
+        if sizes is not None and len(sizes) != m.n_layer:
+            fail(f"model.{key}", f"needs one size per layer: {len(sizes)} given, n_layer={m.n_layer}")
+    group = m.n_head // m.kv_heads
+    for layer, heads in enumerate(m.layer_heads or () if m.applies("layer_heads") else ()):
+        if heads > m.n_head or heads % group:
+            fail("model.layer_heads", f"layer {layer} has {heads} heads: at most n_head={m.n_head}, in whole "
+                                      f"groups of n_head / n_kv_head = {group}")
 
 
 def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> None:

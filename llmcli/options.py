@@ -486,6 +486,116 @@ class QuantizeOptions(Options):
                                                             "(0 = skip).", check=NOT_NEGATIVE)
 
 
+PRUNE_METHODS = ("structured", "magnitude", "2:4")
+FRACTION = (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(Options):
+    """Prune a model into a new, smaller checkpoint, and compare it with the original.
+
+    structured (the default) removes whole attention heads (kv groups with GQA), MLP hidden units
+    and recurrent hidden units, ranked by a gradient-based importance measured on a calibration
+    sample of the run's own training data: a smaller dense model whose config gives its new shape.
+    magnitude zeroes the smallest weights (torch.nn.utils.prune, over all layers or each layer
+    alike), stored as values + bitmask. 2:4 keeps 2 of every 4 weights per row (CUDA only).
+    --finetune-steps N then recovers quality with the ordinary training loop on the run's data
+    (--out becomes a run directory: `llmcli train --resume OUT` continues it). The table compares
+    parameters, file size, val perplexity, decode speed and greedy agreement, measured in this run.
+
+    Examples:
+
+      llmcli prune runs/char --heads 0.25 --mlp 0.3 --out runs/char-pruned
+
+      llmcli prune runs/char --sparsity 0.3 --finetune-steps 300 --out runs/char-pruned-ft
+
+      llmcli prune runs/lstm --hidden 0.25 --out runs/lstm-pruned
+
+      llmcli prune runs/char --method magnitude --sparsity 0.5 --scope layer --out runs/char-50
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory to prune.")
+    out: Path = option(REQUIRED, "--out", "-o", help="Checkpoint (or, with --finetune-steps, run) directory to write.")
+    method: str = option("structured", "--method", "-m", help="structured, magnitude or 2:4.",
+                         check=(lambda v: v in PRUNE_METHODS, f"one of {', '.join(PRUNE_METHODS)}"))
+    sparsity: Optional[float] = option(None, "--sparsity", "-s", help="Share to remove: of every part's units "
+                                                                      "(structured) or of the weights (magnitude).",
+                                       check=FRACTION)
+    heads: Optional[float] = option(None, "--heads", help="structured: share of attention heads to remove.",
+                                    check=FRACTION)
+    mlp: Optional[float] = option(None, "--mlp", help="structured: share of MLP hidden units to remove.",
+                                  check=FRACTION)
+    hidden: Optional[float] = option(None, "--hidden", help="structured: share of recurrent hidden units to "
+                                                            "remove.", check=FRACTION)
+    scope: str = option("global", "--scope", help="magnitude: global (one threshold over all layers) or layer "
+                                                  "(each layer the same share).",
+                        check=(lambda v: v in ("global", "layer"), "global or layer"))
+    calibration_batches: int = option(8, "--calibration-batches", help="structured: training batches the "
+                                                                       "importance is measured on.",
+                                      check=AT_LEAST_ONE)
+    finetune_steps: int = option(0, "--finetune-steps", help="Training steps after pruning (0 = none).",
+                                 check=NOT_NEGATIVE)
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out directory.")
+    eval_tokens: int = option(32768, "--eval-tokens", help="Val tokens to measure perplexity on (0 = skip).",
+                              check=NOT_NEGATIVE)
+    decode_tokens: int = option(64, "--decode-tokens", help="Greedy tokens to time decoding with (0 = skip).",
+                                check=NOT_NEGATIVE)
+    threads: Optional[int] = _threads_option()
+    overrides: Optional[list[str]] = argument(None, metavar="[OVERRIDES]...",
+                                              help="train.* settings for --finetune-steps, e.g. train.lr=1e-3.")
+
+    def parts(self) -> dict[str, float]:
+        """structured: the share to remove of each part (--sparsity fills in the parts not named)."""
+        given = {"heads": self.heads, "mlp": self.mlp, "hidden": self.hidden}
+        return {part: share for part, share in given.items() if share is not None}
+
+    def check(self) -> None:
+        if self.method == "structured":
+            if self.sparsity is None and not any(self.parts().values()):
+                raise FieldError("sparsity", "or --heads / --mlp / --hidden: say how much to remove")
+        else:
+            for name in ("heads", "mlp", "hidden"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"is for --method structured, not {self.method}")
+        if self.method == "magnitude" and self.sparsity is None:
+            raise FieldError("sparsity", "is needed with --method magnitude (the share of weights to zero)")
+        if self.method == "2:4" and self.sparsity is not None:
+            raise FieldError("sparsity", "does not apply to --method 2:4 (always 2 of every 4 weights)")
+        if self.method != "structured" and self.finetune_steps:
+            raise FieldError("finetune_steps", f"is for --method structured (training would fill the zeros of "
+                                               f"--method {self.method} in again)")
+        if self.overrides and not self.finetune_steps:
+            raise FieldError("overrides", "apply to --finetune-steps; none was asked for")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillOptions(ConfigOptions):
+    """Train a student model (the config) with knowledge distillation from a teacher checkpoint.
+
+    The loss on every batch is alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) +
+    (1 - alpha) * cross-entropy(student, data), per token (padding left out), with T =
+    distill.temperature and alpha = distill.alpha; both parts show in the progress and in
+    metrics.jsonl. The teacher (any family, quantized too) runs without gradients on the same
+    batches; it must share the student's tokenizer (and task). Everything else is `llmcli train`:
+    checkpoints, several processes, exact --resume.
+
+    Examples:
+
+      llmcli distill --teacher runs/char -c configs/shakespeare-lstm.yaml --out runs/lstm-kd
+
+      llmcli distill --teacher runs/char -c student.yaml --out runs/kd distill.alpha=0.9 distill.temperature=2
+
+      llmcli distill --resume runs/kd train.max_steps=4000
+    """
+
+    teacher: Optional[Path] = option(None, "--teacher", help="The teacher: a run or checkpoint directory.")
+    out: Optional[Path] = option(None, "--out", "-o", help="Run directory to create.")
+    resume: Optional[Path] = option(None, "--resume", help="Continue the distillation run in this directory.",
+                                    file_okay=False)
+    overwrite: bool = option(False, "--overwrite", help="Replace a run already in --out.")
+    threads: Optional[int] = _threads_option()
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions(Options):
     """Serve a model over an OpenAI-compatible HTTP API, with continuous batching and streaming.

@@ -44,6 +44,9 @@ def _fmt(value: Any) -> str:
 
 def export_family(config: ModelConfig) -> str:
     """"gpt2" or "llama": the `transformers` model with exactly this config's maths; else a UserError."""
+    if config.layer_heads or config.layer_ff:
+        raise UserError("a pruned model (per-layer model.layer_heads / model.layer_ff) has no transformers "
+                        "config: GPT-2 and Llama give every layer the same heads and MLP width")
     needs = {
         GPT2: {"norm": "layernorm", "pos": "learned", "act": "gelu", "bias": True},
         LLAMA: {"norm": "rmsnorm", "pos": "rope", "act": "swiglu", "bias": False},

@@ -10,7 +10,10 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * where it has attention, shows it (`attention_maps`: the weights of one real forward pass, for
   `llmcli attention`); the default refuses, naming the family;
 * names its repeated blocks for sharded training (`shard_units`);
-* names what LoRA may adapt in its own terms (`lora_targets`).
+* names what LoRA may adapt in its own terms (`lora_targets`);
+* says which units structured pruning may remove (`prune_groups`: attention heads, MLP units,
+  recurrent hidden units) and gives the smaller dense model that keeps some of them (`pruned`,
+  with the new shape in its config); the default refuses, naming the family.
 
 Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
@@ -72,6 +75,35 @@ class AttentionMap:
     weights: torch.Tensor
     queries: tuple[str, ...] = ("text",)
     keys: tuple[str, ...] = ("text",)
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """Where a parameter holds a layer's prunable units: along `dim` it is `blocks` blocks (an
+    LSTM's four gates) of `units * size` entries, unit i owning entries [i*size, (i+1)*size) of
+    each block (a head owns head_dim rows of a projection)."""
+
+    name: str
+    dim: int
+    blocks: int = 1
+    size: int = 1
+
+    def index(self, units: int, keep: Sequence[int]) -> torch.Tensor:
+        """The entries along `dim` that the kept units own, in order."""
+        unit = torch.as_tensor(list(keep), dtype=torch.long)[:, None] * self.size + torch.arange(self.size)
+        return (torch.arange(self.blocks)[:, None] * units * self.size + unit.flatten()[None]).flatten()
+
+
+@dataclass(frozen=True)
+class PruneGroup:
+    """One layer's units of one part ("heads", "mlp", "hidden") and the parameter slices each owns.
+    `uniform`: every layer of this part must keep the same number (one fused kernel holds them all)."""
+
+    part: str
+    layer: int
+    units: int
+    slices: tuple[UnitSlice, ...]
+    uniform: bool = False
 
 
 class LanguageModel(nn.Module):
@@ -151,6 +183,35 @@ class LanguageModel(nn.Module):
     def tied_weights(self) -> dict[str, str]:
         """State-dict names that are the same tensor as another: {alias: source}."""
         return {}
+
+    def prune_groups(self) -> list[PruneGroup]:
+        """The units structured pruning may remove, per part and layer. Families without any keep
+        this refusal."""
+        raise UserError(f"model.arch={self.config.arch!r} has no structured pruning (llmcli prune --method "
+                        "magnitude works for every family)")
+
+    def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
+        """The config of this model with `kept[part][layer]` units left in each group."""
+        raise UserError(f"model.arch={self.config.arch!r} has no structured pruning")
+
+    def pruned(self, keep: dict[str, list[Sequence[int]]]) -> LanguageModel:
+        """A smaller dense copy keeping units `keep[part][layer]` (sorted indices) of every group:
+        each owned slice of every parameter is cut down to the kept units' entries."""
+        groups = self.prune_groups()
+        config = self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()})
+        state = dict(self.state_dict())
+        for group in groups:
+            kept = keep.get(group.part, [None] * (group.layer + 1))[group.layer]
+            if kept is None:
+                continue
+            for where in group.slices:
+                index = where.index(group.units, kept).to(state[where.name].device)
+                state[where.name] = state[where.name].index_select(where.dim, index)
+        with torch.device("meta"):
+            model = type(self)(config)
+        model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        model.tie_weights()
+        return model.train(self.training)
 
     def lora_targets(self) -> dict[str, list[str]]:
         """LoRA targets in this family's terms: {term: the names of the modules it adapts}.

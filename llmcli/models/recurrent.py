@@ -14,6 +14,7 @@ packed sequence, so padding never advances a state); each decode step then feeds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, Rows
+from llmcli.models.base import LanguageModel, PruneGroup, Rows, UnitSlice
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 STATE_TENSORS = {"lstm": 2, "gru": 1, "rnn": 1}  # (h, c) or h
@@ -117,6 +118,31 @@ class Recurrent(LanguageModel):
 
     def tied_weights(self) -> dict[str, str]:
         return {"lm_head.weight": "tok_embed.weight"} if self.config.tie_embeddings else {}
+
+    def prune_groups(self) -> list[PruneGroup]:
+        """Each layer's hidden units ("hidden"): unit j owns row j of every gate's input, recurrent
+        and bias weights, column j of its own recurrent weights and of what reads its output (the
+        next layer, or the LM head). One fused nn.LSTM/GRU/RNN holds every layer, so every layer
+        keeps the same number."""
+        c, gates, groups = self.config, GATES[self.config.arch], []
+        for layer in range(c.n_layer):
+            rows = [f"rnn.weight_ih_l{layer}", f"rnn.weight_hh_l{layer}"]
+            rows += [f"rnn.bias_ih_l{layer}", f"rnn.bias_hh_l{layer}"] if c.bias else []
+            reader = f"rnn.weight_ih_l{layer + 1}" if layer + 1 < c.n_layer else "lm_head.weight"
+            slices = [UnitSlice(name, 0, blocks=gates) for name in rows]
+            slices += [UnitSlice(f"rnn.weight_hh_l{layer}", 1), UnitSlice(reader, 1)]
+            groups.append(PruneGroup("hidden", layer, c.hidden_size, tuple(slices), uniform=True))
+        return groups
+
+    def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
+        """d_hidden = the units every layer keeps; a tied head becomes untied (it now reads fewer
+        units than the embedding has)."""
+        sizes = set(kept.get("hidden", [self.config.hidden_size]))
+        if len(sizes) != 1:
+            raise ValueError(f"every recurrent layer keeps the same number of hidden units; got {sorted(sizes)}")
+        (hidden,) = sizes
+        tied = self.config.tie_embeddings and hidden == self.config.d_model
+        return dataclasses.replace(self.config, d_hidden=hidden, tie_embeddings=tied)
 
     def lora_targets(self) -> dict[str, list[str]]:
         """The recurrent layers under the family's name (`lstm`: peft has no LoRA for them, and says

@@ -16,6 +16,7 @@ keeping the weights; everything around it is the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import AttentionMap, LanguageModel, Rows
+from llmcli.models.base import AttentionMap, LanguageModel, PruneGroup, Rows, UnitSlice
 
 # SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -101,9 +102,10 @@ class KVCache:
         self.max_slots = max_slots
         self.max_len = max_len or config.block_size
         self.block_size = config.block_size
-        shape = (max_slots, config.kv_heads, self.max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        shapes = [(max_slots, config.kv_heads_in(layer), self.max_len, config.head_dim)
+                  for layer in range(config.n_layer)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
 
     def bind(self, rows: Rows, length: int, device: torch.device) -> CacheStep:
         """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
@@ -160,17 +162,18 @@ class CacheStep:
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with optional grouped-query (fewer kv heads) and a KV cache."""
+    """Multi-head causal self-attention with optional grouped-query (fewer kv heads) and a KV cache;
+    a pruned layer has fewer heads of the same size (its q/out projections narrower than d_model)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        kv_dim = self.n_kv_head * self.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.heads_in(layer), config.kv_heads_in(layer), config.head_dim
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.q_proj = nn.Linear(config.d_model, q_dim, bias=config.bias)
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
-        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -202,20 +205,21 @@ class Attention(nn.Module):
             extra = {"enable_gqa": True} if native_gqa else {}
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=mask is None, **extra)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.out_proj(y))
 
 
 class MLP(nn.Module):
     """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)). Or down(relu(up(x)))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.swiglu, self.relu = config.act == "swiglu", config.act == "relu"
+        ff = config.ff_in(layer)
         if self.swiglu:
-            self.gate_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.up_proj = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.down_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+            self.gate_proj = nn.Linear(config.d_model, ff, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, ff, bias=config.bias)
+        self.down_proj = nn.Linear(ff, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +240,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: CacheStep | None, record: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -283,6 +287,31 @@ class Transformer(LanguageModel):
     def shard_units(self) -> tuple[type[nn.Module], ...]:
         return (Block,)
 
+    def prune_groups(self) -> list[PruneGroup]:
+        """Per layer: its kv groups ("heads": one kv head and the query heads sharing it; a head
+        alone without GQA) and its MLP hidden units ("mlp")."""
+        c, groups = self.config, []
+        group_dim = c.n_head // c.kv_heads * c.head_dim
+        for i, block in enumerate(self.blocks):
+            a, m, bias = f"blocks.{i}.attn", f"blocks.{i}.mlp", c.bias
+            heads = [UnitSlice(f"{a}.q_proj.weight", 0, size=group_dim), UnitSlice(f"{a}.out_proj.weight", 1, size=group_dim)]
+            heads += [UnitSlice(f"{a}.{p}_proj.weight", 0, size=c.head_dim) for p in "kv"]
+            if bias:
+                heads += [UnitSlice(f"{a}.q_proj.bias", 0, size=group_dim)]
+                heads += [UnitSlice(f"{a}.{p}_proj.bias", 0, size=c.head_dim) for p in "kv"]
+            ups = ("gate_proj", "up_proj") if c.act == "swiglu" else ("up_proj",)
+            mlp = [UnitSlice(f"{m}.{p}.weight", 0) for p in ups] + [UnitSlice(f"{m}.down_proj.weight", 1)]
+            mlp += [UnitSlice(f"{m}.{p}.bias", 0) for p in ups] if bias else []
+            groups += [PruneGroup("heads", i, block.attn.n_kv_head, tuple(heads)),
+                       PruneGroup("mlp", i, block.mlp.down_proj.in_features, tuple(mlp))]
+        return groups
+
+    def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
+        """Per-layer sizes: `layer_heads` (kv groups kept times the group size) and `layer_ff`."""
+        c = self.config
+        heads = [k * (c.n_head // c.kv_heads) for k in kept["heads"]] if "heads" in kept else c.layer_heads
+        return dataclasses.replace(c, layer_heads=heads, layer_ff=kept.get("mlp", c.layer_ff))
+
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
         untied (a tied table is one tensor for both, which an adapter on either would split)."""
@@ -297,14 +326,18 @@ class Transformer(LanguageModel):
 
     @classmethod
     def param_count(cls, config: ModelConfig) -> int:
-        d, ff, kv, V = config.d_model, config.ff_dim, config.kv_heads * config.head_dim, config.vocab_size or 0
-        bias = int(config.bias)
+        d, V, bias = config.d_model, config.vocab_size or 0, int(config.bias)
         norm = d * (2 if config.norm == "layernorm" and config.bias else 1)
-        attention = 2 * d * d + 2 * d * kv + bias * (2 * d + 2 * kv)
-        mlp = (3 if config.act == "swiglu" else 2) * d * ff + bias * ((2 if config.act == "swiglu" else 1) * ff + d)
+        layers = 0
+        for layer in range(config.n_layer):
+            q, kv, ff = (config.heads_in(layer) * config.head_dim, config.kv_heads_in(layer) * config.head_dim,
+                         config.ff_in(layer))
+            attention = 2 * d * q + 2 * d * kv + bias * (q + d + 2 * kv)
+            mlp = (3 if config.act == "swiglu" else 2) * d * ff + bias * ((2 if config.act == "swiglu" else 1) * ff + d)
+            layers += attention + mlp + 2 * norm
         embeddings = V * d + (config.block_size * d if config.pos == "learned" else 0)
         head = 0 if config.tie_embeddings else V * d
-        return embeddings + config.n_layer * (attention + mlp + 2 * norm) + norm + head
+        return embeddings + layers + norm + head
 
     @classmethod
     def activation_bytes(cls, config: ModelConfig, tokens: int) -> int:
@@ -374,7 +407,7 @@ class Transformer(LanguageModel):
         return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 * matmul params + 12 * n_layer * d_model * seq_len.
+        """Training FLOPs per token: 6 * matmul params + 12 * (attention width summed over layers) * seq_len.
 
         The matmul params are every Linear weight (all projections and the LM head, tied or not);
         the second term is the attention score/value products (PaLM, appendix B). 6 = 2 for the
@@ -382,7 +415,8 @@ class Transformer(LanguageModel):
         """
         seq_len = seq_len or self.config.block_size
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul + 12 * self.config.n_layer * self.config.d_model * seq_len
+        width = sum(self.config.heads_in(layer) * self.config.head_dim for layer in range(self.config.n_layer))
+        return 6 * matmul + 12 * width * seq_len
 
 
 def _check_config(config: ModelConfig) -> None:

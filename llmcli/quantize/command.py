@@ -108,8 +108,8 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
         if opts.decode_tokens:
             log("timing decoding, both models in turn")
             original = load_model(source).eval()
-            (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [_eot(source)],
-                                                               sources=_decode_sources(source, original))
+            (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [end_token(source)],
+                                                               sources=decode_sources(source, original))
             before.decode_tokens_per_second = statistics.median(fp)
             report.after.decode_tokens_per_second = statistics.median(q)
             same = sum(a == b for a, b in zip(reference, tokens, strict=False))
@@ -117,13 +117,13 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     return report
 
 
-def _eot(directory: Path) -> int:
+def end_token(directory: Path) -> int:
     from llmcli.tokenizer import eot_id, load_tokenizer
 
     return eot_id(load_tokenizer(directory / TOKENIZER))
 
 
-def _prepared(directory: Path, model: nn.Module):
+def run_data(directory: Path, model: nn.Module):
     """The run's own data (its pairs, for a seq2seq model), as `llmcli eval` reads it."""
     from llmcli.data.prepare import prepare_data
     from llmcli.data.prepare_pairs import prepare_pairs
@@ -139,13 +139,13 @@ def _prepared(directory: Path, model: nn.Module):
         raise UserError(f"{exc} (measuring needs the run's data; --eval-tokens 0 --decode-tokens 0 skip it)") from None
 
 
-def _decode_sources(directory: Path, model: nn.Module) -> list[list[int]] | None:
+def decode_sources(directory: Path, model: nn.Module) -> list[list[int]] | None:
     """seq2seq: the val sources decoding is timed on (None for a language model)."""
     if model.task != "seq2seq":
         return None
     from llmcli.evaluate_pairs import first_sources
 
-    return first_sources(_prepared(directory, model), "val", 256)
+    return first_sources(run_data(directory, model), "val", 256)
 
 
 def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> tuple[float | None, int]:
@@ -156,7 +156,7 @@ def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> t
         return None, 0
     from llmcli.evaluate import metrics_from_sums, score_tokens
 
-    prepared = _prepared(directory, model)
+    prepared = run_data(directory, model)
     if "val" not in prepared.splits:
         raise UserError("the run's data has no val split to measure perplexity on; pass --eval-tokens 0")
     if model.task == "seq2seq":
@@ -164,15 +164,16 @@ def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> t
 
         return pairs_perplexity(model, prepared, "val", eval_tokens)
     tokens = prepared.tokens("val")[:eval_tokens]
-    metrics = metrics_from_sums(score_tokens(model, tokens, first_token=_eot(directory)))
+    metrics = metrics_from_sums(score_tokens(model, tokens, first_token=end_token(directory)))
     return metrics["perplexity"], int(metrics["tokens"])
 
 
 def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
-                   sources: list[list[int]] | None = None) -> tuple[float, list[int]]:
-    """One greedy generation of `new_tokens` at batch 1 with llmcli.generate's engine:
+                   sources: list[list[int]] | None = None, batch: int = 1) -> tuple[float, list[int]]:
+    """One greedy generation of `new_tokens` with llmcli.generate's engine:
     (decode tok/s, the tokens). A seq2seq model decodes `sources` one after another (each to its
-    end token) until it has `new_tokens` tokens."""
+    end token) until it has `new_tokens` tokens. With `batch` > 1 (language models), that many
+    copies of the request decode together; the tokens are the first one's."""
     from llmcli.generate.engine import Engine
     from llmcli.options import SamplingParams
 
@@ -190,9 +191,9 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
         return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
     if model.context_length is not None:
         new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
-    engine = Engine(model, max_batch_size=1)
-    request = engine.add(prompt_ids, SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0,
-                                                    ignore_eot=True))
+    engine = Engine(model, max_batch_size=batch)
+    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eot=True)
+    request = [engine.add(prompt_ids, params) for _ in range(batch)][0]
     tokens = []
     while engine.has_work():
         tokens += [ev.token for ev in engine.step() if ev.id == request]
@@ -206,12 +207,21 @@ def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids:
     """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
     that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
     of a, (tok/s per round, tokens) of b)."""
-    tokens = [measure_decode(model, new_tokens, prompt_ids, sources)[1] for model in (a, b)]  # warm-up
-    speeds: list[list[float]] = [[], []]
+    first, second = measure_decode_rounds([a, b], new_tokens, prompt_ids, rounds=rounds, sources=sources)
+    return first, second
+
+
+def measure_decode_rounds(models: list[nn.Module], new_tokens: int, prompt_ids: list[int], *, rounds: int = 3,
+                          sources: list[list[int]] | None = None, batch: int = 1
+                          ) -> list[tuple[list[float], list[int]]]:
+    """Decode speed of several models timed in turn, round after round, after a warm-up run of
+    each: per model (tok/s per round, the warm-up's greedy tokens)."""
+    tokens = [measure_decode(model, new_tokens, prompt_ids, sources, batch)[1] for model in models]  # warm-up
+    speeds: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
-        for speed, model in zip(speeds, (a, b), strict=True):
-            speed.append(measure_decode(model, new_tokens, prompt_ids, sources)[0])
-    return (speeds[0], tokens[0]), (speeds[1], tokens[1])
+        for speed, model in zip(speeds, models, strict=True):
+            speed.append(measure_decode(model, new_tokens, prompt_ids, sources, batch)[0])
+    return list(zip(speeds, tokens, strict=True))
 
 
 def print_report(report: QuantizeReport, console=None) -> None:
@@ -226,7 +236,7 @@ def print_report(report: QuantizeReport, console=None) -> None:
     table.add_column(entry["method"], justify="right")
     table.add_column("change", justify="right")
     b, a = report.before, report.after
-    table.add_row("weights file", _mib(b.size_bytes), _mib(a.size_bytes), f"{a.size_bytes / b.size_bytes:.3f}x")
+    table.add_row("weights file", mib(b.size_bytes), mib(a.size_bytes), f"{a.size_bytes / b.size_bytes:.3f}x")
     if b.perplexity is not None and a.perplexity is not None:
         table.add_row(f"val perplexity ({a.eval_tokens:,} tokens)", f"{b.perplexity:.4f}", f"{a.perplexity:.4f}",
                       f"{100 * (a.perplexity / b.perplexity - 1):+.2f}%")
@@ -241,7 +251,7 @@ def print_report(report: QuantizeReport, console=None) -> None:
     console.print(f"wrote {report.out}", markup=False, soft_wrap=True)
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 

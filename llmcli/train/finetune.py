@@ -24,6 +24,8 @@ from llmcli.checkpoint import (
     adapter_base,
     base_pointer,
     load_model,
+    mark_pruned,
+    read_pruning,
     read_quantization,
     resolve_checkpoint,
 )
@@ -61,12 +63,19 @@ def starting_model(cfg: Config, init_from: Path | None, run_dir: Path, resume: b
         model = build_model(cfg.model)
         if init_from is not None and not resume:
             model.load_state_dict(load_model(resolve_checkpoint(init_from)).state_dict())
-        return model
+        return mark_pruned(model, _structured_pruning(run_dir if resume else init_from))
     base = adapter_base(run_dir) if resume else resolve_checkpoint(init_from)
     model = _base_model(cfg, base)
     if not resume:
         model.load_state_dict(load_model(base).state_dict())
     return lora.add_adapter(model, cfg.train.lora)
+
+
+def _structured_pruning(source: Path | None) -> dict | None:
+    """The `pruning` entry a structurally pruned base hands on to the run (its shape stays pruned;
+    the zeros of magnitude pruning would not survive training)."""
+    entry = read_pruning(resolve_checkpoint(source)) if source is not None and source.exists() else None
+    return entry if entry is not None and entry.get("method") == "structured" else None
 
 
 def carried_files(cfg: Config, init_from: Path | None, run_dir: Path, resume: bool) -> dict[str, bytes]:

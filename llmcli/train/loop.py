@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,16 @@ def train_command(opts: TrainOptions) -> None:
         print_summary(summary)
 
 
-def train(plan: RunPlan, console: Console = ui.stderr) -> dict[str, Any]:
+def train(plan: RunPlan, console: Console = ui.stderr, objective: Objective | None = None) -> dict[str, Any]:
     """Train `plan.cfg` into `plan.out_dir` (or continue the run there); the final summary."""
     with removed_if_left_empty(plan.out_dir):
-        return Trainer(plan, console).run()
+        return Trainer(plan, console, objective).run()
+
+
+# A training step's loss other than plain cross-entropy (llmcli distill): called with the batch's
+# model inputs, the model's logits and the labels, it gives the loss and the named terms it is made
+# of (each logged as train_<name> and shown in the progress).
+Objective = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @torch.no_grad()
@@ -96,10 +103,11 @@ def evaluate(model: torch.nn.Module, windows: WindowBatches | PairBatches, batch
 class Trainer:
     """One training run (see the module docstring)."""
 
-    def __init__(self, plan: RunPlan, console: Console = ui.stderr):
+    def __init__(self, plan: RunPlan, console: Console = ui.stderr, objective: Objective | None = None):
         from accelerate.utils import set_seed
 
         t = plan.cfg.train
+        self.objective = objective
         # Insight hooks: trackers (refused before anything is written if not installed), --plot.
         self.trackers, self.plot = Trackers(t.log_with), plan.plot
         self.final_dir = Path(plan.out_dir).expanduser()
@@ -251,8 +259,13 @@ class Trainer:
             inputs, y = _to(inputs, device), y.to(device)
             with accelerator.accumulate(self.model):
                 logits = self.model(**inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
-                                       label_smoothing=t.label_smoothing)
+                if self.objective is None:
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                           label_smoothing=t.label_smoothing)
+                else:
+                    loss, parts = self.objective(inputs, logits, y)
+                    for name, part in parts.items():
+                        self.window_parts[name] = self.window_parts.get(name, 0.0) + part.detach().double()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -275,21 +288,26 @@ class Trainer:
         self.window_correct = torch.zeros((), device=device, dtype=torch.float64)
         self.window_count, self.window_start, self.window_step0 = 0, time.perf_counter(), self.state.step
         self.window_tokens = 0
+        self.window_parts: dict[str, torch.Tensor] = {}
 
     def _log(self, lr: float) -> None:
         """Average the losses since the last log line over steps and processes; one metrics row."""
         self._check_finite()
-        stats = self.accelerator.reduce(torch.stack([self.window_loss, self.window_correct]), reduction="mean")
-        train_loss, train_acc = (stats / self.window_count).tolist()
+        names = sorted(self.window_parts)
+        stats = self.accelerator.reduce(torch.stack([self.window_loss, self.window_correct,
+                                                     *(self.window_parts[n] for n in names)]), reduction="mean")
+        train_loss, train_acc, *values = (stats / self.window_count).tolist()
+        parts = dict(zip(names, values, strict=True))
         now = time.perf_counter()
         tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
         self.state.elapsed = self._elapsed()
         self.record({"step": self.state.step, "epoch": round(self.state.step / self.epoch_steps, 4),
-                     "train_loss": train_loss, "train_acc": train_acc, "lr": lr,
+                     "train_loss": train_loss, "train_acc": train_acc,
+                     **{f"train_{name}": value for name, value in parts.items()}, "lr": lr,
                      "tokens_per_second": tok_s, "tokens_seen": self.state.tokens_seen,
                      "elapsed": round(self.state.elapsed, 3)})
         self.reporter.step(self.state.step, train_loss, train_acc, lr, tok_s,
-                           self.state.elapsed - self.elapsed_before, self.start_step)
+                           self.state.elapsed - self.elapsed_before, self.start_step, parts)
         self.last_train_loss = train_loss
         self._reset_window()
 

@@ -59,10 +59,12 @@ class Reporter:
             ui.log(message, self.console)
 
     def step(self, step: int, loss: float, acc: float, lr: float, tok_s: float, elapsed: float,
-             start_step: int) -> None:
+             start_step: int, parts: dict[str, float] | None = None) -> None:
+        """`parts`: the terms a training objective's loss is made of (distillation: kd, ce)."""
         if not self.enabled:
             return
-        stats = f"loss {loss:.4f}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
+        terms = f" ({'  '.join(f'{k} {v:.4f}' for k, v in parts.items())})" if parts else ""
+        stats = f"loss {loss:.4f}{terms}  acc {acc:.3f}  lr {lr:.2e}  {ui.format_count(tok_s)} tok/s"
         if self.epochs is not None:
             per_epoch, total = self.epochs
             stats = f"epoch {min(total, -(-step // per_epoch))}/{total}  {stats}"
