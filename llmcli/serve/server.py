@@ -26,6 +26,7 @@ from llmcli.generate.text import Generator
 from llmcli.options import API_KEY_ENV, ServeOptions
 from llmcli.serve.app import ServerState, create_app
 from llmcli.serve.engine_loop import EngineLoop
+from llmcli.serve.metrics import ServerMetrics
 from llmcli.serve.protocol import MAX_BODY_BYTES
 from llmcli.tokenizer import eot_id
 
@@ -49,8 +50,10 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
     seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
     `tokenizer`).
     """
+    metrics = ServerMetrics()
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
-                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids))
+                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids),
+                        metrics)
     name = opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
     seq2seq = model.task == "seq2seq"
     prompts = source_tokenizer or tokenizer if seq2seq else tokenizer  # what requests encode with
@@ -62,7 +65,7 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
-                       source_length=model.source_length)
+                       source_length=model.source_length, metrics=metrics)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
