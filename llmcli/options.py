@@ -510,6 +510,8 @@ class ServeOptions(Options):
       LLMCLI_API_KEY=secret llmcli serve runs/char-int8 --host 0.0.0.0 --port 8080
 
       curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
+
+      llmcli serve runs/llama --engine vllm -- --tensor-parallel-size 2    # needs vllm and GPUs
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (float or quantized).")
@@ -534,8 +536,23 @@ class ServeOptions(Options):
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = _threads_option()
+    engine: str = option("llmcli", "--engine", help="llmcli (this server) or vllm: export the checkpoint to a "
+                                                    "Hugging Face folder (cached beside it) and run vLLM's OpenAI "
+                                                    "server on it (GPUs, tensor parallelism, several machines).")
+    vllm_args: Optional[list[str]] = argument(None, metavar="[-- VLLM_OPTIONS...]",
+                                              help="--engine vllm: options passed to vLLM as they are, after --.")
 
     def check(self) -> None:
+        if self.engine not in ("llmcli", "vllm"):
+            raise FieldError("engine", f"must be llmcli or vllm; got {self.engine!r}")
+        if self.vllm_args and self.engine != "vllm":
+            raise FieldError("vllm_args", f"only go to --engine vllm; got {' '.join(self.vllm_args)!r}")
+        if self.engine == "vllm" and self.chat_template is not None and self.chat_template.suffix != ".jinja":
+            raise FieldError("chat_template", "must be a .jinja template with --engine vllm (vLLM reads no JSON "
+                                              "layouts)")
+        if self.engine == "vllm" and (self.threads is not None or self.device != "auto"):
+            raise FieldError("engine", "vllm chooses its own devices and threads: drop --device/--threads (use "
+                                       "CUDA_VISIBLE_DEVICES, or vLLM's options after --)")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
         if self.api_key is not None and not self.api_key.strip():
