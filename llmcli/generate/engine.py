@@ -63,6 +63,8 @@ class Request:
     finished: bool = False
     finish_reason: str | None = None
     slides: int = 0  # times the context window was slid
+    proposed: int = 0  # speculative decoding: tokens guessed for this sequence, and how many were kept
+    accepted: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     added_at: float = 0.0
