@@ -168,6 +168,28 @@ class BeamOptions(Options):
             raise FieldError("early_stopping", "applies to beam search only; add --beams N")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SpeculationOptions(Options):
+    """Speculative decoding: a proposer guesses tokens, the model verifies them in one forward."""
+
+    draft: Optional[Path] = option(None, "--draft", help="Speculative decoding with this smaller model (same "
+                                                         "tokenizer) proposing --draft-tokens at a time.",
+                                   file_okay=False)
+    draft_tokens: int = option(4, "--draft-tokens", help="Speculative decoding: tokens proposed per round.",
+                               check=AT_LEAST_ONE)
+    prompt_lookup: int = option(0, "--prompt-lookup", help="Speculative decoding without a draft: propose what "
+                                                           "followed the latest earlier match of the last N "
+                                                           "tokens (N-gram; 0 = off).", check=NOT_NEGATIVE)
+
+    def check(self) -> None:
+        if self.draft is not None and self.prompt_lookup:
+            raise FieldError("prompt_lookup", "and --draft are two ways to speculate: give one")
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft is not None or self.prompt_lookup > 0
+
+
 def unescape(text: str) -> str:
     """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line (e.g. in --stop) as the characters."""
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -367,6 +389,11 @@ class GenerateOptions(Options):
     alone, one line per source; a source longer than its encoder takes is refused. --beams N runs
     beam search (for any model); with --num-samples K <= N it prints the K best hypotheses.
 
+    Speculative decoding (--draft RUN, a smaller model with the same tokenizer, or --prompt-lookup N)
+    proposes several tokens and has the model verify them in one forward: greedy output is the same
+    as without it, sampling keeps the model's distribution; --json reports each sample's acceptance
+    rate. Each sequence then runs its rounds alone (a latency tool, not batched).
+
     Examples:
 
       llmcli generate runs/char "ROMEO:" -n 200
@@ -376,6 +403,8 @@ class GenerateOptions(Options):
       llmcli generate runs/bpe -f prompts.txt --lines --num-samples 3 --seed 1 --json
 
       llmcli generate runs/g2p "shakespeare" --beams 4
+
+      llmcli generate runs/char "ROMEO:" --temperature 0 --draft runs/char-small --json
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")
@@ -387,6 +416,7 @@ class GenerateOptions(Options):
     lines: bool = option(False, "--lines", help="Each non-blank line of the input is a prompt.")
     sampling: SamplingParams = nested(SamplingParams)
     beam: BeamOptions = nested(BeamOptions)
+    speculation: SpeculationOptions = nested(SpeculationOptions)
     num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt (with --beams: the best "
                                                               "hypotheses).", check=AT_LEAST_ONE)
     batch_size: int = option(8, "--batch-size", "-b", help="Sequences generated at once.", check=AT_LEAST_ONE)
@@ -397,6 +427,11 @@ class GenerateOptions(Options):
     threads: Optional[int] = _threads_option()
 
     def check(self) -> None:
+        if self.speculation.enabled and self.beam.beams > 1:
+            raise FieldError("beams", "and speculative decoding (--draft, --prompt-lookup) do not combine")
+        if self.speculation.enabled and self.sampling.repetition_penalty != 1.0:
+            raise FieldError("repetition_penalty", "does not combine with speculative decoding (it would change "
+                                                   "between guesses)")
         if self.beam.beams > 1 and self.num_samples > self.beam.beams:
             raise FieldError("num_samples", f"must be at most --beams ({self.beam.beams}): beam search returns "
                                             "its best hypotheses")
@@ -620,6 +655,8 @@ class ServeOptions(Options):
       LLMCLI_API_KEY=secret llmcli serve runs/char-int8 --host 0.0.0.0 --port 8080
 
       curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
+
+      llmcli serve runs/llama --engine vllm -- --tensor-parallel-size 2    # needs vllm and GPUs
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (float or quantized).")
@@ -644,8 +681,23 @@ class ServeOptions(Options):
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = _threads_option()
+    engine: str = option("llmcli", "--engine", help="llmcli (this server) or vllm: export the checkpoint to a "
+                                                    "Hugging Face folder (cached beside it) and run vLLM's OpenAI "
+                                                    "server on it (GPUs, tensor parallelism, several machines).")
+    vllm_args: Optional[list[str]] = argument(None, metavar="[-- VLLM_OPTIONS...]",
+                                              help="--engine vllm: options passed to vLLM as they are, after --.")
 
     def check(self) -> None:
+        if self.engine not in ("llmcli", "vllm"):
+            raise FieldError("engine", f"must be llmcli or vllm; got {self.engine!r}")
+        if self.vllm_args and self.engine != "vllm":
+            raise FieldError("vllm_args", f"only go to --engine vllm; got {' '.join(self.vllm_args)!r}")
+        if self.engine == "vllm" and self.chat_template is not None and self.chat_template.suffix != ".jinja":
+            raise FieldError("chat_template", "must be a .jinja template with --engine vllm (vLLM reads no JSON "
+                                              "layouts)")
+        if self.engine == "vllm" and (self.threads is not None or self.device != "auto"):
+            raise FieldError("engine", "vllm chooses its own devices and threads: drop --device/--threads (use "
+                                       "CUDA_VISIBLE_DEVICES, or vLLM's options after --)")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
         if self.api_key is not None and not self.api_key.strip():

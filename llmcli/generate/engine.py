@@ -65,6 +65,8 @@ class Request:
     finished: bool = False
     finish_reason: str | None = None
     slides: int = 0  # times the context window was slid
+    proposed: int = 0  # speculative decoding: tokens guessed for this sequence, and how many were kept
+    accepted: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     added_at: float = 0.0
@@ -230,6 +232,13 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def cache_use(self) -> dict[str, float]:
+        """Slots held and in all, and the token positions running sequences hold (serve's /metrics)."""
+        tokens = sum(r.position for r in self._running.values())
+        capacity = self.max_batch_size * self.max_len if self.max_len else 0
+        return {"kv_slots_used": len(self._running), "kv_slots_total": self.max_batch_size,
+                "kv_tokens": tokens, "kv_usage": tokens / capacity if capacity else 0.0}
 
     # -- stepping ----------------------------------------------------------------------------
 

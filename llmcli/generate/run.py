@@ -68,8 +68,10 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
     source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
     jobs = [(p, j) for p in prompts for j in range(opts.num_samples)]
+    speculation = _speculation(opts, directory, tokenizer, device) if opts.speculation.enabled else None
     generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)),
-                          source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer))
+                          source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer),
+                          speculation=speculation)
     inputs = {p: generator.source_ids(p) if generator.seq2seq else encode_prompt(tokenizer, p) for p in prompts}
     if opts.beam.beams > 1:
         return _run_beams(opts, generator, prompts, inputs, out, device.type)
@@ -84,7 +86,7 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
                    f"tokens); its first {dropped} tokens were dropped")
         ids.append(request_id)
     printer = _Printer(out, generator, ids, [p for p, _ in jobs], json_lines=opts.json_out,
-                       stream=not opts.no_stream, echo=not generator.seq2seq)
+                       stream=not opts.no_stream, echo=not generator.seq2seq, speculative=speculation is not None)
     started = time.perf_counter()
     while generator.has_work():
         printer.take(generator.step())
@@ -98,7 +100,26 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     ui.log(f"{len(results)} sample{'s' if len(results) != 1 else ''}, {total} tokens in {elapsed:.2f}s "
            f"(prefill {ui.format_count(prefill)} tok/s, decode {ui.format_count(decode)} tok/s, "
            f"batch {generator.engine.max_batch_size}, {device.type})")
+    if speculation is not None:
+        proposed, accepted = s["proposed_tokens"], s["accepted_tokens"]
+        ui.log(f"speculative ({'draft' if speculation.draft is not None else 'prompt lookup'}, "
+               f"{speculation.tokens} per round): {accepted}/{proposed} proposed tokens accepted"
+               + (f" ({accepted / proposed:.0%})" if proposed else ""))
     return results
+
+
+def _speculation(opts: GenerateOptions, directory, tokenizer, device):
+    """--draft / --prompt-lookup as a Speculation; a draft with another tokenizer is refused."""
+    from llmcli.generate.speculative_engine import Speculation
+
+    spec = opts.speculation
+    if spec.draft is None:
+        return Speculation(tokens=spec.draft_tokens, lookup=spec.prompt_lookup)
+    draft_dir, draft, draft_tokenizer = load_for_inference(spec.draft, device, select_dtype(opts.dtype, device))
+    if draft_tokenizer.to_str() != tokenizer.to_str():
+        raise UserError(f"--draft {spec.draft}: its tokenizer differs from {directory}'s; speculative decoding "
+                        "needs the same token ids in both models")
+    return Speculation(tokens=spec.draft_tokens, draft=draft)
 
 
 def _run_beams(opts: GenerateOptions, generator: Generator, prompts: list[str], inputs: dict, out: IO[str],
@@ -151,8 +172,9 @@ class _Printer:
     Without `echo` (seq2seq) a sample is its text alone, one line each."""
 
     def __init__(self, out: IO[str], generator: Generator, ids: list[int], prompts: list[str], *,
-                 json_lines: bool, stream: bool, echo: bool = True):
+                 json_lines: bool, stream: bool, echo: bool = True, speculative: bool = False):
         self.out, self.generator, self.ids, self.prompts = out, generator, ids, prompts
+        self.speculative = speculative
         self.json_lines, self.stream, self.echo = json_lines, stream, echo
         self.styled = ui.interactive(ui.stdout) and not json_lines
         self.texts: dict[int, list[str]] = {i: [] for i in ids}
@@ -180,7 +202,11 @@ class _Printer:
             completion = self.generator.completion(request_id)
             self.results.append(completion)
             if self.json_lines:
-                self._write(json.dumps(_json(prompt, completion, self.echo), ensure_ascii=False) + "\n")
+                row = _json(prompt, completion, self.echo)
+                if self.speculative:
+                    rate = completion.acceptance_rate
+                    row["acceptance_rate"] = None if rate is None else round(rate, 4)
+                self._write(json.dumps(row, ensure_ascii=False) + "\n")
             elif not self.echo or not (prompt + completion.completion).endswith("\n"):
                 self._write("\n")
             self.head, self.head_started = self.head + 1, False

@@ -112,6 +112,7 @@ class Completion:
     seed: int
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
+    acceptance_rate: float | None = None  # speculative decoding: guesses kept / guesses made
 
 
 @dataclass
@@ -151,9 +152,10 @@ class Generator:
     """
 
     def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8,
-                 source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None, **engine_kwargs: Any):
+                 source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None,
+                 speculation: Any = None, **engine_kwargs: Any):
         """`stop_token_ids`: the ids that end a sequence (checkpoint.end_token_ids; none: only the length
-        limit); default <|endoftext|>."""
+        limit); default <|endoftext|>. `speculation` (speculative_engine.Speculation) decodes speculatively."""
         self.tokenizer = tokenizer
         self.seq2seq = model.task == "seq2seq"
         self.source_tokenizer = source_tokenizer or tokenizer
@@ -162,7 +164,13 @@ class Generator:
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > model.config.vocab_size:
             raise UserError(f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
-        self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
+        if speculation is not None:
+            from llmcli.generate.speculative_engine import SpeculativeEngine
+
+            self.engine = SpeculativeEngine(model, speculation, max_batch_size=max_batch_size, vocab_size=vocab,
+                                            **engine_kwargs)
+        else:
+            self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
         self._states: dict[int, _TextState] = {}
         self._done: dict[int, Completion] = {}
 
@@ -205,7 +213,9 @@ class Generator:
     def step(self) -> list[TextEvent]:
         events = []
         for ev in self.engine.step():
-            state = self._states[ev.id]
+            state = self._states.get(ev.id)
+            if state is None:  # stopped by a stop string earlier in this step (speculative rounds emit several)
+                continue
             finished, reason = ev.finished, ev.finish_reason
             text = ""
             if reason != FINISH_EOT:  # the stop token itself is not part of the text
@@ -234,7 +244,8 @@ class Generator:
                           prompt_tokens=len(r.source_ids if r.source_ids is not None else r.prompt_ids),
                           dropped_prompt_tokens=r.dropped_prompt_tokens,
                           finish_reason=reason, seed=r.seed, prefill_tokens_per_second=prefill_tps,
-                          decode_tokens_per_second=decode_tps)
+                          decode_tokens_per_second=decode_tps,
+                          acceptance_rate=r.accepted / r.proposed if r.proposed else None)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),

@@ -78,6 +78,16 @@ def is_quantized(directory: Path) -> bool:
     return read_quantization(directory) is not None or "quantization" in read_info(directory)
 
 
+def exportable_config(src: Path) -> ModelConfig:
+    """The model config of checkpoint `src`, refused in one line when its family cannot export."""
+    model_config = model_config_from_json(src / MODEL_CONFIG)
+    if not registry.family(model_config).exports_to_hf:
+        raise UserError(f"{src} holds a model.arch={model_config.arch} model: transformers has no "
+                        f"{model_config.arch} class to export it as (model.arch=transformer and encoder-decoder "
+                        "export)")
+    return model_config
+
+
 def export_hf(opts: ExportOptions) -> ExportResult:
     """Write the checkpoint `opts.run_dir` as a transformers model folder at `opts.out`.
 
@@ -91,11 +101,7 @@ def export_hf(opts: ExportOptions) -> ExportResult:
     if quantized and not opts.dequantize:
         raise UserError(f"{src} is a quantized checkpoint; transformers cannot load our quantized "
                         "weights, so pass --dequantize to export them as float weights")
-    model_config = model_config_from_json(src / MODEL_CONFIG)  # refuse before reading the weights
-    if not registry.family(model_config).exports_to_hf:
-        raise UserError(f"{src} holds a model.arch={model_config.arch} model: transformers has no "
-                        f"{model_config.arch} class to export it as (model.arch=transformer and encoder-decoder "
-                        "export)")
+    model_config = exportable_config(src)  # refuse before reading the weights
     if model_config.task == "seq2seq":
         check_exportable(model_config)
         family = "marian"

@@ -17,6 +17,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 
 Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
+Families with `rewinds_decode_state` also give their states `truncate(slot, length)` (forget
+what the slot holds from position `length` on): speculative decoding rolls rejected tokens back so.
 
 Sequence-to-sequence families (`task = "seq2seq"`) map a source sequence to a target one. Their
 `forward(idx, source=..., source_lengths=...)` gives the target-side logits of the decoder inputs
@@ -117,6 +119,8 @@ class LanguageModel(nn.Module):
     partition_refusal: str | None = None
     # Whether `llmcli export --format hf` has a `transformers` class to write this family as.
     exports_to_hf: bool = False
+    # Whether the decode state has truncate(slot, length) (speculative decoding needs it).
+    rewinds_decode_state: bool = False
     # "lm": continues a sequence; "seq2seq": maps a source sequence to a target (see the module docstring).
     task: str = "lm"
 

@@ -127,6 +127,14 @@ class KVCache:
             for t in tensors:
                 t[dst.to(t.device)] = t[src.to(t.device)]
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget the slot's keys/values from position `length` on (speculative decoding's rollback of
+        rejected tokens; attention never reads past a query's position, so this also keeps stale
+        entries from ever mattering)."""
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[slot, :, length:] = 0
+
 
 class CacheStep:
     """One forward's view of a KVCache: where each row writes, and what it may attend to.
@@ -252,6 +260,7 @@ class Transformer(LanguageModel):
     """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head."""
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
+    rewinds_decode_state = True  # KVCache.truncate
 
     def __init__(self, config: ModelConfig):
         super().__init__()

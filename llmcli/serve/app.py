@@ -45,6 +45,7 @@ from llmcli.chat_template import ChatTemplate, JinjaTemplate
 from llmcli.errors import UserError
 from llmcli.options import SamplingParams
 from llmcli.serve.engine_loop import EngineLoop, Job, Prompt, SequenceSpec
+from llmcli.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llmcli.serve.protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -86,6 +87,7 @@ class ServerState:
     max_body_bytes: int = MAX_BODY_BYTES
     task: str = "lm"  # seq2seq: prompts are sources (`tokenizer` is the source side's)
     source_length: int | None = None  # seq2seq: the most source tokens the encoder takes
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)  # the engine loop's own, when it has one
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # sequences admitted and not finished
     draining: bool = False
@@ -111,7 +113,8 @@ class Guard:
     """Pure ASGI middleware: API key (401), shutting down (503), body size (413) before any route.
 
     The body is read here, bounded, and handed on in one piece; after that the app's `receive`
-    is the server's own, so handlers can watch it for the client disconnecting.
+    is the server's own, so handlers can watch it for the client disconnecting. Every response's
+    status is counted for /metrics here, refusals included.
     """
 
     def __init__(self, app: Any, state: ServerState):
@@ -120,6 +123,13 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        outer, path = send, scope.get("path", "")
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                self.state.metrics.response(path, message["status"])
+            await outer(message)
+
         error = self._refusal(scope)
         if error is not None:
             return await error.response()(scope, receive, send)
@@ -160,7 +170,7 @@ class Guard:
         return None
 
 
-PUBLIC_PATHS = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # no API key needed
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # no API key needed
 
 
 def _authorized(header: str | None, key: str) -> bool:
@@ -187,6 +197,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="llmcli", lifespan=lifespan, description="An OpenAI-compatible API (llmcli serve).")
     app.state.llm = state
+    state.metrics.watch(lambda: state.engine.stats)
     app.add_middleware(Guard, state=state)
     _add_error_handlers(app)
     _add_routes(app, state)
@@ -242,8 +253,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = {"status": "shutting_down" if state.draining else "ok", "model": state.model_name,
                 "running": stats["running"], "waiting": stats["waiting"], "in_flight": state.in_flight,
                 "max_batch_size": state.max_batch_size, "max_queue": state.max_queue,
-                "requests": state.requests, "generated_tokens": stats["generated_tokens"]}
+                "requests": state.requests, "generated_tokens": stats["generated_tokens"],
+                "kv_cache": {"slots_used": stats["kv_slots_used"], "slots": stats["kv_slots_total"],
+                             "tokens": stats["kv_tokens"]}}
         return JSONResponse(body, status_code=503 if state.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

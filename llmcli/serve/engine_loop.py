@@ -14,6 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from llmcli.errors import UserError
 from llmcli.generate.text import Completion, Generator
 from llmcli.options import SamplingParams
+from llmcli.serve.metrics import ServerMetrics, TokenClock
 from llmcli.serve.protocol import APIError
 
 log = logging.getLogger("uvicorn.error")  # shows in uvicorn's log format
@@ -73,6 +75,7 @@ class Job:
         self._on_release = on_release
         self._released = False
         self.rids: list[int] = []  # engine request ids: touched only by the engine thread
+        self.arrived = time.perf_counter()  # for the time to first token
 
     @property
     def done(self) -> bool:
@@ -135,14 +138,17 @@ class Job:
 class EngineLoop:
     """The thread that owns the model: takes commands from a queue, steps, hands out events."""
 
-    def __init__(self, make_generator: Callable[[], Generator]):
+    def __init__(self, make_generator: Callable[[], Generator], metrics: ServerMetrics | None = None):
         self._make_generator = make_generator
+        self.metrics = metrics
+        self._clock = TokenClock(metrics)
         self.generator = make_generator()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._owners: dict[int, tuple[Job, int]] = {}  # engine request id -> (job, choice index)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.stats: dict[str, Any] = {"running": 0, "waiting": 0, "steps": 0, "generated_tokens": 0}
+        self.stats: dict[str, Any] = {"running": 0, "waiting": 0, "steps": 0, "generated_tokens": 0,
+                                      **self.generator.engine.cache_use()}
 
     # -- called on the event loop -----------------------------------------------------------
 
@@ -201,6 +207,8 @@ class EngineLoop:
                 rid = self.generator.submit(seq.prompt.ids, seq.params)
                 job.rids.append(rid)
                 self._owners[rid] = (job, seq.index)
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(self.generator.request(rid).prompt_ids))
         except UserError as exc:  # checked by the handler already; kept as a safety net
             self._cancel(job)
             self._send(job, APIError(400, str(exc)))
@@ -209,6 +217,7 @@ class EngineLoop:
         for rid in job.rids:
             if self._owners.pop(rid, None) is not None:
                 self.generator.cancel(rid)
+                self._clock.forget(rid)
 
     def _step(self) -> None:
         try:
@@ -227,6 +236,7 @@ class EngineLoop:
             if owner is None:
                 continue
             job, index = owner
+            self._clock.token(ev.id, job.arrived, ev.finished)
             completion = None
             if ev.finished:
                 completion = self.generator.completion(ev.id)
@@ -267,7 +277,8 @@ class EngineLoop:
 
     def _publish(self) -> None:
         engine = self.generator.engine
-        self.stats = {**self.stats, "running": engine.num_running, "waiting": engine.num_waiting}
+        self.stats = {**self.stats, "running": engine.num_running, "waiting": engine.num_waiting,
+                      **engine.cache_use()}
 
 
 def _deliver_all(batches: list[tuple[Job, list[Event]]]) -> None:

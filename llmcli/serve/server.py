@@ -26,6 +26,7 @@ from llmcli.generate.text import Generator
 from llmcli.options import API_KEY_ENV, ServeOptions
 from llmcli.serve.app import ServerState, create_app
 from llmcli.serve.engine_loop import EngineLoop
+from llmcli.serve.metrics import ServerMetrics
 from llmcli.serve.protocol import MAX_BODY_BYTES
 from llmcli.tokenizer import eot_id
 
@@ -40,6 +41,10 @@ def default_model_name(run_dir: str | Path) -> str:
     return path.name
 
 
+def _model_name(opts: ServeOptions) -> str:
+    return opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
+
+
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
                 max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None,
                 source_tokenizer: Any = None) -> ServerState:
@@ -49,9 +54,11 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
     seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
     `tokenizer`).
     """
+    metrics = ServerMetrics()
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
-                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids))
-    name = opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
+                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids),
+                        metrics)
+    name = _model_name(opts)
     seq2seq = model.task == "seq2seq"
     prompts = source_tokenizer or tokenizer if seq2seq else tokenizer  # what requests encode with
     # what an empty prompt starts from
@@ -62,7 +69,7 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
-                       source_length=model.source_length)
+                       source_length=model.source_length, metrics=metrics)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -124,6 +131,10 @@ def make_uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool =
 
 def serve_command(opts: ServeOptions) -> None:
     """Load the checkpoint, bind, serve until Ctrl-C; a bad template, RUN_DIR or address fails first."""
+    if opts.engine == "vllm":
+        from llmcli.serve.vllm import serve_with_vllm
+
+        return serve_with_vllm(opts, _model_name(opts))
     template = load_chat_template(opts.chat_template, resolve_checkpoint(opts.run_dir))
     device = select_device(opts.device)
     configure_threads(opts.threads)
