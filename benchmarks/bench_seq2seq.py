@@ -150,7 +150,7 @@ def training(rounds: int) -> None:
     plain, ours = [], []
     with tempfile.TemporaryDirectory(prefix="bench-seq2seq-") as tmp:
         for _ in range(rounds):
-            plain.append(plain_loop(cfg, batches, seconds=20))
+            plain.append(plain_loop(cfg, batches, seconds=15))
             ours.append(llmcli_train(Path(tmp), 100))
     m = cfg.model
     shape = f"{m.encoder_layers}+{m.n_layer} x {m.d_model}, ff {m.ff_dim}, batch {cfg.train.batch_size}"
