@@ -157,3 +157,12 @@ def test_a_quantized_or_missing_source_is_refused(trained_runs, tmp_path, cli, o
         "--decode-tokens", "0")
     one_line_error(cli("prune", tmp_path / "q", "--out", tmp_path / "o", "--mlp", "0.5"), "is quantized (int8)")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_magnitude_pruning_of_a_seq2seq_run(seq2seq_runs, tmp_path, cli):
+    out = tmp_path / "m"
+    prune(seq2seq_runs["encoder-decoder"], out, method="magnitude", sparsity=0.5)
+    assert magnitude.sparsity_of(load_model(out)) == pytest.approx(0.5, abs=0.01)
+    result = cli("eval", out)
+    assert result.exit_code == 0, result.output
