@@ -48,7 +48,7 @@ def teacher_run(root: Path, teacher: str | None, minutes: float) -> Path:
 
 
 def structured(root: Path, teacher: Path, steps: int) -> None:
-    from llmcli.options import PruneOptions
+    from llmcli.options.checkpoints import PruneOptions
     from llmcli.prune.command import print_report, prune_checkpoint
 
     report = prune_checkpoint(PruneOptions(run_dir=teacher, out=root / "pruned", heads=0.25, mlp=0.3,
@@ -66,7 +66,7 @@ def structured(root: Path, teacher: Path, steps: int) -> None:
 
 
 def magnitude(root: Path, teacher: Path) -> None:
-    from llmcli.options import PruneOptions
+    from llmcli.options.checkpoints import PruneOptions
     from llmcli.prune.command import prune_checkpoint
 
     rows = []

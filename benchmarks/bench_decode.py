@@ -25,7 +25,8 @@ from common import Spread, console, copy_bandwidth_gbs, ratios, table  # noqa: E
 from llmcli.config import ModelConfig, build_config  # noqa: E402
 from llmcli.generate.engine import Engine  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options import ExportOptions, SamplingParams  # noqa: E402
+from llmcli.options.checkpoints import ExportOptions  # noqa: E402
+from llmcli.options.sampling import SamplingParams  # noqa: E402
 
 SHAPES = {
     "4x128 (char vocab)": dict(n_layer=4, n_head=4, d_model=128, block_size=256, vocab_size=82),

@@ -58,7 +58,7 @@ def child(base: str, out: str, overrides: list[str]) -> None:
     import peft  # noqa: F401
 
     from llmcli import lora
-    from llmcli.options import TrainOptions
+    from llmcli.options.training import TrainOptions
     from llmcli.train import loop
     from llmcli.train.run_dir import plan_run
 
@@ -82,7 +82,7 @@ def run_variant(base: Path, out: Path, overrides: list[str]) -> dict:
 
 
 def quantized_copy(base: Path, out: Path) -> Path:
-    from llmcli.options import QuantizeOptions
+    from llmcli.options.checkpoints import QuantizeOptions
     from llmcli.quantize.command import quantize_command
 
     quantize_command(QuantizeOptions(run_dir=base, method="int8", out=out, eval_tokens=0, decode_tokens=0))
@@ -116,7 +116,8 @@ def cost_table(work: Path, steps: int) -> None:
 
 def quality_table(work: Path, budget: float) -> None:
     from llmcli.lm_eval_adapter import evaluate_tasks
-    from llmcli.options import EvalOptions, TrainOptions
+    from llmcli.options.inference import EvalOptions
+    from llmcli.options.training import TrainOptions
     from llmcli.train.loop import train
     from llmcli.train.run_dir import plan_run
 

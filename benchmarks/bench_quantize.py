@@ -52,7 +52,7 @@ from common import Spread, ratios  # noqa: E402
 from llmcli.checkpoint import load_model, resolve_checkpoint, write_checkpoint  # noqa: E402
 from llmcli.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options import QuantizeOptions  # noqa: E402
+from llmcli.options.checkpoints import QuantizeOptions  # noqa: E402
 from llmcli.quantize import command as Q  # noqa: E402
 from llmcli.quantize import modules as QM  # noqa: E402
 from llmcli.quantize.kernels import fbgemm_available  # noqa: E402

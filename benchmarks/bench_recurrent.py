@@ -46,7 +46,7 @@ from common import Spread, console, ratios, table  # noqa: E402
 from llmcli.config import load_config  # noqa: E402
 from llmcli.data.prepare import prepare_data  # noqa: E402
 from llmcli.models.registry import build_model  # noqa: E402
-from llmcli.options import EvalOptions  # noqa: E402
+from llmcli.options.inference import EvalOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"LSTM": REPO / "configs/shakespeare-lstm.yaml", "GRU": REPO / "configs/shakespeare-gru.yaml"}

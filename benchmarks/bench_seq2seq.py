@@ -167,7 +167,7 @@ def training(rounds: int) -> None:
 @torch.inference_mode()
 def ours_decode(model, sources: list[list[int]], new: int, eot: int) -> float:
     from llmcli.generate.engine import Engine
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
 
     engine = Engine(model, max_batch_size=len(sources))
     params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eot=True)
@@ -199,7 +199,7 @@ def decoding(rounds: int) -> None:
     from llmcli.checkpoint import write_checkpoint
     from llmcli.evaluate_pairs import first_sources
     from llmcli.hf.export import export_hf
-    from llmcli.options import ExportOptions
+    from llmcli.options.checkpoints import ExportOptions
 
     cfg, prepared = recipe()
     model, origin = trained_or_random(cfg)

@@ -53,7 +53,7 @@ def prompts(tokenizer, kind: str) -> list[list[int]]:
 
 
 def timed(engine, prompt: list[int], tokens: int) -> tuple[list[int], float]:
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
     started = time.perf_counter()

@@ -38,7 +38,7 @@ from common import (  # noqa: E402
 from llmcli.config import load_config  # noqa: E402
 from llmcli.data.prepare import prepare_data  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options import EvalOptions  # noqa: E402
+from llmcli.options.inference import EvalOptions  # noqa: E402
 from llmcli.train.loop import train  # noqa: E402
 from llmcli.train.run_dir import RunPlan  # noqa: E402
 from llmcli.train.schedule import RandomWindows  # noqa: E402

@@ -1,6 +1,6 @@
 """The `llmcli` command line: a table of commands, each an options dataclass and the function that runs it.
 
-The options (flags, help, defaults, checks) are declared once, in llmcli/options.py; this module
+The options (flags, help, defaults, checks) are declared once, in the llmcli/options/ package; this module
 turns each dataclass into a Typer command whose help is the dataclass's docstring, builds the
 options object from what was typed and hands it to the package. It imports no torch, so `--help`
 and completion stay fast; a command's module is imported only when it runs.
@@ -21,8 +21,19 @@ import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from llmcli import __version__, options
+from llmcli import __version__
 from llmcli.errors import FieldError, UserError
+from llmcli.options.checkpoints import (
+    ExportOptions,
+    ImportOptions,
+    MergeOptions,
+    PruneOptions,
+    QuantizeOptions,
+)
+from llmcli.options.fields import Options, Spec, flag_names
+from llmcli.options.inference import ChatOptions, EvalOptions, GenerateOptions, ServeOptions
+from llmcli.options.insight import AttentionOptions, InspectOptions, PlotOptions
+from llmcli.options.training import DistillOptions, PrepareOptions, TokenizerTrainOptions, TrainOptions
 
 DEBUG_ENV = "LLMCLI_DEBUG"
 
@@ -30,27 +41,27 @@ DEBUG_ENV = "LLMCLI_DEBUG"
 @dataclasses.dataclass(frozen=True)
 class Command:
     name: tuple[str, ...]  # ("train",) or ("data", "prepare")
-    options: type[options.Options]
+    options: type[Options]
     run: str  # "module:function", called with the options object
 
 
 COMMANDS = (
-    Command(("data", "prepare"), options.PrepareOptions, "llmcli.data.tasks:prepare_command"),
-    Command(("tokenizer", "train"), options.TokenizerTrainOptions, "llmcli.data.tasks:tokenizer_command"),
-    Command(("train",), options.TrainOptions, "llmcli.train.loop:train_command"),
-    Command(("eval",), options.EvalOptions, "llmcli.evaluate:eval_command"),
-    Command(("generate",), options.GenerateOptions, "llmcli.generate.run:generate_command"),
-    Command(("export",), options.ExportOptions, "llmcli.hf.export:export_command"),
-    Command(("import",), options.ImportOptions, "llmcli.hf.importer:import_command"),
-    Command(("quantize",), options.QuantizeOptions, "llmcli.quantize.command:quantize_command"),
-    Command(("prune",), options.PruneOptions, "llmcli.prune.command:prune_command"),
-    Command(("distill",), options.DistillOptions, "llmcli.distill:distill_command"),
-    Command(("serve",), options.ServeOptions, "llmcli.serve.server:serve_command"),
-    Command(("attention",), options.AttentionOptions, "llmcli.insight.attention:attention_command"),
-    Command(("plot",), options.PlotOptions, "llmcli.insight.curves:plot_command"),
-    Command(("inspect",), options.InspectOptions, "llmcli.insight.inspect_run:inspect_command"),
-    Command(("merge",), options.MergeOptions, "llmcli.merge:merge_command"),
-    Command(("chat",), options.ChatOptions, "llmcli.generate.chat:chat_command"),
+    Command(("data", "prepare"), PrepareOptions, "llmcli.data.tasks:prepare_command"),
+    Command(("tokenizer", "train"), TokenizerTrainOptions, "llmcli.data.tasks:tokenizer_command"),
+    Command(("train",), TrainOptions, "llmcli.train.loop:train_command"),
+    Command(("eval",), EvalOptions, "llmcli.evaluate:eval_command"),
+    Command(("generate",), GenerateOptions, "llmcli.generate.run:generate_command"),
+    Command(("export",), ExportOptions, "llmcli.hf.export:export_command"),
+    Command(("import",), ImportOptions, "llmcli.hf.importer:import_command"),
+    Command(("quantize",), QuantizeOptions, "llmcli.quantize.command:quantize_command"),
+    Command(("prune",), PruneOptions, "llmcli.prune.command:prune_command"),
+    Command(("distill",), DistillOptions, "llmcli.distill:distill_command"),
+    Command(("serve",), ServeOptions, "llmcli.serve.server:serve_command"),
+    Command(("attention",), AttentionOptions, "llmcli.insight.attention:attention_command"),
+    Command(("plot",), PlotOptions, "llmcli.insight.curves:plot_command"),
+    Command(("inspect",), InspectOptions, "llmcli.insight.inspect_run:inspect_command"),
+    Command(("merge",), MergeOptions, "llmcli.merge:merge_command"),
+    Command(("chat",), ChatOptions, "llmcli.generate.chat:chat_command"),
 )
 GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers."}
 
@@ -125,7 +136,7 @@ def _leaves(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
 
 
 def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
-    spec: options.Spec = f.metadata["cli"]
+    spec: Spec = f.metadata["cli"]
     default = ... if f.default is dataclasses.MISSING else f.default
     if spec.convert is not None:
         default = None if default is not ... else default
@@ -145,7 +156,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         if f.metadata.get("nested"):
             kwargs[f.name] = _build(f.default_factory, values)
         else:
-            spec: options.Spec = f.metadata["cli"]
+            spec: Spec = f.metadata["cli"]
             value = values[f.name]
             kwargs[f.name] = spec.convert(value) if spec.convert is not None else value
     return cls(**kwargs)
@@ -158,7 +169,7 @@ def _runner(path: str) -> Callable[[Any], None]:
 
 def _typer_function(command: Command) -> Callable[..., None]:
     leaves = _leaves(command.options)
-    flags = options.flag_names(command.options)
+    flags = flag_names(command.options)
 
     def run(**values: Any) -> None:
         try:

@@ -28,7 +28,7 @@ from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import refuse_overlap
 from llmcli.models.base import LanguageModel
-from llmcli.options import DistillOptions
+from llmcli.options.training import DistillOptions
 from llmcli.train.finetune import IGNORE
 
 

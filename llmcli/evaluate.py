@@ -46,7 +46,7 @@ from llmcli.config import Config, load_config
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
 from llmcli.models.base import Rows
-from llmcli.options import EvalOptions
+from llmcli.options.inference import EvalOptions
 from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars, unknown_noun
 
 DEFAULT_BATCH = 8  # windows per forward

@@ -27,7 +27,7 @@ from llmcli.generate.beam import BeamSearch, BeamSettings
 from llmcli.generate.engine import Engine
 from llmcli.metrics import sequence_scores
 from llmcli.models.base import LanguageModel
-from llmcli.options import BeamOptions, SamplingParams
+from llmcli.options.sampling import BeamOptions, SamplingParams
 from llmcli.tokenizer import decode, encode, eot_id
 from llmcli.train.batches import IGNORE, PairBatches
 

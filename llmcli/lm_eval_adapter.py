@@ -33,7 +33,8 @@ from llmcli.checkpoint import end_token_ids, load_for_inference
 from llmcli.device import select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
-from llmcli.options import EvalOptions, SamplingParams
+from llmcli.options.inference import EvalOptions
+from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import encode, eot_id
 
 MODEL_NAME = "llmcli"

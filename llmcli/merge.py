@@ -24,7 +24,7 @@ from llmcli.checkpoint import (
 from llmcli.config import Config, LoraConfig, load_config
 from llmcli.device import select_dtype
 from llmcli.errors import UserError
-from llmcli.options import MergeOptions
+from llmcli.options.checkpoints import MergeOptions
 
 
 def merge_command(opts: MergeOptions) -> None:

@@ -329,7 +329,7 @@ def alpaca_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lora_run(trained_runs, alpaca_file, tmp_path_factory) -> Path:
     """A LoRA adapter (r=4 on q, v, up) trained on the llama-style trained run with alpaca_file."""
-    from llmcli.options import TrainOptions
+    from llmcli.options.training import TrainOptions
     from llmcli.train.loop import train
     from llmcli.train.run_dir import plan_run
 

@@ -12,7 +12,7 @@ import torch
 from llmcli.config import TokenizerConfig, load_config
 from llmcli.errors import UserError
 from llmcli.evaluate import evaluate_checkpoint, metrics_from_sums, score_tokens, split_targets, window_plan
-from llmcli.options import EvalOptions
+from llmcli.options.inference import EvalOptions
 from llmcli.tokenizer import train_tokenizer
 
 TEXT = "".join(f"Line {i}: to be, or not to be; that is the question {i % 5}. Ça va?\n" for i in range(120))

@@ -9,7 +9,7 @@ from llmcli.config import Config, load_config
 from llmcli.data.prepare import PreparedData, prepare_data, print_summary, train_tokenizer_for_config
 from llmcli.data.prepare_pairs import PreparedPairs, prepare_pairs, print_pairs_summary
 from llmcli.data.sources import _stderr_console
-from llmcli.options import PrepareOptions, TokenizerTrainOptions
+from llmcli.options.training import PrepareOptions, TokenizerTrainOptions
 
 
 def prepare_for_task(cfg: Config, *, force: bool = False, console: Console | None = None) -> PreparedData | PreparedPairs:

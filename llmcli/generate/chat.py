@@ -17,7 +17,8 @@ from llmcli.checkpoint import end_token_ids, load_for_inference
 from llmcli.device import select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator, encode_prompt
-from llmcli.options import ChatOptions, SamplingParams
+from llmcli.options.inference import ChatOptions
+from llmcli.options.sampling import SamplingParams
 
 HELP = "/reset forgets the history, /system TEXT sets the system message, /exit (or Ctrl-D) leaves"
 

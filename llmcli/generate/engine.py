@@ -38,7 +38,7 @@ from llmcli.device import pack_for_cpu_decoding
 from llmcli.errors import UserError
 from llmcli.generate.sampling import apply_repetition_penalty, sample
 from llmcli.models.base import LanguageModel, Rows
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 FINISH_EOT = "eot"  # the model produced <|endoftext|> (or another stop token)
 FINISH_STOP = "stop"  # a stop string appeared in the text

@@ -16,7 +16,7 @@ from llmcli.errors import UserError
 from llmcli.generate.beam import BeamSearch, BeamSettings
 from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion, Generator, StopText, encode_prompt
-from llmcli.options import GenerateOptions
+from llmcli.options.inference import GenerateOptions
 from llmcli.tokenizer import decode
 
 

@@ -27,7 +27,7 @@ from llmcli.generate.engine import Engine, Request, TokenEvent, prefill
 from llmcli.generate.sampling import sampling_probs
 from llmcli.generate.speculative import draw, greedy_accept, lookup_proposal, rejection_accept
 from llmcli.models.base import LanguageModel, Rows
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from llmcli.errors import UserError
 from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Engine, Request
 from llmcli.models.base import LanguageModel
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import encode, eot_id, unknown_chars, unknown_noun
 
 

@@ -51,7 +51,7 @@ from llmcli.hf.marian import check_exportable, marian_config, state_dict_to_mari
 from llmcli.hf.seq2seq import marian_folder_files
 from llmcli.io import atomic_replace_dir, atomic_write, atomic_write_text
 from llmcli.models import registry
-from llmcli.options import ExportOptions
+from llmcli.options.checkpoints import ExportOptions
 from llmcli.quantize.modules import dequantize_model, quantization_of
 from llmcli.tokenizer import EOT, eot_id, load_tokenizer
 

@@ -44,7 +44,7 @@ from llmcli.hf.marian import hf_tensor_names as marian_tensor_names
 from llmcli.hf.marian import model_config_from_marian, state_dict_from_marian
 from llmcli.hf.seq2seq import marian_tokenizers
 from llmcli.models.registry import build_model
-from llmcli.options import ImportOptions
+from llmcli.options.checkpoints import ImportOptions
 from llmcli.tokenizer import EOT, load_tokenizer
 
 # What `import` downloads from the hub (pytorch_model*.bin only when a repo has no safetensors).

@@ -28,7 +28,8 @@ from llmcli.errors import FieldError, UserError
 from llmcli.insight import figures, heatmap
 from llmcli.insight.heatmap import Panel
 from llmcli.models.base import AttentionMap, LanguageModel
-from llmcli.options import AttentionOptions, SamplingParams
+from llmcli.options.insight import AttentionOptions
+from llmcli.options.sampling import SamplingParams
 
 TERMINAL_MAX_TOKENS = 32  # beyond this a shaded terminal view no longer fits a screen's width
 

@@ -21,7 +21,7 @@ from rich.text import Text
 from llmcli import ui
 from llmcli.errors import UserError
 from llmcli.insight import figures
-from llmcli.options import PlotOptions
+from llmcli.options.insight import PlotOptions
 
 METRICS_FILE = "metrics.jsonl"
 CURVES = "curves.png"

@@ -40,7 +40,7 @@ from llmcli.checkpoint import (
 from llmcli.errors import UserError
 from llmcli.insight.curves import METRICS_FILE, read_metrics
 from llmcli.io import read_json_object
-from llmcli.options import InspectOptions
+from llmcli.options.insight import InspectOptions
 
 TRAINER_STATE = Path("state") / "trainer_state.json"
 

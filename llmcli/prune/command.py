@@ -34,7 +34,7 @@ from llmcli.config import Config, load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.models.base import LanguageModel
-from llmcli.options import PruneOptions
+from llmcli.options.checkpoints import PruneOptions
 from llmcli.prune import magnitude, structured
 from llmcli.quantize.command import (
     decode_sources,

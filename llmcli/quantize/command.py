@@ -27,7 +27,7 @@ from llmcli.checkpoint import (
 )
 from llmcli.config import load_config
 from llmcli.errors import UserError
-from llmcli.options import QuantizeOptions
+from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize.modules import (
     DEFAULT_GROUP_SIZE,
     check_quantizable,
@@ -175,7 +175,7 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
     end token) until it has `new_tokens` tokens. With `batch` > 1 (language models), that many
     copies of the request decode together; the tokens are the first one's."""
     from llmcli.generate.engine import Engine
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
 
     if sources is not None:
         engine, tokens = Engine(model, max_batch_size=1), []

@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmcli.chat_template import ChatTemplate, JinjaTemplate
 from llmcli.errors import UserError
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 from llmcli.serve.engine_loop import EngineLoop, Job, Prompt, SequenceSpec
 from llmcli.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llmcli.serve.protocol import (

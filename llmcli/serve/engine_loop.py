@@ -21,7 +21,7 @@ from typing import Any
 
 from llmcli.errors import UserError
 from llmcli.generate.text import Completion, Generator
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 from llmcli.serve.metrics import ServerMetrics, TokenClock
 from llmcli.serve.protocol import APIError
 

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from llmcli.errors import FieldError
 from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 1 << 16  # max_tokens above this are refused

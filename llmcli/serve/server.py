@@ -23,7 +23,7 @@ from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tok
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
-from llmcli.options import API_KEY_ENV, ServeOptions
+from llmcli.options.inference import API_KEY_ENV, ServeOptions
 from llmcli.serve.app import ServerState, create_app
 from llmcli.serve.engine_loop import EngineLoop
 from llmcli.serve.metrics import ServerMetrics

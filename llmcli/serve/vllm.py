@@ -23,7 +23,8 @@ from llmcli import ui
 from llmcli.checkpoint import resolve_checkpoint
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_text
-from llmcli.options import ExportOptions, ServeOptions
+from llmcli.options.checkpoints import ExportOptions
+from llmcli.options.inference import ServeOptions
 
 STAMP = "llmcli-source.json"  # in the exported folder: which checkpoint files it was made from
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"

@@ -29,7 +29,7 @@ from llmcli.config import Config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import atomic_replace_dir, atomic_write_bytes, swap_in
-from llmcli.options import TrainOptions
+from llmcli.options.training import TrainOptions
 from llmcli.train import state as saved
 from llmcli.train.batches import PairBatches, WindowBatches, training_data
 from llmcli.train.finetune import IGNORE, carried_files, describe_trainable, starting_model

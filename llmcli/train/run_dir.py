@@ -29,7 +29,7 @@ from llmcli.config import Config, load_config
 from llmcli.data.sources import local_inputs
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_text, ensure_writable_dir, refuse_overlap
-from llmcli.options import TrainOptions
+from llmcli.options.training import TrainOptions
 from llmcli.train.finetune import check_lora_plan
 from llmcli.train.state import TRAINER_STATE, load_trainer_state
 

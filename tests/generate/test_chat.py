@@ -13,7 +13,8 @@ from llmcli.chat_template import ChatTemplate
 from llmcli.checkpoint import load_for_inference
 from llmcli.generate.chat import run_chat
 from llmcli.generate.text import Generator, encode_prompt
-from llmcli.options import ChatOptions, SamplingParams
+from llmcli.options.inference import ChatOptions
+from llmcli.options.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop=("\nuser:",))
 

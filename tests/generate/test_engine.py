@@ -10,7 +10,7 @@ import torch
 from llmcli import device as device_mod
 from llmcli.device import PackedLinear
 from llmcli.generate.engine import Engine
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 
 from llmcli.errors import FieldError
 from llmcli.generate.sampling import apply_repetition_penalty, sample, sampling_probs
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 
 def probs_of(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):

@@ -12,7 +12,7 @@ import torch
 from llmcli.errors import UserError
 from llmcli.generate.speculative import greedy_accept, lookup_proposal, rejection_accept
 from llmcli.generate.speculative_engine import Speculation, SpeculativeEngine
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

@@ -7,7 +7,7 @@ import pytest
 from llmcli.config import TokenizerConfig
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator, IncrementalDecoder, StopText
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import decode, encode, train_tokenizer
 
 

@@ -16,7 +16,7 @@ from llmcli.config import Config, TokenizerConfig
 from llmcli.errors import UserError
 from llmcli.hf.export import export_hf
 from llmcli.models.transformer import Transformer
-from llmcli.options import ExportOptions
+from llmcli.options.checkpoints import ExportOptions
 from llmcli.tokenizer import EOT, save_tokenizer, train_tokenizer
 
 VOCAB = 300
@@ -142,7 +142,7 @@ def state_equal() -> Callable[[dict, dict], None]:
 def _our_greedy(model: Transformer, prompts: torch.Tensor, steps: int) -> list[list[int]]:
     """Greedy continuations from llmcli.generate's engine (its KV-cache decoding path)."""
     from llmcli.generate.engine import Engine
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
 
     engine = Engine(model, max_batch_size=len(prompts))
     params = SamplingParams(max_new_tokens=steps, temperature=0.0)

@@ -16,7 +16,7 @@ from llmcli.checkpoint import load_model
 from llmcli.errors import UserError
 from llmcli.hf.export import export_hf
 from llmcli.hf.importer import import_hf
-from llmcli.options import ExportOptions, ImportOptions, QuantizeOptions
+from llmcli.options.checkpoints import ExportOptions, ImportOptions, QuantizeOptions
 from llmcli.tokenizer import EOT
 
 EXPORT_VARIANTS = [

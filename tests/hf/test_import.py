@@ -19,7 +19,8 @@ from llmcli.checkpoint import load_model
 from llmcli.errors import FieldError, UserError
 from llmcli.hf.export import export_hf
 from llmcli.hf.importer import import_hf
-from llmcli.options import ExportOptions, ImportOptions, flag_names
+from llmcli.options.checkpoints import ExportOptions, ImportOptions
+from llmcli.options.fields import flag_names
 from llmcli.tokenizer import EOT
 
 

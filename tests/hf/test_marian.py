@@ -17,7 +17,7 @@ from llmcli.checkpoint import SOURCE_TOKENIZER, load_model, write_checkpoint
 from llmcli.config import Config, DataConfig, SourceTokenizerConfig, TokenizerConfig
 from llmcli.hf.export import export_hf
 from llmcli.hf.importer import import_hf
-from llmcli.options import ExportOptions, ImportOptions
+from llmcli.options.checkpoints import ExportOptions, ImportOptions
 from llmcli.tokenizer import EOT, eot_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 WORDS = ["shakespeare", "hamlet", "tempest", "macbeth", "romeo", "juliet", "verona", "othello", "lear", "puck"]
@@ -76,7 +76,7 @@ def _sources(src_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _our_greedy(model, sources: torch.Tensor, mask: torch.Tensor, eot: int) -> list[list[int]]:
     from llmcli.generate.engine import Engine
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
 
     engine = Engine(model, max_batch_size=len(sources))
     params = SamplingParams(max_new_tokens=STEPS, temperature=0.0)

@@ -13,7 +13,7 @@ from llmcli.checkpoint import load_model
 from llmcli.config import load_config
 from llmcli.data.prepare import cache_dir_for, load_prepared
 from llmcli.insight.curves import read_metrics
-from llmcli.options import QuantizeOptions
+from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize.command import quantize_checkpoint
 
 

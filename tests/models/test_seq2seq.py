@@ -9,7 +9,7 @@ import torch
 from llmcli.generate.beam import BeamSearch, BeamSettings
 from llmcli.generate.engine import Engine
 from llmcli.models.base import Rows
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 from tests.conftest import SEQ2SEQ_ARCHES
 
 EOT = 0  # the start and end token of these tests' target side

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmcli.checkpoint import load_for_inference, load_model, read_pruning
-from llmcli.options import PruneOptions, ServeOptions
+from llmcli.options.checkpoints import PruneOptions
+from llmcli.options.inference import ServeOptions
 from llmcli.prune import magnitude
 from llmcli.prune.command import print_report, prune_checkpoint
 

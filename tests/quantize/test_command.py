@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmcli.checkpoint import load_model, read_quantization
-from llmcli.options import QuantizeOptions
+from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize import modules as Q
 from llmcli.quantize.command import quantize_checkpoint
 from llmcli.quantize.kernels import fbgemm_available
@@ -103,7 +103,7 @@ def test_int8_greedy_decoding_matches_float32(trained_runs, tmp_path, monkeypatc
     """Greedy text from the int8 model equals the float32 model's for the first 24 tokens, and the
     teacher-forced logits differ by at most 0.05 (measured 0.026; they span about 5.5)."""
     from llmcli.generate.engine import Engine
-    from llmcli.options import SamplingParams
+    from llmcli.options.sampling import SamplingParams
     from llmcli.tokenizer import encode, load_tokenizer
 
     monkeypatch.setattr(Q, "FBGEMM_MIN_MODEL_WEIGHTS", 0)  # dynamic int8 activations in every layer

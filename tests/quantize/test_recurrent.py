@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from llmcli.checkpoint import load_model
 from llmcli.generate.engine import Engine
 from llmcli.models.base import Rows
-from llmcli.options import QuantizeOptions, SamplingParams
+from llmcli.options.checkpoints import QuantizeOptions
+from llmcli.options.sampling import SamplingParams
 from llmcli.quantize import modules as Q
 from llmcli.quantize.command import quantize_checkpoint
 from llmcli.quantize.kernels import fbgemm_available

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from llmcli.checkpoint import load_for_inference, write_checkpoint  # noqa: E402
 from llmcli.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options import ServeOptions  # noqa: E402
+from llmcli.options.inference import ServeOptions  # noqa: E402
 from llmcli.serve.app import create_app  # noqa: E402
 from llmcli.serve.server import bind_socket, build_state, make_uvicorn_server  # noqa: E402
 from llmcli.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402

@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llmcli.checkpoint import load_for_inference  # noqa: E402
-from llmcli.options import QuantizeOptions  # noqa: E402
+from llmcli.options.checkpoints import QuantizeOptions  # noqa: E402
 
 # --- the happy paths ---------------------------------------------------------------------------
 

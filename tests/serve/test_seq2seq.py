@@ -7,7 +7,7 @@ import torch
 
 from llmcli.checkpoint import load_for_inference, load_source_tokenizer
 from llmcli.generate.text import Generator
-from llmcli.options import SamplingParams
+from llmcli.options.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

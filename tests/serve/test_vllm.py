@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llmcli.options import ServeOptions
+from llmcli.options.inference import ServeOptions
 from llmcli.serve.vllm import STAMP, VLLM_SERVER, export_dir, exported_folder, vllm_command
 
 
