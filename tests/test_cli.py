@@ -8,15 +8,15 @@ import inspect
 
 import pytest
 
-from llmcli import options
 from llmcli.cli import COMMANDS, _typer_function
 from llmcli.errors import FieldError
+from llmcli.options.fields import flag_names
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c.name))
 def test_every_option_comes_from_the_dataclass(command, cli):
     params = inspect.signature(_typer_function(command)).parameters
-    flags = options.flag_names(command.options)
+    flags = flag_names(command.options)
     assert set(params) == set(flags)  # nothing declared here that the dataclass does not declare
     result = cli(*command.name, "--help")
     assert result.exit_code == 0, result.output
