@@ -308,6 +308,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"no {WEIGHTS} in {path} (is it a run or checkpoint directory?)")
 
 
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The model config of a run or checkpoint directory (an adapter's is its base's), without loading
+    weights: for refusing a model before expensive work."""
+    directory = resolve_checkpoint(path)
+    return model_config_from_json((adapter_base(directory) if is_adapter(directory) else directory) / MODEL_CONFIG)
+
+
 def read_info(directory: Path) -> dict[str, Any]:
     """checkpoint.json (step, metrics, provenance); {} when there is none."""
     path = Path(directory) / INFO

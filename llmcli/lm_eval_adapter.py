@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 
 from llmcli import ui
-from llmcli.checkpoint import end_token_ids, load_for_inference
+from llmcli.checkpoint import end_token_ids, load_for_inference, model_config_of
 from llmcli.device import select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
+from llmcli.models.registry import family
 from llmcli.options.inference import EvalOptions
 from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import encode, eot_id
@@ -49,6 +50,13 @@ def register() -> None:
         model_registry.register(MODEL_NAME, target=f"{__name__}:LlmcliLM")
 
 
+def check_language_model(path: str | Path, config: Any) -> None:
+    """Refuse a checkpoint lm-eval cannot score: tasks ask for the likelihood of a continuation."""
+    if family(config).task != "lm":
+        raise UserError(f"--tasks scores language models (lm-eval's likelihood of a continuation); {path} holds a "
+                        f"model.arch={config.arch} sequence-to-sequence model")
+
+
 class LlmcliLM(LM):
     """An llmcli run or checkpoint directory as an lm-eval model (see the module docstring)."""
 
@@ -57,9 +65,7 @@ class LlmcliLM(LM):
         self._device = select_device(str(device))
         self.directory, self.model, self.tokenizer = load_for_inference(
             path, self._device, select_dtype(str(dtype), self._device, auto=torch.float32))
-        if self.model.task == "seq2seq":
-            raise UserError(f"--tasks scores language models (lm-eval's likelihood of a continuation); {path} holds a "
-                            f"model.arch={self.model.config.arch} sequence-to-sequence model")
+        check_language_model(path, self.model.config)
         self.path = str(path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.end_ids = end_token_ids(self.directory, self.tokenizer) or (eot_id(self.tokenizer),)
@@ -196,6 +202,8 @@ def evaluate_tasks(paths: Sequence[str], opts: EvalOptions) -> list[dict[str, An
     """lm-eval's results for every checkpoint: one row per (checkpoint, task, metric)."""
     from lm_eval import simple_evaluate
 
+    for path in paths:  # before lm-eval indexes its tasks (15 s): a wrong checkpoint is refused at once
+        check_language_model(path, model_config_of(path))
     tasks, manager = task_list(opts)
     rows = []
     for path in paths:
