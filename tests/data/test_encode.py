@@ -49,7 +49,7 @@ def test_one_long_line_is_encoded_in_pieces_with_identical_ids(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_long_single_line_is_prepared_in_bounded_memory(tmp_path):
-    """Peak memory of `data prepare` on a 12 MB text with no newline is about that of the same text
+    """Peak memory of `data prepare` on a 6 MB text with no newline is about that of the same text
     in normal lines (it was ~275 bytes a character before pieces could end inside a line)."""
     import subprocess
     import sys
@@ -58,7 +58,7 @@ def test_a_long_single_line_is_prepared_in_bounded_memory(tmp_path):
     peaks = {}
     for name, sep in (("lines", "\n"), ("one-line", " ")):
         path = tmp_path / f"{name}.txt"
-        path.write_text(sep.join([words] * 12_000))
+        path.write_text(sep.join([words] * 6_000))
         code = ("import resource, sys; from llmcli.cli import main; sys.argv = ['llmcli', 'data', 'prepare', "
                 f"'data.source={path}', 'data.cache_dir={tmp_path / name}']\ntry: main()\nexcept SystemExit: pass\n"
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
