@@ -37,7 +37,7 @@ STUDENTS = {  # name -> (config, overrides): about a quarter of the recipe model
 
 
 def teacher_run(root: Path, teacher: str | None, minutes: float) -> Path:
-    from llmcli.config import load_config
+    from llmcli.config_loader import load_config
     from llmcli.train.loop import train
     from llmcli.train.run_dir import RunPlan
 
@@ -82,7 +82,7 @@ def magnitude(root: Path, teacher: Path) -> None:
 
 def distillation(root: Path, teacher: Path, seconds: float) -> None:
     from llmcli.checkpoint import load_model
-    from llmcli.config import load_config
+    from llmcli.config_loader import load_config
     from llmcli.distill import Distillation, with_teacher
     from llmcli.quantize.command import measure_perplexity
     from llmcli.train.loop import train

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Spread, ratios, table  # noqa: E402
 
-from llmcli.config import load_config  # noqa: E402
+from llmcli.config_loader import load_config  # noqa: E402
 from llmcli.data.encode import _document_encoder  # noqa: E402
 from llmcli.data.prepare import _write_tokens, prepare_data, train_tokenizer_for_config  # noqa: E402
 from llmcli.data.sources import load_corpus  # noqa: E402

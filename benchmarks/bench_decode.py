@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Spread, console, copy_bandwidth_gbs, ratios, table  # noqa: E402
 
-from llmcli.config import ModelConfig, build_config  # noqa: E402
+from llmcli.config import ModelConfig  # noqa: E402
+from llmcli.config_loader import build_config  # noqa: E402
 from llmcli.generate.engine import Engine  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
 from llmcli.options.checkpoints import ExportOptions  # noqa: E402

@@ -91,7 +91,8 @@ def quantized_copy(base: Path, out: Path) -> Path:
 
 def cost_table(work: Path, steps: int) -> None:
     from llmcli.checkpoint import write_checkpoint
-    from llmcli.config import PRESETS, Config, ModelConfig, load_config
+    from llmcli.config import PRESETS, Config, ModelConfig
+    from llmcli.config_loader import load_config
     from llmcli.data.prepare import prepare_data
     from llmcli.models.transformer import Transformer
 

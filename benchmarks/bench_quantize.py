@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Spread, ratios  # noqa: E402
 
 from llmcli.checkpoint import load_model, resolve_checkpoint, write_checkpoint  # noqa: E402
-from llmcli.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
+from llmcli.config import PRESETS, Config, ModelConfig  # noqa: E402
+from llmcli.config_loader import load_config  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
 from llmcli.options.checkpoints import QuantizeOptions  # noqa: E402
 from llmcli.quantize import command as Q  # noqa: E402

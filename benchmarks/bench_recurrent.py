@@ -43,7 +43,7 @@ from bench_quantize import VARIANTS, measure, print_table  # noqa: E402
 from bench_train import LEARNING_RUN, _quiet, llmcli_tokens_per_second  # noqa: E402
 from common import Spread, console, ratios, table  # noqa: E402
 
-from llmcli.config import load_config  # noqa: E402
+from llmcli.config_loader import load_config  # noqa: E402
 from llmcli.data.prepare import prepare_data  # noqa: E402
 from llmcli.models.registry import build_model  # noqa: E402
 from llmcli.options.inference import EvalOptions  # noqa: E402

@@ -42,7 +42,7 @@ from bench_recurrent import train_cli  # noqa: E402
 from bench_train import _quiet  # noqa: E402
 from common import Spread, console, ratios, table  # noqa: E402
 
-from llmcli.config import load_config  # noqa: E402
+from llmcli.config_loader import load_config  # noqa: E402
 from llmcli.data.prepare_pairs import prepare_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ from common import (  # noqa: E402
     table,
 )
 
-from llmcli.config import load_config  # noqa: E402
+from llmcli.config_loader import load_config  # noqa: E402
 from llmcli.data.prepare import prepare_data  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
 from llmcli.options.inference import EvalOptions  # noqa: E402

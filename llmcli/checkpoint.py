@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from llmcli import lora
-from llmcli.config import Config, ModelConfig, build_config
+from llmcli.config import Config, ModelConfig
+from llmcli.config_loader import build_config
 from llmcli.errors import UserError
 from llmcli.io import (
     atomic_replace_dir,

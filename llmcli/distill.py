@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from llmcli.checkpoint import RUN_CONFIG, SOURCE_TOKENIZER, TOKENIZER, load_model, resolve_checkpoint
-from llmcli.config import Config, DistillConfig, load_config
+from llmcli.config import Config, DistillConfig
+from llmcli.config_loader import load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import refuse_overlap

@@ -42,7 +42,8 @@ from rich.table import Table
 
 from llmcli import ui
 from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, end_token_ids, load_for_inference, read_info
-from llmcli.config import Config, load_config
+from llmcli.config import Config
+from llmcli.config_loader import load_config
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
 from llmcli.models.base import Rows

@@ -21,7 +21,8 @@ from llmcli.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from llmcli.config import Config, LoraConfig, load_config
+from llmcli.config import Config, LoraConfig
+from llmcli.config_loader import load_config
 from llmcli.device import select_dtype
 from llmcli.errors import UserError
 from llmcli.options.checkpoints import MergeOptions

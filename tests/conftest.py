@@ -15,7 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from llmcli.checkpoint import write_checkpoint
-from llmcli.config import PRESETS, Config, ModelConfig, TokenizerConfig, load_config
+from llmcli.config import PRESETS, Config, ModelConfig, TokenizerConfig
+from llmcli.config_loader import load_config
 from llmcli.models.base import LanguageModel
 from llmcli.models.recurrent import Recurrent
 from llmcli.models.registry import build_model

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.distill import distillation_loss
 from llmcli.train.loop import train
 from llmcli.train.run_dir import RunPlan

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.config import TokenizerConfig, load_config
+from llmcli.config import TokenizerConfig
+from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.evaluate import evaluate_checkpoint, metrics_from_sums, score_tokens, split_targets, window_plan
 from llmcli.options.inference import EvalOptions

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from llmcli.checkpoint import ADAPTER_WEIGHTS, WEIGHTS, load_model
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.lora import load_adapter
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from llmcli.config import Config, load_config
+from llmcli.config import Config
+from llmcli.config_loader import load_config
 from llmcli.data.prepare import PreparedData, prepare_data, print_summary, train_tokenizer_for_config
 from llmcli.data.prepare_pairs import PreparedPairs, prepare_pairs, print_pairs_summary
 from llmcli.data.sources import _stderr_console

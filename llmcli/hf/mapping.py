@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from llmcli.config import PRESETS, ModelConfig, build_config
+from llmcli.config import PRESETS, ModelConfig
+from llmcli.config_loader import build_config
 from llmcli.errors import ConfigError, UserError
 from llmcli.hf.files import HF_CONFIG
 

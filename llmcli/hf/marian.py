@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from llmcli.config import ModelConfig, build_config
+from llmcli.config import ModelConfig
+from llmcli.config_loader import build_config
 from llmcli.errors import ConfigError, UserError
 from llmcli.hf.files import HF_CONFIG
 

@@ -123,7 +123,7 @@ def _adapter(checkpoint: Path) -> dict[str, Any]:
 
 def _lora_targets(config_path: Path) -> list[str] | None:
     """The run's train.lora.targets (the family's own terms, e.g. q, v), if its config reads."""
-    from llmcli.config import load_config
+    from llmcli.config_loader import load_config
 
     try:
         return list(load_config(config_path).train.lora.targets)
@@ -175,7 +175,7 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 
 def _train_split_tokens(config_path: Path) -> int | None:
     """Tokens in the run's training split, if its prepared arrays are cached here (else None)."""
-    from llmcli.config import load_config
+    from llmcli.config_loader import load_config
     from llmcli.data.prepare import cache_dir_for, load_prepared
 
     try:

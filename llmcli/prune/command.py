@@ -30,7 +30,8 @@ from llmcli.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from llmcli.config import Config, load_config
+from llmcli.config import Config
+from llmcli.config_loader import load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.models.base import LanguageModel

@@ -25,7 +25,7 @@ from llmcli.checkpoint import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize.modules import (

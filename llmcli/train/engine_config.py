@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcli.config import TrainConfig, read_yaml
+from llmcli.config import TrainConfig
+from llmcli.config_loader import read_yaml
 from llmcli.errors import UserError
 
 # fsdp_config keys (without the fsdp_ prefix) that train.* sets, and the key that does.

@@ -25,7 +25,8 @@ from llmcli.checkpoint import (
     read_quantization,
     resolve_checkpoint,
 )
-from llmcli.config import Config, load_config
+from llmcli.config import Config
+from llmcli.config_loader import load_config
 from llmcli.data.sources import local_inputs
 from llmcli.errors import UserError
 from llmcli.io import atomic_write_text, ensure_writable_dir, refuse_overlap

@@ -5,7 +5,7 @@ import io
 import pytest
 from rich.console import Console
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.data.sources import load_corpus
 
 LINES = "".join(f"line {i:03d}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))

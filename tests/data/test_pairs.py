@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.data.cmudict import cmudict_pairs
 from llmcli.data.pairs import load_pairs, split_pairs
 from llmcli.data.sources import _stderr_console

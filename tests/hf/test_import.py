@@ -63,7 +63,7 @@ def test_import_of_save_pretrained_matches_transformers(tmp_path, transformers, 
         "tokenizer.json", "tokenizer_config.json"]  # the source's end tokens and chat template kept
     info = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
     assert info["imported_from"] == str(tmp_path / "src") and info["eos_token_id"] == 0
-    from llmcli.config import load_config
+    from llmcli.config_loader import load_config
 
     assert load_config(tmp_path / "ckpt" / "config.yaml").model == config
     ours = load_model(tmp_path / "ckpt").eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmcli.checkpoint import load_model
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.data.prepare import cache_dir_for, load_prepared
 from llmcli.insight.curves import read_metrics
 from llmcli.options.checkpoints import QuantizeOptions

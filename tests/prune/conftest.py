@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 
 CORPUS = "".join(f"LINE {i}: the quick brown fox jumps over the lazy dog, and so on {i % 7}.\n" for i in range(300))
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llmcli.checkpoint import load_model, save_model
-from llmcli.config import ConfigError, build_config
-from llmcli.errors import UserError
+from llmcli.config_loader import build_config
+from llmcli.errors import ConfigError, UserError
 from llmcli.models.base import Rows
 from llmcli.prune import structured
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.train.engine_config import read_engine_file
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.train import finetune
 from llmcli.train import loop as loop_mod

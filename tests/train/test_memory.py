@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.train import memory
 from llmcli.train.memory import check_fits, estimate

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.train.batches import IGNORE
 from llmcli.train.loop import train
 from llmcli.train.run_dir import RunPlan

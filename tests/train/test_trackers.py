@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmcli.config import load_config
+from llmcli.config_loader import load_config
 from llmcli.train.loop import train
 from llmcli.train.run_dir import RunPlan
 from llmcli.train.trackers import hyperparameters

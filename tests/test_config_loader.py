@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmcli.config import Config, load_config
+from llmcli.config import Config
+from llmcli.config_loader import load_config
 from llmcli.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
