@@ -64,14 +64,15 @@ def corpus_text() -> str:
 
 class Running:
     """A uvicorn server on a free 127.0.0.1 port, in a background thread; `options` are
-    ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`."""
+    ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`,
+    a speculative server its `speculation` (speculative_engine.Speculation)."""
 
     model = MODEL
     block = BLOCK
 
-    def __init__(self, model, tokenizer, source_tokenizer=None, **options):
+    def __init__(self, model, tokenizer, source_tokenizer=None, speculation=None, **options):
         opts = ServeOptions(run_dir=Path(MODEL), model_name=options.pop("model_name", MODEL), **options)
-        self.state = build_state(model, tokenizer, opts, source_tokenizer=source_tokenizer)
+        self.state = build_state(model, tokenizer, opts, source_tokenizer=source_tokenizer, speculation=speculation)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = make_uvicorn_server(create_app(self.state), log_level="warning", access_log=False)
