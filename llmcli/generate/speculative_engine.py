@@ -1,4 +1,4 @@
-"""The engine with speculative decoding (`generate --draft RUN` or `--prompt-lookup N`).
+"""The engine with speculative decoding (`generate` or `serve` with `--draft RUN` or `--prompt-lookup N`).
 
 Each step advances every running sequence by one speculative round (speculative.py): a proposal
 of up to k tokens, one target forward over the sequence's last token and the proposal, and the

@@ -144,7 +144,7 @@ def test_the_command_serves_speculatively(checkpoint, draft_dir, tmp_path, serve
             time.sleep(0.05)
         assert f"speculative decoding on: draft {draft_dir} proposes 3 tokens" in log_path.read_text()
         remote = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
-        got = complete(remote, "ROMEO:", max_tokens=30)  # the model is named checkpoint.name.choices[0].text
+        got = complete(remote, "ROMEO:", max_tokens=30).choices[0].text  # the model's name: checkpoint.name
         assert got == complete(server.client(), "ROMEO:", max_tokens=30).choices[0].text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
