@@ -2,11 +2,7 @@
 client work unchanged, a repetition penalty is a 400, /metrics counts the guesses, bad inputs fail
 in one line."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -129,26 +125,12 @@ def test_cli_one_line_errors(checkpoint, draft_dir, tmp_path, cli, one_line_erro
 
 
 @pytest.mark.slow
-def test_the_command_serves_speculatively(checkpoint, draft_dir, tmp_path, server, complete):
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", str(checkpoint), "--port", "0",
-                                 "--threads", "1", "--draft", str(draft_dir), "--draft-tokens", "3"],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LLMCLI_API_KEY": ""})
-    try:
-        deadline, url = time.monotonic() + 60, None
-        while url is None:
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            found = [w for w in log_path.read_text().split() if w.startswith("http://127.0.0.1:")]
-            url = found[0].removesuffix("/v1") if found else None
-            time.sleep(0.05)
-        assert f"speculative decoding on: draft {draft_dir} proposes 3 tokens" in log_path.read_text()
-        remote = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
-        got = complete(remote, "ROMEO:", max_tokens=30).choices[0].text  # the model's name: checkpoint.name
-        assert got == complete(server.client(), "ROMEO:", max_tokens=30).choices[0].text
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+def test_the_command_serves_speculatively(checkpoint, draft_dir, serve_process, server, complete):
+    proc, url, log_path = serve_process(checkpoint, "--draft", draft_dir, "--draft-tokens", "3",
+                                        env={"LLMCLI_API_KEY": ""})
+    assert f"speculative decoding on: draft {draft_dir} proposes 3 tokens" in log_path.read_text()
+    remote = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
+    got = complete(remote, "ROMEO:", max_tokens=30).choices[0].text  # the model's name: checkpoint.name
+    assert got == complete(server.client(), "ROMEO:", max_tokens=30).choices[0].text
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0
