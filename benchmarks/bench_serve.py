@@ -1,22 +1,25 @@
-"""Continuous batching over HTTP: 16 concurrent clients vs the same 16 requests one after another.
+"""Continuous batching over HTTP: 64 concurrent streaming clients vs the same 64 requests one after another.
 
     python benchmarks/bench_serve.py                      # a random 4-layer, 128-wide char model
     python benchmarks/bench_serve.py runs/char/best       # a trained run instead
-    python benchmarks/bench_serve.py --clients 8 --tokens 128 --repeat 1 --server-threads 0
+    python benchmarks/bench_serve.py --clients 16 --tokens-max 64 --repeat 1 --server-threads 0
 
-Starts `llmcli serve` as a subprocess on a free 127.0.0.1 port and streams greedy completions
-(`ignore_eos`, so each is exactly --tokens long) from an asyncio client in this process. Reports,
-for each mode, the aggregate generated tokens per second (all tokens / wall time from the first
-request sent to the last one finished), time to first token and request latency (p50 and p95,
-nearest rank), and the throughput ratio concurrent / sequential measured in the same run. Each
-mode runs --repeat times and the run with the median throughput is shown. The concurrent texts
-must equal the sequential ones (greedy decoding is batch-invariant); the script says so.
+Starts `llmcli serve` as a subprocess on a free 127.0.0.1 port (batch = --clients) and streams
+greedy completions (`ignore_eos`, so request i is exactly its length long: lengths spread evenly
+over --tokens..--tokens-max) from an asyncio client in this process. Reports, for each mode, the
+aggregate generated tokens per second (all tokens / wall time from the first request sent to the
+last one finished), time to first token, inter-token latency (the gaps between a stream's
+consecutive chunks, pooled over the streams) and request latency (p50 and p95, nearest rank), and
+the throughput ratio concurrent / sequential of each round. The modes run in interleaved rounds
+(--repeat) and the round with the median throughput is shown. The concurrent texts must equal the
+sequential ones (greedy decoding is batch-invariant); the script says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -91,7 +94,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, tokens: 
     body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    first, text, usage = None, [], None
+    times, text, usage = [], [], None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise SystemExit(f"HTTP {response.status_code}: {await response.aread()}")
@@ -103,27 +106,29 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, tokens: 
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
                 if choice["text"]:
-                    if first is None:
-                        first = time.perf_counter()
+                    times.append(time.perf_counter())
                     text.append(choice["text"])
     ended = time.perf_counter()
-    return {"started": started, "ttft": (first or ended) - started, "latency": ended - started,
-            "ended": ended, "tokens": usage["completion_tokens"] if usage else 0, "text": "".join(text)}
+    return {"started": started, "ttft": (times[0] if times else ended) - started, "latency": ended - started,
+            "itl": [b - a for a, b in itertools.pairwise(times)], "ended": ended,
+            "tokens": usage["completion_tokens"] if usage else 0, "text": "".join(text)}
 
 
-async def run_mode(url: str, prompts: list[str], tokens: int, concurrent: bool) -> dict:
+async def run_mode(url: str, prompts: list[str], lengths: list[int], concurrent: bool) -> dict:
     limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         await one_request(client, url, prompts[0], 4)  # warm the connection and the model
         started = time.perf_counter()
+        requests = [(p, n) for p, n in zip(prompts, lengths, strict=True)]
         if concurrent:
-            results = await asyncio.gather(*(one_request(client, url, p, tokens) for p in prompts))
+            results = await asyncio.gather(*(one_request(client, url, p, n) for p, n in requests))
         else:
-            results = [await one_request(client, url, p, tokens) for p in prompts]
+            results = [await one_request(client, url, p, n) for p, n in requests]
         wall = time.perf_counter() - started
     total = sum(r["tokens"] for r in results)
     return {"wall": wall, "tokens": total, "tok_s": total / wall, "ttft": [r["ttft"] for r in results],
-            "latency": [r["latency"] for r in results], "texts": [r["text"] for r in results]}
+            "itl": [gap for r in results for gap in r["itl"]], "latency": [r["latency"] for r in results],
+            "texts": [r["text"] for r in results]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -135,9 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", type=Path, help="run or checkpoint directory (default: a random "
                                                               "4-layer, 128-wide char model)")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each mode (the median one is shown)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated by the shortest request")
+    parser.add_argument("--tokens-max", type=int, default=128, help="tokens generated by the longest request")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (the median one is shown)")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="the server's --threads (0 = PyTorch's default, one per core). 1 by default: "
                              "on a 2-core machine the server's event loop and this client need the other")
@@ -145,6 +151,10 @@ def main() -> None:
 
     lines = [line.strip() for line in (REPO / "data" / "sample.txt").read_text().splitlines() if line.strip()]
     prompts = [line[:24] for line in lines[:args.clients]]
+    spread = max(0, args.tokens_max - args.tokens)
+    lengths = [args.tokens + (i * spread // max(1, args.clients - 1)) for i in range(args.clients)]
+    order = sorted(range(args.clients), key=lambda i: (i * 37) % args.clients)  # lengths mixed, not sorted
+    lengths = [lengths[i] for i in order]
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         run_dir = args.run_dir or make_model(tmp_path)
@@ -153,20 +163,19 @@ def main() -> None:
             runs = {"sequential": [], "concurrent": []}
             for _ in range(args.repeat):
                 for mode in runs:
-                    runs[mode].append(asyncio.run(run_mode(url, prompts, args.tokens, mode == "concurrent")))
+                    runs[mode].append(asyncio.run(run_mode(url, prompts, lengths, mode == "concurrent")))
         finally:
             stop_server(proc)
     shown = {mode: sorted(r, key=lambda x: x["tok_s"])[len(r) // 2] for mode, r in runs.items()}
     rows = []
     for mode, r in shown.items():
         rows.append([f"{mode} ({args.clients} requests)", r["tokens"], r["wall"], r["tok_s"],
-                     percentile(r["ttft"], 50) * 1000, percentile(r["ttft"], 95) * 1000,
-                     percentile(r["latency"], 50) * 1000, percentile(r["latency"], 95) * 1000])
-    table(f"llmcli serve: {args.clients} greedy requests of {args.tokens} tokens, "
+                     *(percentile(r[key], q) * 1000 for key in ("ttft", "itl", "latency") for q in (50, 95))])
+    table(f"llmcli serve: {args.clients} greedy streaming requests of {args.tokens}-{args.tokens_max} tokens, "
           f"{'random 4x128 model' if args.run_dir is None else args.run_dir}, server threads "
-          f"{args.server_threads or 'default'} (the run with the median throughput of {args.repeat})",
-          ["mode", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms"],
-          rows)
+          f"{args.server_threads or 'default'} (the round with the median throughput of {args.repeat})",
+          ["mode", "tokens", "wall s", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
+           "latency p50 ms", "latency p95 ms"], rows)
     same = all(r["texts"] == runs["sequential"][0]["texts"] for rs in runs.values() for r in rs)
     ratio = ratios([r["tok_s"] for r in runs["concurrent"]], [r["tok_s"] for r in runs["sequential"]])
     print(f"throughput ratio concurrent / sequential, median (min-max) of {args.repeat} rounds: {ratio}x "

@@ -2,8 +2,10 @@
 
     python benchmarks/bench_serving.py                                   # trains a target and a draft
     python benchmarks/bench_serving.py --target runs/demo/best --draft-minutes 1
+    python benchmarks/bench_serving.py --target-arg model.n_layer=6 --target-arg model.d_model=384  # larger
 
-Without --target it trains the shakespeare-char recipe for --target-minutes; the draft (unless
+Without --target it trains the shakespeare-char recipe (with any --target-arg key=value overrides)
+for --target-minutes; the draft (unless
 --draft) is a quarter-size model (2 layers x 96 against 4 x 128) trained with `llmcli train` on the
 target's own config, so it shares its tokenizer, for --draft-minutes. Then, in interleaved rounds,
 it generates --tokens greedy tokens from each prompt with the plain engine, with the draft
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--target", help="A trained run to use as the target (default: train one).")
     parser.add_argument("--draft", help="A draft run with the target's tokenizer (default: train one).")
     parser.add_argument("--target-minutes", type=float, default=3.0)
+    parser.add_argument("--target-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="An override of the recipe for the trained target (repeatable).")
     parser.add_argument("--draft-minutes", type=float, default=1.5)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--draft-tokens", type=int, default=4)
@@ -136,7 +140,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     target_dir = Path(args.target) if args.target else train(
-        work / "target", args.target_minutes, "-c", str(REPO / "configs" / "shakespeare-char.yaml"))
+        work / "target", args.target_minutes, "-c", str(REPO / "configs" / "shakespeare-char.yaml"), *args.target_arg)
     target_dir = resolve_checkpoint(target_dir)
     config = target_dir / "config.yaml" if (target_dir / "config.yaml").is_file() else target_dir.parent / "config.yaml"
     draft_dir = Path(args.draft) if args.draft else train(
@@ -146,9 +150,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _, target, _ = load_for_inference(target_dir, torch.device("cpu"), torch.float32)
     _, draft, _ = load_for_inference(draft_dir, torch.device("cpu"), torch.float32)
+    sizes = target.num_params(), draft.num_params()  # before the engines repack the weights
     rows = measure(target, draft, args)
     table(f"speculative decoding at batch 1: {args.tokens} greedy tokens per prompt, target "
-          f"{target.num_params():,} parameters, draft {draft.num_params():,}, {args.threads} thread(s), "
+          f"{sizes[0]:,} parameters, draft {sizes[1]:,}, {args.threads} thread(s), "
           f"median (min-max) of {args.rounds} interleaved rounds (target >= 1.8x with the draft)",
           ["text", "mode", "tok/s", "x plain", "accepted", "= greedy"], rows)
     table("cost of one forward at batch 1 (median)", ["forward", "ms"], forward_costs(target, draft, args.draft_tokens))

@@ -68,7 +68,11 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
     source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
     jobs = [(p, j) for p in prompts for j in range(opts.num_samples)]
-    speculation = _speculation(opts, directory, tokenizer, device) if opts.speculation.enabled else None
+    speculation = None
+    if opts.speculation.enabled:
+        from llmcli.generate.speculative_engine import load_speculation
+
+        speculation = load_speculation(opts.speculation, directory, tokenizer, device, select_dtype(opts.dtype, device))
     generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)),
                           source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer),
                           speculation=speculation)
@@ -106,20 +110,6 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
                f"{speculation.tokens} per round): {accepted}/{proposed} proposed tokens accepted"
                + (f" ({accepted / proposed:.0%})" if proposed else ""))
     return results
-
-
-def _speculation(opts: GenerateOptions, directory, tokenizer, device):
-    """--draft / --prompt-lookup as a Speculation; a draft with another tokenizer is refused."""
-    from llmcli.generate.speculative_engine import Speculation
-
-    spec = opts.speculation
-    if spec.draft is None:
-        return Speculation(tokens=spec.draft_tokens, lookup=spec.prompt_lookup)
-    draft_dir, draft, draft_tokenizer = load_for_inference(spec.draft, device, select_dtype(opts.dtype, device))
-    if draft_tokenizer.to_str() != tokenizer.to_str():
-        raise UserError(f"--draft {spec.draft}: its tokenizer differs from {directory}'s; speculative decoding "
-                        "needs the same token ids in both models")
-    return Speculation(tokens=spec.draft_tokens, draft=draft)
 
 
 def _run_beams(opts: GenerateOptions, generator: Generator, prompts: list[str], inputs: dict, out: IO[str],

@@ -1,4 +1,4 @@
-"""The engine with speculative decoding (`generate --draft RUN` or `--prompt-lookup N`).
+"""The engine with speculative decoding (`generate` or `serve` with `--draft RUN` or `--prompt-lookup N`).
 
 Each step advances every running sequence by one speculative round (speculative.py): a proposal
 of up to k tokens, one target forward over the sequence's last token and the proposal, and the
@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from llmcli.checkpoint import load_for_inference
 from llmcli.device import pack_for_cpu_decoding
 from llmcli.errors import UserError
 from llmcli.generate.engine import Engine, Request, TokenEvent, prefill
 from llmcli.generate.sampling import sampling_probs
 from llmcli.generate.speculative import draw, greedy_accept, lookup_proposal, rejection_accept
 from llmcli.models.base import LanguageModel, Rows
-from llmcli.options.sampling import SamplingParams
+from llmcli.options.sampling import SamplingParams, SpeculationOptions
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,19 @@ class Speculation:
     tokens: int = 4
     draft: LanguageModel | None = None
     lookup: int = 0
+
+
+def load_speculation(spec: SpeculationOptions, target_dir, tokenizer, device: torch.device,
+                     dtype: torch.dtype) -> Speculation:
+    """--draft / --prompt-lookup as a Speculation (generate and serve); a draft with another
+    tokenizer than the target's is refused."""
+    if spec.draft is None:
+        return Speculation(tokens=spec.draft_tokens, lookup=spec.prompt_lookup)
+    _, draft, draft_tokenizer = load_for_inference(spec.draft, device, dtype)
+    if draft_tokenizer.to_str() != tokenizer.to_str():
+        raise UserError(f"--draft {spec.draft}: its tokenizer differs from {target_dir}'s; speculative decoding "
+                        "needs the same token ids in both models")
+    return Speculation(tokens=spec.draft_tokens, draft=draft)
 
 
 def check_speculative(model: LanguageModel, what: str) -> None:

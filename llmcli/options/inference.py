@@ -181,6 +181,10 @@ class ServeOptions(Options):
     block_size tokens. Ctrl-C stops taking requests (503) and lets running ones finish for a few
     seconds.
 
+    Speculative decoding (--draft RUN or --prompt-lookup N, as in `llmcli generate`): greedy output
+    is the same, sampling keeps the model's distribution; each sequence runs its rounds alone (a
+    latency tool for few clients), and requests with a repetition_penalty are refused (400).
+
     /v1/chat/completions lays the messages out with the checkpoint's chat template (the Jinja
     chat_template of its tokenizer_config.json); base models without one get "{role}: {content}\\n"
     per message, then "assistant:", stopping at "\\nuser:". A --chat-template file is a .jinja template, or JSON with
@@ -194,6 +198,8 @@ class ServeOptions(Options):
       LLMCLI_API_KEY=secret llmcli serve runs/char-int8 --host 0.0.0.0 --port 8080
 
       curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
+
+      llmcli serve runs/char --draft runs/char-small --draft-tokens 4
 
       llmcli serve runs/llama --engine vllm -- --tensor-parallel-size 2    # needs vllm and GPUs
     """
@@ -217,6 +223,7 @@ class ServeOptions(Options):
     chat_template: Optional[Path] = option(None, "--chat-template", help="A .jinja chat template or a JSON "
                                                                          "layout (see above) instead of the "
                                                                          "checkpoint's.", dir_okay=False)
+    speculation: SpeculationOptions = nested(SpeculationOptions)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = threads_option()
@@ -237,6 +244,9 @@ class ServeOptions(Options):
         if self.engine == "vllm" and (self.threads is not None or self.device != "auto"):
             raise FieldError("engine", "vllm chooses its own devices and threads: drop --device/--threads (use "
                                        "CUDA_VISIBLE_DEVICES, or vLLM's options after --)")
+        if self.engine == "vllm" and self.speculation.enabled:
+            raise FieldError("engine", "vllm speculates with its own options: drop --draft/--prompt-lookup (pass "
+                                       "vLLM's --speculative-config after --)")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
         if self.api_key is not None and not self.api_key.strip():

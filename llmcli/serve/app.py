@@ -88,6 +88,7 @@ class ServerState:
     task: str = "lm"  # seq2seq: prompts are sources (`tokenizer` is the source side's)
     source_length: int | None = None  # seq2seq: the most source tokens the encoder takes
     metrics: ServerMetrics = field(default_factory=ServerMetrics)  # the engine loop's own, when it has one
+    speculative: bool = False  # the engine decodes speculatively (it refuses a repetition penalty)
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0  # sequences admitted and not finished
     draining: bool = False
@@ -404,6 +405,9 @@ def _sequences(prompts: list[Prompt], n: int, params: SamplingParams) -> list[Se
 async def _serve(state: ServerState, request: Request, body: Any, prompts: list[Prompt], *, chat: bool,
                  max_tokens: int, extra_stop: Sequence[str]) -> Response:
     params = sampling_params(body, max_tokens, extra_stop)
+    if state.speculative and params.repetition_penalty != 1.0:
+        raise invalid("repetition_penalty: this server decodes speculatively (--draft or --prompt-lookup), which "
+                      "takes no repetition penalty (it would change between guesses)", "repetition_penalty")
     n = body.n or 1
     _admit(state, n * len(prompts))
     for p in prompts:

@@ -220,6 +220,8 @@ class EngineLoop:
                 self._clock.forget(rid)
 
     def _step(self) -> None:
+        stats = self.generator.engine.stats
+        guesses = stats.get("proposed_tokens"), stats.get("accepted_tokens")  # None: not speculative
         try:
             text_events = self.generator.step()
         except Exception:
@@ -230,6 +232,8 @@ class EngineLoop:
             return
         self.stats["steps"] += 1
         self.stats["generated_tokens"] += len(text_events)
+        if self.metrics is not None and guesses[0] is not None:
+            self.metrics.speculated(stats["proposed_tokens"] - guesses[0], stats["accepted_tokens"] - guesses[1])
         by_job: dict[int, tuple[Job, list[Event]]] = {}
         for ev in text_events:
             owner = self._owners.get(ev.id)

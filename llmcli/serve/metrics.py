@@ -11,7 +11,10 @@ one process (tests, benchmarks) never share or collide on a metric. What is coun
 * `llmcli_time_to_first_token_seconds` (from the request's arrival to its first token) and
   `llmcli_inter_token_latency_seconds` (between a sequence's consecutive tokens) histograms;
 * `llmcli_generation_tokens_total` and `llmcli_prompt_tokens_total`: tokens/s is
-  `rate(llmcli_generation_tokens_total[1m])`.
+  `rate(llmcli_generation_tokens_total[1m])`;
+* with speculative decoding, `llmcli_speculative_proposed_tokens_total` and
+  `llmcli_speculative_accepted_tokens_total` (guesses made and kept) and
+  `llmcli_speculative_acceptance_ratio` (kept / made since the start).
 
 Histograms are observed on the engine thread, counters on the event loop: prometheus_client's
 metrics are thread-safe.
@@ -47,10 +50,12 @@ GAUGES = (  # (metric, key of the engine's stats, help)
 class ServerMetrics:
     """One server's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, speculative: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self._watching = False
+        if speculative:
+            self._speculative_counters()
         self.requests = Counter("llmcli_requests", "HTTP responses by route and status code",
                                 ("path", "status"), registry=r)
         self.generated = Counter("llmcli_generation_tokens", "Tokens generated", registry=r)
@@ -59,6 +64,21 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llmcli_inter_token_latency_seconds", "Between consecutive tokens of one sequence",
                              buckets=LATENCY_BUCKETS, registry=r)
+
+    def _speculative_counters(self) -> None:
+        r, self._made, self._kept = self.registry, 0, 0
+        self.proposed = Counter("llmcli_speculative_proposed_tokens", "Tokens proposed by speculative decoding",
+                                registry=r)
+        self.accepted = Counter("llmcli_speculative_accepted_tokens", "Proposed tokens the model accepted",
+                                registry=r)
+        Gauge("llmcli_speculative_acceptance_ratio", "Accepted / proposed tokens since the start",
+              registry=r).set_function(lambda: self._kept / self._made if self._made else 0.0)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        """One engine step's speculative guesses made and kept (engine thread)."""
+        self._made, self._kept = self._made + proposed, self._kept + accepted
+        self.proposed.inc(proposed)
+        self.accepted.inc(accepted)
 
     def watch(self, load: Callable[[], dict]) -> None:
         """Gauges read from `load()` (the engine's published stats) at every scrape; once per registry."""

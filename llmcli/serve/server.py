@@ -47,16 +47,17 @@ def _model_name(opts: ServeOptions) -> str:
 
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
                 max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None,
-                source_tokenizer: Any = None) -> ServerState:
+                source_tokenizer: Any = None, speculation: Any = None) -> ServerState:
     """Everything a server needs for a loaded model (the engine thread starts with the app).
 
     `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>. A
     seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
-    `tokenizer`).
+    `tokenizer`). `speculation` (speculative_engine.Speculation) decodes speculatively.
     """
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(speculative=speculation is not None)
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
-                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids),
+                                          source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids,
+                                          speculation=speculation),
                         metrics)
     name = _model_name(opts)
     seq2seq = model.task == "seq2seq"
@@ -69,7 +70,7 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
-                       source_length=model.source_length, metrics=metrics)
+                       source_length=model.source_length, metrics=metrics, speculative=speculation is not None)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -143,14 +144,24 @@ def serve_command(opts: ServeOptions) -> None:
         directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
         source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
         parameters = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
+        speculation = _speculation(opts, directory, tokenizer, device)
         state = build_state(model, tokenizer, opts, template, stop_token_ids=end_token_ids(directory, tokenizer),
-                            source_tokenizer=source_tokenizer)
+                            source_tokenizer=source_tokenizer, speculation=speculation)
         _announce(opts, state, sock, parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done
             server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _speculation(opts: ServeOptions, directory: Path, tokenizer: Any, device: torch.device):
+    """--draft / --prompt-lookup loaded and checked as `generate` does; None without them."""
+    if not opts.speculation.enabled:
+        return None
+    from llmcli.generate.speculative_engine import load_speculation
+
+    return load_speculation(opts.speculation, directory, tokenizer, device, select_dtype(opts.dtype, device))
 
 
 def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, parameters: int,
@@ -160,6 +171,11 @@ def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, param
     ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size or 'unlimited'}, "
            f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
            f"{opts.max_queue}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
+    spec = opts.speculation
+    if spec.enabled:
+        source = f"draft {spec.draft}" if spec.draft is not None else f"prompt lookup (n={spec.prompt_lookup})"
+        ui.log(f"speculative decoding on: {source} proposes {spec.draft_tokens} tokens per round; each sequence "
+               "runs its rounds alone")
     if opts.api_key is None and not _is_loopback(host):
         ui.log(f"warning: listening on {opts.host} without an API key: anyone who can reach this port can use "
                f"the model (set {API_KEY_ENV})")

@@ -5,6 +5,9 @@ Every request has a timeout and every wait a bound."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,14 +67,15 @@ def corpus_text() -> str:
 
 class Running:
     """A uvicorn server on a free 127.0.0.1 port, in a background thread; `options` are
-    ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`."""
+    ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`,
+    a speculative server its `speculation` (speculative_engine.Speculation)."""
 
     model = MODEL
     block = BLOCK
 
-    def __init__(self, model, tokenizer, source_tokenizer=None, **options):
+    def __init__(self, model, tokenizer, source_tokenizer=None, speculation=None, **options):
         opts = ServeOptions(run_dir=Path(MODEL), model_name=options.pop("model_name", MODEL), **options)
-        self.state = build_state(model, tokenizer, opts, source_tokenizer=source_tokenizer)
+        self.state = build_state(model, tokenizer, opts, source_tokenizer=source_tokenizer, speculation=speculation)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = make_uvicorn_server(create_app(self.state), log_level="warning", access_log=False)
@@ -136,6 +140,34 @@ def start_server(loaded):
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def serve_process(tmp_path):
+    """serve_process(*args, env={}): `llmcli serve ARGS --port 0 --threads 1` in a subprocess;
+    (process, base url, log path) once it printed its address; killed after the test if still running."""
+    started = []
+
+    def start(*args, env=None):
+        log_path = tmp_path / f"server-{len(started)}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", *map(str, args), "--port", "0",
+                                     "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
+        started.append(proc)
+        deadline, url = time.monotonic() + 60, None
+        while url is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            found = [w for w in log_path.read_text().split() if w.startswith("http://127.0.0.1:")]
+            url = found[0].removesuffix("/v1") if found else None
+            time.sleep(0.05)
+        return proc, url, log_path
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,7 @@
 """The `llmcli serve` command: one-line errors, and a real process serving until Ctrl-C."""
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,43 +35,28 @@ def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
     assert "LLMCLI_API_KEY" in result.stdout and "base models" in result.stdout
 
 
-def test_the_command_serves_until_ctrl_c(checkpoint, tmp_path):
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", str(checkpoint), "--port", "0",
-                                 "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "LLMCLI_API_KEY": "k"})
-    try:
-        deadline, url = time.monotonic() + 60, None
-        while url is None:
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            found = [w for w in log_path.read_text().split() if w.startswith("http://127.0.0.1:")]
-            url = found[0].removesuffix("/v1") if found else None
-            time.sleep(0.05)
-        assert "API key required" in log_path.read_text()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)
-        got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
-                                        temperature=0)  # greedy: never an EOT-first sample
-        assert got.choices[0].text
-        # Ctrl-C during a long request: it finishes; new requests get 503 (not a refused connection).
-        with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(client.completions.create, model=checkpoint.name, prompt="ROMEO:", max_tokens=1500,
-                               temperature=0, extra_body={"ignore_eos": True})
-            deadline = time.monotonic() + 20
-            while httpx.get(url + "/health", timeout=5).json()["in_flight"] == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 20
-            while httpx.get(url + "/health", timeout=5).status_code != 503:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            refused = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer k"},
-                                 timeout=5)
-            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-            assert long.result(timeout=30).usage.completion_tokens == 1500
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
+    proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k"})
+    assert "API key required" in log_path.read_text()
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)
+    got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
+                                    temperature=0)  # greedy: never an EOT-first sample
+    assert got.choices[0].text
+    # Ctrl-C during a long request: it finishes; new requests get 503 (not a refused connection).
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(client.completions.create, model=checkpoint.name, prompt="ROMEO:", max_tokens=1500,
+                           temperature=0, extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health", timeout=5).json()["in_flight"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer k"},
+                             timeout=5)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert long.result(timeout=30).usage.completion_tokens == 1500
+    assert proc.wait(20) == 0
