@@ -164,13 +164,24 @@ class ModelConfig:
                                               "source_tokenizer.kind=shared)", families=SEQ2SEQ)
     tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: needs "
                                            "d_hidden = d_model)")
-    # A structurally pruned transformer (llmcli prune): per-layer sizes, null = every layer has the
-    # full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
+    # A structurally pruned transformer or encoder-decoder (llmcli prune): per-layer sizes, null =
+    # every layer has the full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
     layer_heads: Optional[list[int]] = _opt(None, min=1, help="query heads kept in each layer (a multiple of "
-                                                              "n_head / n_kv_head); null = n_head in every layer",
-                                            families=TRANSFORMER, omit_none=True)
-    layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer; null = ff_dim in every "
-                                                           "layer", families=TRANSFORMER, omit_none=True)
+                                                              "n_head / n_kv_head; encoder-decoder: the decoder's "
+                                                              "self-attention); null = n_head in every layer",
+                                            families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer (encoder-decoder: the "
+                                                           "decoder's); null = ff_dim in every layer",
+                                         families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    encoder_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: self-attention heads of "
+                                                                      "each encoder layer; null = n_head",
+                                                    families=ENCODER_DECODER, omit_none=True)
+    cross_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: cross-attention heads of "
+                                                                    "each decoder layer; null = n_head",
+                                                  families=ENCODER_DECODER, omit_none=True)
+    encoder_layer_ff: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: feed-forward units of each "
+                                                                   "encoder layer; null = ff_dim",
+                                                 families=ENCODER_DECODER, omit_none=True)
 
     @property
     def task(self) -> str:
@@ -221,6 +232,23 @@ class ModelConfig:
         """MLP hidden units of layer `layer`."""
         return self.layer_ff[layer] if self.layer_ff else self.ff_dim
 
+    def encoder_heads_in(self, layer: int) -> int:
+        """encoder-decoder: self-attention heads of encoder layer `layer`."""
+        return self.encoder_layer_heads[layer] if self.encoder_layer_heads else self.n_head
+
+    def cross_heads_in(self, layer: int) -> int:
+        """encoder-decoder: cross-attention heads of decoder layer `layer`."""
+        return self.cross_layer_heads[layer] if self.cross_layer_heads else self.n_head
+
+    def encoder_ff_in(self, layer: int) -> int:
+        """encoder-decoder: feed-forward units of encoder layer `layer`."""
+        return self.encoder_layer_ff[layer] if self.encoder_layer_ff else self.ff_dim
+
+    @property
+    def per_layer_sizes(self) -> list[str]:
+        """The per-layer size settings this config has (a structurally pruned model's)."""
+        return [f"model.{key}" for key in PER_LAYER if self.applies(key) and getattr(self, key) is not None]
+
     def applies(self, key: str) -> bool:
         """Whether the setting `key` means anything to this config's family."""
         families = MODEL_FIELDS[key].metadata["families"]
@@ -234,6 +262,7 @@ class ModelConfig:
 
 
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+PER_LAYER = ("layer_heads", "layer_ff", "encoder_layer_heads", "cross_layer_heads", "encoder_layer_ff")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -604,7 +633,7 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
     if m.applies("pos") and m.pos == "rope" and m.head_dim % 2:
         fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
-    if m.applies("d_hidden") and m.tie_embeddings and m.hidden_size != m.d_model:
+    if m.arch in RECURRENT and m.tie_embeddings and m.hidden_size != m.d_model:  # a seq2seq head reads d_model
         fail("model.tie_embeddings", f"a tied LM head needs d_hidden = d_model (got d_hidden={m.hidden_size}, "
                                      f"d_model={m.d_model}); set model.tie_embeddings=false or make them equal",
              "model.tie_embeddings" if "model.tie_embeddings" in origin else "model.d_hidden")
@@ -625,16 +654,18 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
 
 
 def _check_layer_sizes(m: ModelConfig, fail: Any) -> None:
-    """Per-layer sizes (a pruned transformer): one per layer, heads in whole kv groups."""
-    for key in ("layer_heads", "layer_ff"):
+    """Per-layer sizes (a pruned model): one per layer, heads in whole kv groups."""
+    for key in PER_LAYER:
         sizes = getattr(m, key) if m.applies(key) else None
-        if sizes is not None and len(sizes) != m.n_layer:
-            fail(f"model.{key}", f"needs one size per layer: {len(sizes)} given, n_layer={m.n_layer}")
+        layers, name = (m.encoder_layers, "encoder layers") if key.startswith("encoder") else (m.n_layer, "n_layer")
+        if sizes is not None and len(sizes) != layers:
+            fail(f"model.{key}", f"needs one size per layer: {len(sizes)} given, {name}={layers}")
     group = m.n_head // m.kv_heads
-    for layer, heads in enumerate(m.layer_heads or () if m.applies("layer_heads") else ()):
-        if heads > m.n_head or heads % group:
-            fail("model.layer_heads", f"layer {layer} has {heads} heads: at most n_head={m.n_head}, in whole "
-                                      f"groups of n_head / n_kv_head = {group}")
+    for key in ("layer_heads", "encoder_layer_heads", "cross_layer_heads"):
+        for layer, heads in enumerate(getattr(m, key) or () if m.applies(key) else ()):
+            if heads > m.n_head or heads % group:
+                fail(f"model.{key}", f"layer {layer} has {heads} heads: at most n_head={m.n_head}, in whole "
+                                     f"groups of n_head / n_kv_head = {group}")
 
 
 def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> None:

@@ -81,31 +81,40 @@ class AttentionMap:
 
 @dataclass(frozen=True)
 class UnitSlice:
-    """Where a parameter holds a layer's prunable units: along `dim` it is `blocks` blocks (an
-    LSTM's four gates) of `units * size` entries, unit i owning entries [i*size, (i+1)*size) of
-    each block (a head owns head_dim rows of a projection)."""
+    """Where a parameter holds a layer's prunable units: along `dim`, from entry `offset` on, it is
+    `blocks` blocks (an LSTM's four gates, a bidirectional layer's two directions) of `units * size`
+    entries, unit i owning entries [i*size, (i+1)*size) of each block (a head owns head_dim rows of
+    a projection). Entries outside them belong to other groups or to no unit, and are kept."""
 
     name: str
     dim: int
     blocks: int = 1
     size: int = 1
+    offset: int = 0
 
     def index(self, units: int, keep: Sequence[int]) -> torch.Tensor:
-        """The entries along `dim` that the kept units own, in order."""
+        """The entries along `dim` that the units `keep` own, block by block, in order."""
         unit = torch.as_tensor(list(keep), dtype=torch.long)[:, None] * self.size + torch.arange(self.size)
-        return (torch.arange(self.blocks)[:, None] * units * self.size + unit.flatten()[None]).flatten()
+        blocks = torch.arange(self.blocks)[:, None] * units * self.size
+        return (self.offset + blocks + unit.flatten()[None]).flatten()
 
 
 @dataclass(frozen=True)
 class PruneGroup:
     """One layer's units of one part ("heads", "mlp", "hidden") and the parameter slices each owns.
-    `uniform`: every layer of this part must keep the same number (one fused kernel holds them all)."""
+    `layer` numbers the part's groups (0, 1, ...); `label` names the layer in messages.
+    `uniform`: every group of this part must keep the same number (one config size holds them all)."""
 
     part: str
     layer: int
     units: int
     slices: tuple[UnitSlice, ...]
     uniform: bool = False
+    label: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.label or f"layer {self.layer}"
 
 
 class LanguageModel(nn.Module):
@@ -200,17 +209,20 @@ class LanguageModel(nn.Module):
 
     def pruned(self, keep: dict[str, list[Sequence[int]]]) -> LanguageModel:
         """A smaller dense copy keeping units `keep[part][layer]` (sorted indices) of every group:
-        each owned slice of every parameter is cut down to the kept units' entries."""
-        groups = self.prune_groups()
+        each parameter loses the entries that removed units own (along every dim some group cuts)."""
         config = self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()})
         state = dict(self.state_dict())
-        for group in groups:
-            kept = keep.get(group.part, [None] * (group.layer + 1))[group.layer]
-            if kept is None:
+        kept_entries: dict[tuple[str, int], torch.Tensor] = {}
+        for group in self.prune_groups():
+            if group.part not in keep:
                 continue
+            gone = sorted(set(range(group.units)) - set(keep[group.part][group.layer]))
             for where in group.slices:
-                index = where.index(group.units, kept).to(state[where.name].device)
-                state[where.name] = state[where.name].index_select(where.dim, index)
+                mask = kept_entries.setdefault((where.name, where.dim), torch.ones(
+                    state[where.name].shape[where.dim], dtype=torch.bool))
+                mask[where.index(group.units, gone)] = False
+        for (name, dim), mask in kept_entries.items():
+            state[name] = state[name].index_select(dim, mask.nonzero().flatten().to(state[name].device))
         with torch.device("meta"):
             model = type(self)(config)
         model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)

@@ -49,7 +49,8 @@ def _taylor(model: LanguageModel, group: PruneGroup) -> torch.Tensor:
         if param.grad is None:
             continue
         product = (param.detach() * param.grad).double().movedim(where.dim, 0)
-        total += product.reshape(where.blocks, group.units, where.size, -1).sum(dim=(0, 2, 3)).cpu()
+        owned = product[where.index(group.units, range(group.units)).to(product.device)]
+        total += owned.reshape(where.blocks, group.units, where.size, -1).sum(dim=(0, 2, 3)).cpu()
     return total
 
 
@@ -74,8 +75,8 @@ def select(groups: list[PruneGroup], scores: dict[tuple[str, int], torch.Tensor]
         for g, out in zip(layers, removed, strict=True):
             kept = [u for u in range(g.units) if u not in out]
             if not kept:
-                raise UserError(f"--{part} {fraction:g} would remove every {UNIT_NAMES.get(part, part)} of layer "
-                                f"{g.layer}; prune less (a layer needs at least one)")
+                raise UserError(f"--{part} {fraction:g} would remove every {UNIT_NAMES.get(part, part)} of "
+                                f"{g.where}; prune less (a layer needs at least one)")
             keep[part].append(kept)
     return keep
 

@@ -110,6 +110,10 @@ def test_importance_ranks_a_silent_head_and_unit_lowest(tiny_model):
         structured.select(model.prune_groups(), scores, {"heads": 0.9})
 
 
-def test_families_without_structured_pruning_say_so(tiny_seq2seq):
-    with pytest.raises(UserError, match="model.arch='encoder-decoder' has no structured pruning"):
-        tiny_seq2seq("encoder-decoder", VOCAB, VOCAB).prune_groups()
+def test_families_without_structured_pruning_say_so(tiny_model):
+    from llmcli.models.base import LanguageModel
+
+    bare = LanguageModel()
+    bare.config = tiny_model(VOCAB).config
+    with pytest.raises(UserError, match="model.arch='transformer' has no structured pruning"):
+        bare.prune_groups()
