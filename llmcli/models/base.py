@@ -13,7 +13,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * names what LoRA may adapt in its own terms (`lora_targets`);
 * says which units structured pruning may remove (`prune_groups`: attention heads, MLP units,
   recurrent hidden units) and gives the smaller dense model that keeps some of them (`pruned`,
-  with the new shape in its config); the default refuses, naming the family.
+  with the new shape in its config), and which whole layers may go (`layer_stacks`,
+  `without_layers`); the defaults refuse, naming the family.
 
 Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
@@ -31,7 +32,8 @@ then goes through `forward(idx, state=state, rows=rows)` as for a language model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,45 @@ class PruneGroup:
     @property
     def where(self) -> str:
         return self.label or f"layer {self.layer}"
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A stack of layers that `llmcli prune --layers` may shorten: its `name` ("layers", "encoder",
+    "decoder"), how many `layers` it has, the state-dict names each layer owns (`pattern`, a regular
+    expression whose first group is the layer's index), and the `slices` of shared parameters each
+    layer owns (UnitSlices whose unit is a whole layer). `keeps_first`: the first layer reads the
+    embeddings at another width than the rest take, so it cannot go."""
+
+    name: str
+    layers: int
+    pattern: str
+    slices: tuple[UnitSlice, ...] = ()
+    keeps_first: bool = False
+
+
+def _cut(state: dict[str, torch.Tensor], cuts: Iterable[tuple[UnitSlice, int, Sequence[int]]]) -> None:
+    """Drop, in place, the entries that the removed units own: each cut is (slice, units, removed)."""
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    for where, units, gone in cuts:
+        mask = kept.setdefault((where.name, where.dim), torch.ones(state[where.name].shape[where.dim], dtype=torch.bool))
+        mask[where.index(units, gone)] = False
+    for (name, dim), mask in kept.items():
+        state[name] = state[name].index_select(dim, mask.nonzero().flatten().to(state[name].device))
+
+
+def _renumbered(name: str, stacks: list[LayerStack], keep: dict[str, Sequence[int]]) -> str | None:
+    """`name` with its layer's index among the kept layers; None when its layer is removed."""
+    for stack in stacks:
+        if (match := re.fullmatch(stack.pattern, name)) is not None:
+            kept, layer = list(keep.get(stack.name, range(stack.layers))), int(match.group(1))
+            return None if layer not in kept else name[:match.start(1)] + str(kept.index(layer)) + name[match.end(1):]
+    return name
+
+
+def kept_of(sizes: list[int] | None, kept: Sequence[int]) -> list[int] | None:
+    """The per-layer `sizes` (None: no per-layer sizes) of the layers `kept`."""
+    return None if sizes is None else [sizes[i] for i in kept]
 
 
 class LanguageModel(nn.Module):
@@ -210,19 +251,34 @@ class LanguageModel(nn.Module):
     def pruned(self, keep: dict[str, list[Sequence[int]]]) -> LanguageModel:
         """A smaller dense copy keeping units `keep[part][layer]` (sorted indices) of every group:
         each parameter loses the entries that removed units own (along every dim some group cuts)."""
-        config = self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()})
         state = dict(self.state_dict())
-        kept_entries: dict[tuple[str, int], torch.Tensor] = {}
-        for group in self.prune_groups():
-            if group.part not in keep:
-                continue
-            gone = sorted(set(range(group.units)) - set(keep[group.part][group.layer]))
-            for where in group.slices:
-                mask = kept_entries.setdefault((where.name, where.dim), torch.ones(
-                    state[where.name].shape[where.dim], dtype=torch.bool))
-                mask[where.index(group.units, gone)] = False
-        for (name, dim), mask in kept_entries.items():
-            state[name] = state[name].index_select(dim, mask.nonzero().flatten().to(state[name].device))
+        _cut(state, ((where, group.units, sorted(set(range(group.units)) - set(keep[group.part][group.layer])))
+                     for group in self.prune_groups() if group.part in keep for where in group.slices))
+        return self._rebuilt(self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()}),
+                             state)
+
+    def layer_stacks(self) -> list[LayerStack]:
+        """The stacks whole layers may be removed from. Families without any keep this refusal."""
+        raise UserError(f"model.arch={self.config.arch!r} has no layer removal (llmcli prune --layers)")
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        """The config of this model with only layers `keep[stack]` of each stack (per-layer sizes follow)."""
+        raise UserError(f"model.arch={self.config.arch!r} has no layer removal (llmcli prune --layers)")
+
+    def without_layers(self, keep: dict[str, Sequence[int]]) -> LanguageModel:
+        """A shallower copy keeping layers `keep[stack]` (sorted indices) of every stack: a kept layer's
+        tensors are renumbered, a removed one's dropped, with their slices of shared parameters."""
+        stacks = self.layer_stacks()
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            if (renamed := _renumbered(name, stacks, keep)) is not None:
+                state[renamed] = tensor
+        _cut(state, ((where, stack.layers, sorted(set(range(stack.layers)) - set(keep.get(stack.name, ()))))
+                     for stack in stacks if stack.name in keep for where in stack.slices))
+        return self._rebuilt(self.layers_config(keep), state)
+
+    def _rebuilt(self, config: ModelConfig, state: dict[str, torch.Tensor]) -> LanguageModel:
+        """A model of `config` holding `state` (copies), in this model's train/eval mode."""
         with torch.device("meta"):
             model = type(self)(config)
         model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)

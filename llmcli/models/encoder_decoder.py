@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import PruneGroup, Rows, UnitSlice
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, kept_of
 from llmcli.models.seq2seq_state import (
     CROSS,
     DECODER_SELF,
@@ -248,6 +249,20 @@ class EncoderDecoder(Seq2SeqModel):
         if "mlp" in kept:
             sizes.update(encoder_layer_ff=kept["mlp"][:E], layer_ff=kept["mlp"][E:])
         return dataclasses.replace(c, **sizes)
+
+    def layer_stacks(self) -> list[LayerStack]:
+        return [LayerStack("encoder", self.config.encoder_layers, r"encoder\.(\d+)\..*"),
+                LayerStack("decoder", self.config.n_layer, r"decoder\.(\d+)\..*")]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        """n_encoder_layer, n_layer and the per-layer sizes of the layers kept."""
+        c = self.config
+        enc, dec = list(keep.get("encoder", range(c.encoder_layers))), list(keep.get("decoder", range(c.n_layer)))
+        return dataclasses.replace(c, n_encoder_layer=len(enc), n_layer=len(dec),
+                                   encoder_layer_heads=kept_of(c.encoder_layer_heads, enc),
+                                   encoder_layer_ff=kept_of(c.encoder_layer_ff, enc),
+                                   layer_heads=kept_of(c.layer_heads, dec), layer_ff=kept_of(c.layer_ff, dec),
+                                   cross_layer_heads=kept_of(c.cross_layer_heads, dec))
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> EncoderDecoderState:

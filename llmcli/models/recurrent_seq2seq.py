@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import PruneGroup, Rows, UnitSlice
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice
 from llmcli.models.recurrent import GATES, ONEDNN_MIN_STEPS, _native_kernels
 from llmcli.models.seq2seq_state import CROSS, Record, Seq2SeqModel, SourceMemory, key_padding_mask
 
@@ -151,6 +152,21 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         if len(sizes) != 1:
             raise ValueError(f"every recurrent layer keeps the same number of hidden units; got {sorted(sizes)}")
         return dataclasses.replace(self.config, d_hidden=sizes.pop())
+
+    def layer_stacks(self) -> list[LayerStack]:
+        """Encoder and decoder layers (a first layer stays unless the embedding is as wide as what the
+        next layer reads); decoder layer k owns rows [k*hidden, (k+1)*hidden) of the bridge."""
+        c, H = self.config, self.config.hidden_size
+        bridge = tuple(UnitSlice(f"bridge.{w}", 0, size=H) for w in ("weight", "bias")[:1 + c.bias])
+        return [LayerStack("encoder", c.encoder_layers, r"encoder\.(?:weight|bias)_(?:ih|hh)_l(\d+)(?:_reverse)?",
+                           keeps_first=c.d_model != self.memory_size),
+                LayerStack("decoder", c.n_layer, r"decoder\.(?:weight|bias)_(?:ih|hh)_l(\d+)", bridge,
+                           keeps_first=c.d_model != H)]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        c = self.config
+        return dataclasses.replace(c, n_encoder_layer=len(keep.get("encoder", range(c.encoder_layers))),
+                                   n_layer=len(keep.get("decoder", range(c.n_layer))))
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> RecurrentSeq2SeqState:

@@ -139,7 +139,7 @@ def test_structured_pruning_of_a_recurrent_run(trained_runs, tmp_path, cli):
 @pytest.mark.parametrize("args,fragments", [
     (["--sparsity", "1.0"], ["--sparsity must be in [0, 1); got 1.0"]),
     (["--heads", "-0.1"], ["--heads must be in [0, 1)"]),
-    ([], ["--sparsity or --heads / --mlp / --hidden: say how much to remove"]),
+    ([], ["--sparsity or --heads / --mlp / --hidden / --layers: say how much to remove"]),
     (["--method", "magnitude"], ["--sparsity is needed with --method magnitude"]),
     (["--method", "magnitude", "--sparsity", "0.5", "--finetune-steps", "5"], ["--finetune-steps is for --method structured"]),
     (["--method", "2:4"], ["--method 2:4 needs a CUDA GPU"]),
