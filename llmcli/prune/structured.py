@@ -130,9 +130,10 @@ def select_layers(model: LanguageModel, losses: dict[tuple[str, int], float], co
             left[name] -= 1
     if len(gone) < count:
         total = sum(stack.layers for stack in stacks)
-        first = " and a first layer that reads the embeddings stays" if any(s.keeps_first for s in stacks) else ""
+        first = "; a first layer that reads the embeddings stays" if any(s.keeps_first for s in stacks) else ""
+        keeps = "it keeps one" if len(stacks) == 1 else f"{' and '.join(s.name for s in stacks)} keep one each"
         raise UserError(f"--layers {count}: at most {len(gone)} of this model's {total} layers can go "
-                        f"({' and '.join(s.name for s in stacks)} keep at least one{first})")
+                        f"({keeps}{first})")
     return {stack.name: [i for i in range(stack.layers) if (stack.name, i) not in gone] for stack in stacks}
 
 

@@ -111,7 +111,7 @@ def test_layer_scores_are_the_loss_each_removal_adds(tiny_model):
     assert losses["layers", 1] == pytest.approx(0, abs=1e-6) and losses["layers", 0] != 0
     assert structured.select_layers(model, {("layers", 0): 0.5, ("layers", 1): 0.1, ("layers", 2): -0.2}, 2) \
         == {"layers": [0]}
-    with pytest.raises(UserError, match="--layers 3: at most 2 of this model's 3 layers can go"):
+    with pytest.raises(UserError, match=r"--layers 3: at most 2 of this model's 3 layers can go \(it keeps one\)"):
         structured.select_layers(model, losses, 3)
 
 
@@ -144,5 +144,5 @@ def test_layers_of_a_seq2seq_run(seq2seq_runs, tmp_path, cli, one_line_error):
     assert (load_model(out).config.encoder_layers, load_model(out).config.n_layer) == (1, 1)
     assert cli("generate", out, "abc", "--max-new-tokens", "3").exit_code == 0
     one_line_error(cli("prune", seq2seq_runs["encoder-decoder"], "--out", tmp_path / "o", "--layers", "3"),
-                   "--layers 3: at most 2 of this model's 4 layers can go (encoder and decoder keep at least one)")
+                   "--layers 3: at most 2 of this model's 4 layers can go (encoder and decoder keep one each)")
     assert not (tmp_path / "o").exists()
