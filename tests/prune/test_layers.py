@@ -86,7 +86,8 @@ def test_a_recurrent_seq2seq_decoder_layer_takes_its_bridge_rows(tiny_seq2seq):
     assert shallower.config.n_layer == 2 and shallower.config.encoder_layers == 2
     torch.testing.assert_close(shallower.bridge.weight, torch.cat([model.bridge.weight[:H], model.bridge.weight[2 * H:]]))
     torch.testing.assert_close(shallower.decoder.weight_hh_l1, model.decoder.weight_hh_l2)
-    assert [s.keeps_first for s in model.layer_stacks()] == [False, False]  # d_model 32 = the 32 units it reads
+    # encoder layer 1 reads both directions (64 wide), not the 32-wide embedding; decoder layer 1 reads 32
+    assert [s.keeps_first for s in model.layer_stacks()] == [True, False]
     g = torch.Generator().manual_seed(0)
     source, target = torch.randint(1, 30, (1, 9), generator=g), torch.randint(1, VOCAB, (1, 6), generator=g)
     with torch.no_grad():
@@ -143,6 +144,13 @@ def test_layers_of_a_seq2seq_run(seq2seq_runs, tmp_path, cli, one_line_error):
     assert result.exit_code == 0, result.output
     assert (load_model(out).config.encoder_layers, load_model(out).config.n_layer) == (1, 1)
     assert cli("generate", out, "abc", "--max-new-tokens", "3").exit_code == 0
+    shallow = tmp_path / "shallow"  # an encoder-decoder that only lost a layer is still a MarianMTModel
+    assert cli("prune", seq2seq_runs["encoder-decoder"], "--out", shallow, "--layers", "1", "--calibration-batches", "2",
+               "--eval-tokens", "0", "--decode-tokens", "0").exit_code == 0
+    result = cli("export", shallow, "--format", "hf", "--out", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["encoder_layers"] + exported["decoder_layers"] == 3
     one_line_error(cli("prune", seq2seq_runs["encoder-decoder"], "--out", tmp_path / "o", "--layers", "3"),
                    "--layers 3: at most 2 of this model's 4 layers can go (encoder and decoder keep one each)")
     assert not (tmp_path / "o").exists()
