@@ -88,7 +88,7 @@ def prune_checkpoint(opts: PruneOptions, log: Callable[[str], None] = lambda mes
     log(f"pruning {source} ({opts.method})")
     pruned, entry = _pruned(opts, model, source, run_config)
     for stack, layers in entry.get("removed_layers", {}).items():
-        log(f"removed {stack} {', '.join(map(str, layers))} (the smallest rise of the calibration loss)")
+        log(f"removed {stack}: layer {', '.join(map(str, layers))} (the smallest rise of the calibration loss)")
     kept = {k: v for k, v in read_info(source).items() if not k.startswith("val_")}  # not this model's
     info = {**kept, "pruning": entry, "pruned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     pruned_config = dataclasses.replace(run_config, model=pruned.config)
