@@ -158,6 +158,16 @@ def kept_of(sizes: list[int] | None, kept: Sequence[int]) -> list[int] | None:
     return None if sizes is None else [sizes[i] for i in kept]
 
 
+def stack_layers(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """Layers' attention weights [heads, queries, keys] (batch row 0 of each) as one [layers, ...]
+    tensor; a structurally pruned model whose layers have different head counts is refused."""
+    heads = [w.shape[1] for w in weights]
+    if len(set(heads)) > 1:
+        raise UserError(f"{name}: the layers of this pruned model have {', '.join(map(str, heads))} heads; attention "
+                        "maps need the same number in every layer")
+    return torch.stack([w[0].float() for w in weights])
+
+
 class LanguageModel(nn.Module):
     """Base class of every model family (see the module docstring)."""
 

@@ -26,7 +26,16 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import AttentionMap, LanguageModel, LayerStack, PruneGroup, Rows, UnitSlice, kept_of
+from llmcli.models.base import (
+    AttentionMap,
+    LanguageModel,
+    LayerStack,
+    PruneGroup,
+    Rows,
+    UnitSlice,
+    kept_of,
+    stack_layers,
+)
 
 # SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -390,7 +399,7 @@ class Transformer(LanguageModel):
         with torch.no_grad():
             self._forward(tokens, None, None, record)
         segments = ("text",) if generated is None else ("text", "generated")
-        weights = torch.stack([w[0].float() for w in record])
+        weights = stack_layers(record, "self-attention")
         return [AttentionMap("self-attention", weights, segments, segments)]
 
     def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | None,
