@@ -158,13 +158,24 @@ class ModelConfig:
                                               "source_tokenizer.kind=shared)", families=SEQ2SEQ)
     tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: needs "
                                            "d_hidden = d_model)")
-    # A structurally pruned transformer (llmcli prune): per-layer sizes, null = every layer has the
-    # full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
+    # A structurally pruned transformer or encoder-decoder (llmcli prune): per-layer sizes, null =
+    # every layer has the full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
     layer_heads: Optional[list[int]] = _opt(None, min=1, help="query heads kept in each layer (a multiple of "
-                                                              "n_head / n_kv_head); null = n_head in every layer",
-                                            families=TRANSFORMER, omit_none=True)
-    layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer; null = ff_dim in every "
-                                                           "layer", families=TRANSFORMER, omit_none=True)
+                                                              "n_head / n_kv_head; encoder-decoder: the decoder's "
+                                                              "self-attention); null = n_head in every layer",
+                                            families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer (encoder-decoder: the "
+                                                           "decoder's); null = ff_dim in every layer",
+                                         families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    encoder_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: self-attention heads of "
+                                                                      "each encoder layer; null = n_head",
+                                                    families=ENCODER_DECODER, omit_none=True)
+    cross_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: cross-attention heads of "
+                                                                    "each decoder layer; null = n_head",
+                                                  families=ENCODER_DECODER, omit_none=True)
+    encoder_layer_ff: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: feed-forward units of each "
+                                                                   "encoder layer; null = ff_dim",
+                                                 families=ENCODER_DECODER, omit_none=True)
 
     @property
     def task(self) -> str:
@@ -215,6 +226,23 @@ class ModelConfig:
         """MLP hidden units of layer `layer`."""
         return self.layer_ff[layer] if self.layer_ff else self.ff_dim
 
+    def encoder_heads_in(self, layer: int) -> int:
+        """encoder-decoder: self-attention heads of encoder layer `layer`."""
+        return self.encoder_layer_heads[layer] if self.encoder_layer_heads else self.n_head
+
+    def cross_heads_in(self, layer: int) -> int:
+        """encoder-decoder: cross-attention heads of decoder layer `layer`."""
+        return self.cross_layer_heads[layer] if self.cross_layer_heads else self.n_head
+
+    def encoder_ff_in(self, layer: int) -> int:
+        """encoder-decoder: feed-forward units of encoder layer `layer`."""
+        return self.encoder_layer_ff[layer] if self.encoder_layer_ff else self.ff_dim
+
+    @property
+    def per_layer_sizes(self) -> list[str]:
+        """The per-layer size settings this config has (a structurally pruned model's)."""
+        return [f"model.{key}" for key in PER_LAYER if self.applies(key) and getattr(self, key) is not None]
+
     def applies(self, key: str) -> bool:
         """Whether the setting `key` means anything to this config's family."""
         families = MODEL_FIELDS[key].metadata["families"]
@@ -228,6 +256,7 @@ class ModelConfig:
 
 
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+PER_LAYER = ("layer_heads", "layer_ff", "encoder_layer_heads", "cross_layer_heads", "encoder_layer_ff")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

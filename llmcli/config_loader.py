@@ -23,7 +23,9 @@ from llmcli.config import (
     ENCODER_DECODER,
     FAMILY_DEFAULTS,
     MODEL_FIELDS,
+    PER_LAYER,
     PRESETS,
+    RECURRENT,
     SECTIONS,
     SEQ2SEQ,
     SEQ2SEQ_SOURCE,
@@ -297,7 +299,7 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
     if m.applies("pos") and m.pos == "rope" and m.head_dim % 2:
         fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
-    if m.applies("d_hidden") and m.tie_embeddings and m.hidden_size != m.d_model:
+    if m.arch in RECURRENT and m.tie_embeddings and m.hidden_size != m.d_model:  # a seq2seq head reads d_model
         fail("model.tie_embeddings", f"a tied LM head needs d_hidden = d_model (got d_hidden={m.hidden_size}, "
                                      f"d_model={m.d_model}); set model.tie_embeddings=false or make them equal",
              "model.tie_embeddings" if "model.tie_embeddings" in origin else "model.d_hidden")
@@ -318,16 +320,18 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
 
 
 def _check_layer_sizes(m: ModelConfig, fail: Any) -> None:
-    """Per-layer sizes (a pruned transformer): one per layer, heads in whole kv groups."""
-    for key in ("layer_heads", "layer_ff"):
+    """Per-layer sizes (a pruned model): one per layer, heads in whole kv groups."""
+    for key in PER_LAYER:
         sizes = getattr(m, key) if m.applies(key) else None
-        if sizes is not None and len(sizes) != m.n_layer:
-            fail(f"model.{key}", f"needs one size per layer: {len(sizes)} given, n_layer={m.n_layer}")
+        layers, name = (m.encoder_layers, "encoder layers") if key.startswith("encoder") else (m.n_layer, "n_layer")
+        if sizes is not None and len(sizes) != layers:
+            fail(f"model.{key}", f"needs one size per layer: {len(sizes)} given, {name}={layers}")
     group = m.n_head // m.kv_heads
-    for layer, heads in enumerate(m.layer_heads or () if m.applies("layer_heads") else ()):
-        if heads > m.n_head or heads % group:
-            fail("model.layer_heads", f"layer {layer} has {heads} heads: at most n_head={m.n_head}, in whole "
-                                      f"groups of n_head / n_kv_head = {group}")
+    for key in ("layer_heads", "encoder_layer_heads", "cross_layer_heads"):
+        for layer, heads in enumerate(getattr(m, key) or () if m.applies(key) else ()):
+            if heads > m.n_head or heads % group:
+                fail(f"model.{key}", f"layer {layer} has {heads} heads: at most n_head={m.n_head}, in whole "
+                                     f"groups of n_head / n_kv_head = {group}")
 
 
 def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> None:

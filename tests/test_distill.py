@@ -149,3 +149,23 @@ def test_a_teacher_that_is_not_a_checkpoint_is_refused(trained_runs, corpus, tmp
     one_line_error(cli("distill", "--out", out, *student(corpus)), "missing --teacher RUN and --out RUN_DIR")
     one_line_error(cli("distill", "--resume", trained_runs["gpt2"], "train.max_steps=100"), "is not a distillation run")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_seq2seq_teacher_distils_into_a_recurrent_seq2seq_student(seq2seq_runs, pairs_file, tmp_path, cli):
+    out = tmp_path / "kd"
+    result = cli("distill", "--teacher", seq2seq_runs["encoder-decoder"], "--out", out, f"data.source={pairs_file}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.task=seq2seq", "data.val_fraction=0.1",
+                 "data.test_fraction=0.1", "tokenizer.kind=word", "source_tokenizer.kind=char",
+                 "model.arch=gru-seq2seq", "model.n_layer=1", "model.d_model=24", "model.block_size=12",
+                 "train.batch_size=16", "train.max_steps=12", "train.warmup_steps=1", "train.eval_interval=12",
+                 "train.eval_batches=1", "train.log_interval=1", "train.lr=1e-2", "distill.alpha=0.7",
+                 "distill.temperature=2")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in metrics(out) if "train_loss" in r]
+    assert len(rows) == 12 and all(r["train_loss"] == pytest.approx(0.7 * r["train_kd"] + 0.3 * r["train_ce"])
+                                   for r in rows)
+    assert rows[-1]["train_kd"] < rows[0]["train_kd"] and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    generated = cli("generate", out, "abc", "-t", "0", "--json")
+    assert generated.exit_code == 0, generated.output
+    assert json.loads(generated.stdout)["source"] == "abc"

@@ -38,6 +38,10 @@ def check_exportable(config: ModelConfig) -> None:
     if wrong:
         raise UserError(f"{', '.join(wrong)} cannot be exported as {ARCHITECTURE} (it needs model.arch=encoder-decoder "
                         f"with sinusoidal positions, post-norm, bias=true and norm_eps=1e-05)")
+    if config.per_layer_sizes:
+        raise UserError(f"a pruned model ({', '.join(config.per_layer_sizes)}) cannot be exported as {ARCHITECTURE}: "
+                        "it gives every attention n_head heads of d_model / n_head and every layer of a side the "
+                        "same feed-forward width")
 
 
 def _tensor_pairs(config: ModelConfig) -> Iterator[tuple[str, str, str]]:

@@ -13,7 +13,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * names what LoRA may adapt in its own terms (`lora_targets`);
 * says which units structured pruning may remove (`prune_groups`: attention heads, MLP units,
   recurrent hidden units) and gives the smaller dense model that keeps some of them (`pruned`,
-  with the new shape in its config); the default refuses, naming the family.
+  with the new shape in its config), and which whole layers may go (`layer_stacks`,
+  `without_layers`); the defaults refuse, naming the family.
 
 Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
@@ -31,7 +32,8 @@ then goes through `forward(idx, state=state, rows=rows)` as for a language model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,31 +83,89 @@ class AttentionMap:
 
 @dataclass(frozen=True)
 class UnitSlice:
-    """Where a parameter holds a layer's prunable units: along `dim` it is `blocks` blocks (an
-    LSTM's four gates) of `units * size` entries, unit i owning entries [i*size, (i+1)*size) of
-    each block (a head owns head_dim rows of a projection)."""
+    """Where a parameter holds a layer's prunable units: along `dim`, from entry `offset` on, it is
+    `blocks` blocks (an LSTM's four gates, a bidirectional layer's two directions) of `units * size`
+    entries, unit i owning entries [i*size, (i+1)*size) of each block (a head owns head_dim rows of
+    a projection). Entries outside them belong to other groups or to no unit, and are kept."""
 
     name: str
     dim: int
     blocks: int = 1
     size: int = 1
+    offset: int = 0
 
     def index(self, units: int, keep: Sequence[int]) -> torch.Tensor:
-        """The entries along `dim` that the kept units own, in order."""
+        """The entries along `dim` that the units `keep` own, block by block, in order."""
         unit = torch.as_tensor(list(keep), dtype=torch.long)[:, None] * self.size + torch.arange(self.size)
-        return (torch.arange(self.blocks)[:, None] * units * self.size + unit.flatten()[None]).flatten()
+        blocks = torch.arange(self.blocks)[:, None] * units * self.size
+        return (self.offset + blocks + unit.flatten()[None]).flatten()
 
 
 @dataclass(frozen=True)
 class PruneGroup:
     """One layer's units of one part ("heads", "mlp", "hidden") and the parameter slices each owns.
-    `uniform`: every layer of this part must keep the same number (one fused kernel holds them all)."""
+    `layer` numbers the part's groups (0, 1, ...); `label` names the layer in messages.
+    `uniform`: every group of this part must keep the same number (one config size holds them all)."""
 
     part: str
     layer: int
     units: int
     slices: tuple[UnitSlice, ...]
     uniform: bool = False
+    label: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.label or f"layer {self.layer}"
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A stack of layers that `llmcli prune --layers` may shorten: its `name` ("layers", "encoder",
+    "decoder"), how many `layers` it has, the state-dict names each layer owns (`pattern`, a regular
+    expression whose first group is the layer's index), and the `slices` of shared parameters each
+    layer owns (UnitSlices whose unit is a whole layer). `keeps_first`: the first layer reads the
+    embeddings at another width than the rest take, so it cannot go."""
+
+    name: str
+    layers: int
+    pattern: str
+    slices: tuple[UnitSlice, ...] = ()
+    keeps_first: bool = False
+
+
+def _cut(state: dict[str, torch.Tensor], cuts: Iterable[tuple[UnitSlice, int, Sequence[int]]]) -> None:
+    """Drop, in place, the entries that the removed units own: each cut is (slice, units, removed)."""
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    for where, units, gone in cuts:
+        mask = kept.setdefault((where.name, where.dim), torch.ones(state[where.name].shape[where.dim], dtype=torch.bool))
+        mask[where.index(units, gone)] = False
+    for (name, dim), mask in kept.items():
+        state[name] = state[name].index_select(dim, mask.nonzero().flatten().to(state[name].device))
+
+
+def _renumbered(name: str, stacks: list[LayerStack], keep: dict[str, Sequence[int]]) -> str | None:
+    """`name` with its layer's index among the kept layers; None when its layer is removed."""
+    for stack in stacks:
+        if (match := re.fullmatch(stack.pattern, name)) is not None:
+            kept, layer = list(keep.get(stack.name, range(stack.layers))), int(match.group(1))
+            return None if layer not in kept else name[:match.start(1)] + str(kept.index(layer)) + name[match.end(1):]
+    return name
+
+
+def kept_of(sizes: list[int] | None, kept: Sequence[int]) -> list[int] | None:
+    """The per-layer `sizes` (None: no per-layer sizes) of the layers `kept`."""
+    return None if sizes is None else [sizes[i] for i in kept]
+
+
+def stack_layers(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """Layers' attention weights [heads, queries, keys] (batch row 0 of each) as one [layers, ...]
+    tensor; a structurally pruned model whose layers have different head counts is refused."""
+    heads = [w.shape[1] for w in weights]
+    if len(set(heads)) > 1:
+        raise UserError(f"{name}: the layers of this pruned model have {', '.join(map(str, heads))} heads; attention "
+                        "maps need the same number in every layer")
+    return torch.stack([w[0].float() for w in weights])
 
 
 class LanguageModel(nn.Module):
@@ -200,17 +260,35 @@ class LanguageModel(nn.Module):
 
     def pruned(self, keep: dict[str, list[Sequence[int]]]) -> LanguageModel:
         """A smaller dense copy keeping units `keep[part][layer]` (sorted indices) of every group:
-        each owned slice of every parameter is cut down to the kept units' entries."""
-        groups = self.prune_groups()
-        config = self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()})
+        each parameter loses the entries that removed units own (along every dim some group cuts)."""
         state = dict(self.state_dict())
-        for group in groups:
-            kept = keep.get(group.part, [None] * (group.layer + 1))[group.layer]
-            if kept is None:
-                continue
-            for where in group.slices:
-                index = where.index(group.units, kept).to(state[where.name].device)
-                state[where.name] = state[where.name].index_select(where.dim, index)
+        _cut(state, ((where, group.units, sorted(set(range(group.units)) - set(keep[group.part][group.layer])))
+                     for group in self.prune_groups() if group.part in keep for where in group.slices))
+        return self._rebuilt(self.pruned_config({part: [len(k) for k in layers] for part, layers in keep.items()}),
+                             state)
+
+    def layer_stacks(self) -> list[LayerStack]:
+        """The stacks whole layers may be removed from. Families without any keep this refusal."""
+        raise UserError(f"model.arch={self.config.arch!r} has no layer removal (llmcli prune --layers)")
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        """The config of this model with only layers `keep[stack]` of each stack (per-layer sizes follow)."""
+        raise UserError(f"model.arch={self.config.arch!r} has no layer removal (llmcli prune --layers)")
+
+    def without_layers(self, keep: dict[str, Sequence[int]]) -> LanguageModel:
+        """A shallower copy keeping layers `keep[stack]` (sorted indices) of every stack: a kept layer's
+        tensors are renumbered, a removed one's dropped, with their slices of shared parameters."""
+        stacks = self.layer_stacks()
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            if (renamed := _renumbered(name, stacks, keep)) is not None:
+                state[renamed] = tensor
+        _cut(state, ((where, stack.layers, sorted(set(range(stack.layers)) - set(keep.get(stack.name, ()))))
+                     for stack in stacks if stack.name in keep for where in stack.slices))
+        return self._rebuilt(self.layers_config(keep), state)
+
+    def _rebuilt(self, config: ModelConfig, state: dict[str, torch.Tensor]) -> LanguageModel:
+        """A model of `config` holding `state` (copies), in this model's train/eval mode."""
         with torch.device("meta"):
             model = type(self)(config)
         model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)

@@ -19,7 +19,9 @@ the rest of the forward unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import Rows
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, kept_of
 from llmcli.models.seq2seq_state import (
     CROSS,
     DECODER_SELF,
@@ -50,17 +52,20 @@ def sinusoids(positions: int, dim: int, device: torch.device | str) -> torch.Ten
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate query, key, value and output projections (as Marian's)."""
+    """Multi-head attention with separate query, key, value and output projections (as Marian's);
+    a pruned one has fewer heads of the same size (its projections narrower than d_model)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, heads: int):
         super().__init__()
-        d, self.n_head = config.d_model, config.n_head
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d, bias=config.bias) for _ in range(4))
+        d, self.n_head, self.head_dim = config.d_model, heads, config.head_dim
+        inner = heads * config.head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, inner, bias=config.bias) for _ in range(3))
+        self.out_proj = nn.Linear(inner, d, bias=config.bias)
         self.dropout = config.dropout
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, heads, S, head_dim] of x [B, S, d_model]."""
@@ -80,17 +85,17 @@ class Attention(nn.Module):
                 mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
             y, weights = explicit_attention(q, k, v, mask, dropout_p)
             record.append(weights)
-        return self.out_proj(y.transpose(1, 2).reshape(x.shape))
+        return self.out_proj(y.transpose(1, 2).reshape(*x.shape[:2], self.n_head * self.head_dim))
 
 
 class _Layer(nn.Module):
     """Shared parts of both layer kinds: the feed-forward and the residual + norm around a sublayer."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ff: int):
         super().__init__()
         d = config.d_model
         self.pre_norm = config.norm_placement == "pre"
-        self.fc1, self.fc2 = nn.Linear(d, config.ff_dim, bias=config.bias), nn.Linear(config.ff_dim, d, bias=config.bias)
+        self.fc1, self.fc2 = nn.Linear(d, ff, bias=config.bias), nn.Linear(ff, d, bias=config.bias)
         self.final_norm = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias)
         self.act = F.relu if config.act == "relu" else F.gelu  # gelu: the exact erf form, as Marian's
         self.dropout = nn.Dropout(config.dropout)
@@ -105,9 +110,9 @@ class _Layer(nn.Module):
 
 
 class EncoderLayer(_Layer):
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.self_attn = Attention(config)
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__(config, config.encoder_ff_in(layer))
+        self.self_attn = Attention(config, config.encoder_heads_in(layer))
         self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, record: Record | None = None) -> torch.Tensor:
@@ -119,9 +124,10 @@ class EncoderLayer(_Layer):
 
 class DecoderLayer(_Layer):
     def __init__(self, config: ModelConfig, layer: int):
-        super().__init__(config)
+        super().__init__(config, config.ff_in(layer))
         self.layer = layer
-        self.self_attn, self.cross_attn = Attention(config), Attention(config)
+        self.self_attn = Attention(config, config.heads_in(layer))
+        self.cross_attn = Attention(config, config.cross_heads_in(layer))
         self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
         self.cross_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
@@ -150,8 +156,8 @@ class EncoderDecoderState:
                  device: torch.device | str):
         c = model.config
         self.self_cache = KVCache(c, max_slots, max_len, dtype=dtype, device=device)
-        shape = (c.n_head, c.source_context, c.head_dim)
-        self.memory = SourceMemory([shape] * (2 * c.n_layer), [2] * (2 * c.n_layer), max_slots, c.source_context,
+        shapes = [(c.cross_heads_in(layer), c.source_context, c.head_dim) for layer in range(c.n_layer) for _ in "kv"]
+        self.memory = SourceMemory(shapes, [2] * (2 * c.n_layer), max_slots, c.source_context,
                                    dtype=dtype, device=device)
 
     def copy_slots(self, sources: list[int], targets: list[int]) -> None:
@@ -177,7 +183,7 @@ class EncoderDecoder(Seq2SeqModel):
         self.pos_embed = nn.Embedding(config.block_size, d) if learned else None
         self.embed_scale = math.sqrt(d)
         self.dropout = nn.Dropout(config.dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         pre = config.norm_placement == "pre"
         self.encoder_norm = nn.LayerNorm(d, eps=config.norm_eps, bias=config.bias) if pre else None
@@ -208,6 +214,55 @@ class EncoderDecoder(Seq2SeqModel):
         if not c.tie_embeddings:
             out.update(embed=list(self.token_embeddings), head=["lm_head"])
         return out
+
+    def _attentions(self) -> list[tuple[str, str]]:
+        """(module name, label) of every attention, in the order of the "heads" groups."""
+        c = self.config
+        return ([(f"encoder.{i}.self_attn", f"encoder layer {i} (self-attention)") for i in range(c.encoder_layers)]
+                + [(f"decoder.{i}.self_attn", f"decoder layer {i} (self-attention)") for i in range(c.n_layer)]
+                + [(f"decoder.{i}.cross_attn", f"decoder layer {i} (cross-attention)") for i in range(c.n_layer)])
+
+    def prune_groups(self) -> list[PruneGroup]:
+        """"heads": the heads of every attention (encoder self, decoder self, then cross-attention,
+        layer by layer); "mlp": the feed-forward units of every encoder, then decoder layer."""
+        c, groups = self.config, []
+        biases = ("weight", "bias") if c.bias else ("weight",)
+        for n, (a, label) in enumerate(self._attentions()):
+            heads = [UnitSlice(f"{a}.{p}_proj.{w}", 0, size=c.head_dim) for p in "qkv" for w in biases]
+            heads.append(UnitSlice(f"{a}.out_proj.weight", 1, size=c.head_dim))
+            groups.append(PruneGroup("heads", n, self.get_submodule(a).n_head, tuple(heads), label=label))
+        layers = [f"encoder.{i}" for i in range(c.encoder_layers)] + [f"decoder.{i}" for i in range(c.n_layer)]
+        for n, layer in enumerate(layers):
+            mlp = [UnitSlice(f"{layer}.fc1.{w}", 0) for w in biases] + [UnitSlice(f"{layer}.fc2.weight", 1)]
+            groups.append(PruneGroup("mlp", n, self.get_submodule(layer).fc1.out_features, tuple(mlp),
+                                     label=layer.replace(".", " layer ")))
+        return groups
+
+    def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
+        """Per-layer sizes: encoder_layer_heads, layer_heads (decoder self-attention), cross_layer_heads,
+        encoder_layer_ff and layer_ff (decoder)."""
+        c, E, D = self.config, self.config.encoder_layers, self.config.n_layer
+        sizes = {}
+        if "heads" in kept:
+            heads = kept["heads"]
+            sizes.update(encoder_layer_heads=heads[:E], layer_heads=heads[E:E + D], cross_layer_heads=heads[E + D:])
+        if "mlp" in kept:
+            sizes.update(encoder_layer_ff=kept["mlp"][:E], layer_ff=kept["mlp"][E:])
+        return dataclasses.replace(c, **sizes)
+
+    def layer_stacks(self) -> list[LayerStack]:
+        return [LayerStack("encoder", self.config.encoder_layers, r"encoder\.(\d+)\..*"),
+                LayerStack("decoder", self.config.n_layer, r"decoder\.(\d+)\..*")]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        """n_encoder_layer, n_layer and the per-layer sizes of the layers kept."""
+        c = self.config
+        enc, dec = list(keep.get("encoder", range(c.encoder_layers))), list(keep.get("decoder", range(c.n_layer)))
+        return dataclasses.replace(c, n_encoder_layer=len(enc), n_layer=len(dec),
+                                   encoder_layer_heads=kept_of(c.encoder_layer_heads, enc),
+                                   encoder_layer_ff=kept_of(c.encoder_layer_ff, enc),
+                                   layer_heads=kept_of(c.layer_heads, dec), layer_ff=kept_of(c.layer_ff, dec),
+                                   cross_layer_heads=kept_of(c.cross_layer_heads, dec))
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> EncoderDecoderState:
@@ -287,12 +342,12 @@ class EncoderDecoder(Seq2SeqModel):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per target token, for a source as long as the target (`seq_len`, default
-        block_size): 6 * every Linear weight + 12 * d_model * seq_len per attention (encoder self,
+        block_size): 6 * every Linear weight + 12 * its width * seq_len per attention (encoder self,
         decoder self and cross)."""
         seq_len = seq_len or self.config.block_size
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attentions = self.config.encoder_layers + 2 * self.config.n_layer
-        return 6 * matmul + 12 * attentions * self.config.d_model * seq_len
+        width = sum(m.n_head * m.head_dim for m in self.modules() if isinstance(m, Attention))
+        return 6 * matmul + 12 * width * seq_len
 
 
 def _check_config(config: ModelConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, PruneGroup, Rows, UnitSlice
+from llmcli.models.base import LanguageModel, LayerStack, PruneGroup, Rows, UnitSlice
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 STATE_TENSORS = {"lstm": 2, "gru": 1, "rnn": 1}  # (h, c) or h
@@ -143,6 +144,15 @@ class Recurrent(LanguageModel):
         (hidden,) = sizes
         tied = self.config.tie_embeddings and hidden == self.config.d_model
         return dataclasses.replace(self.config, d_hidden=hidden, tie_embeddings=tied)
+
+    def layer_stacks(self) -> list[LayerStack]:
+        """The fused layers; the first stays unless the embedding is as wide as the hidden state."""
+        c = self.config
+        return [LayerStack("layers", c.n_layer, r"rnn\.(?:weight|bias)_(?:ih|hh)_l(\d+)",
+                           keeps_first=c.d_model != c.hidden_size)]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        return dataclasses.replace(self.config, n_layer=len(keep["layers"]))
 
     def lora_targets(self) -> dict[str, list[str]]:
         """The recurrent layers under the family's name (`lstm`: peft has no LoRA for them, and says

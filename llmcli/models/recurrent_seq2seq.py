@@ -17,6 +17,8 @@ outputs m_s of that source (a `SourceMemory`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -24,8 +26,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import Rows
-from llmcli.models.recurrent import ONEDNN_MIN_STEPS, _native_kernels
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice
+from llmcli.models.recurrent import GATES, ONEDNN_MIN_STEPS, _native_kernels
 from llmcli.models.seq2seq_state import CROSS, Record, Seq2SeqModel, SourceMemory, key_padding_mask
 
 CELLS: dict[str, type[nn.RNNBase]] = {"gru-seq2seq": nn.GRU, "lstm-seq2seq": nn.LSTM}
@@ -112,6 +114,59 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         for rnn in (self.encoder, self.decoder):
             if isinstance(rnn, nn.RNNBase) and rnn.weight_ih_l0.device.type != "meta":
                 rnn.flatten_parameters()
+
+    def prune_groups(self) -> list[PruneGroup]:
+        """"hidden": each encoder, then decoder layer's units. Unit j of an encoder layer is unit j of
+        both its directions; the top layer's outputs are read by the attention keys, the bridge and
+        the context half of `combine`. Decoder unit j of layer k owns row k*hidden + j of the bridge;
+        the top layer's outputs are the attention queries (rows of `attn_key`) and the rest of
+        `combine`. One d_hidden holds them all, so every layer keeps the same number."""
+        c, H = self.config, self.config.hidden_size
+        gates, E, D = GATES[c.arch.removesuffix("-seq2seq")], c.encoder_layers, c.n_layer
+        directions = ("", "_reverse") if c.bidirectional else ("",)
+        both = len(directions)
+
+        def own(rnn: str, layer: int, suffix: str) -> list[UnitSlice]:
+            rows = [f"{rnn}.weight_ih_l{layer}{suffix}", f"{rnn}.weight_hh_l{layer}{suffix}"]
+            rows += [f"{rnn}.bias_ih_l{layer}{suffix}", f"{rnn}.bias_hh_l{layer}{suffix}"] if c.bias else []
+            return [UnitSlice(n, 0, blocks=gates) for n in rows] + [UnitSlice(f"{rnn}.weight_hh_l{layer}{suffix}", 1)]
+
+        groups = []
+        for layer in range(E):
+            slices = [piece for suffix in directions for piece in own("encoder", layer, suffix)]
+            readers = [f"encoder.weight_ih_l{layer + 1}{suffix}" for suffix in directions] if layer + 1 < E \
+                else ["attn_key.weight", "combine.weight", "bridge.weight"]
+            slices += [UnitSlice(name, 1, blocks=both) for name in readers]
+            groups.append(PruneGroup("hidden", layer, H, tuple(slices), uniform=True, label=f"encoder layer {layer}"))
+        for layer in range(D):
+            slices = own("decoder", layer, "")
+            slices += [UnitSlice(f"bridge.{w}", 0, offset=layer * H) for w in ("weight", "bias")[:1 + c.bias]]
+            slices += [UnitSlice(f"decoder.weight_ih_l{layer + 1}", 1)] if layer + 1 < D else \
+                [UnitSlice("attn_key.weight", 0), UnitSlice("combine.weight", 1, offset=both * H)]
+            groups.append(PruneGroup("hidden", E + layer, H, tuple(slices), uniform=True, label=f"decoder layer {layer}"))
+        return groups
+
+    def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
+        """d_hidden = the units every layer keeps."""
+        sizes = set(kept.get("hidden", [self.config.hidden_size]))
+        if len(sizes) != 1:
+            raise ValueError(f"every recurrent layer keeps the same number of hidden units; got {sorted(sizes)}")
+        return dataclasses.replace(self.config, d_hidden=sizes.pop())
+
+    def layer_stacks(self) -> list[LayerStack]:
+        """Encoder and decoder layers (a first layer stays unless the embedding is as wide as what the
+        next layer reads); decoder layer k owns rows [k*hidden, (k+1)*hidden) of the bridge."""
+        c, H = self.config, self.config.hidden_size
+        bridge = tuple(UnitSlice(f"bridge.{w}", 0, size=H) for w in ("weight", "bias")[:1 + c.bias])
+        return [LayerStack("encoder", c.encoder_layers, r"encoder\.(?:weight|bias)_(?:ih|hh)_l(\d+)(?:_reverse)?",
+                           keeps_first=c.d_model != self.memory_size),
+                LayerStack("decoder", c.n_layer, r"decoder\.(?:weight|bias)_(?:ih|hh)_l(\d+)", bridge,
+                           keeps_first=c.d_model != H)]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        c = self.config
+        return dataclasses.replace(c, n_encoder_layer=len(keep.get("encoder", range(c.encoder_layers))),
+                                   n_layer=len(keep.get("decoder", range(c.n_layer))))
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> RecurrentSeq2SeqState:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llmcli.models.base import AttentionMap, LanguageModel, Rows
+from llmcli.models.base import AttentionMap, LanguageModel, Rows, stack_layers
 
 ENCODER_SELF, DECODER_SELF, CROSS = "encoder self-attention", "decoder self-attention", "cross-attention"
 # What each kind attends from and to: the source is "text"; a decoder position is named by the
@@ -58,7 +58,7 @@ class Seq2SeqModel(LanguageModel):
         record: Record = {}
         with torch.no_grad():
             self(generated.to(idx.device), source=idx, record=record)
-        return [AttentionMap(kind, torch.stack([w[0].float() for w in weights]), *AXES[kind])
+        return [AttentionMap(kind, stack_layers(weights, kind), *AXES[kind])
                 for kind, weights in record.items()]
 
 

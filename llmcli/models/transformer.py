@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,16 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import AttentionMap, LanguageModel, PruneGroup, Rows, UnitSlice
+from llmcli.models.base import (
+    AttentionMap,
+    LanguageModel,
+    LayerStack,
+    PruneGroup,
+    Rows,
+    UnitSlice,
+    kept_of,
+    stack_layers,
+)
 
 # SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -321,6 +331,15 @@ class Transformer(LanguageModel):
         heads = [k * (c.n_head // c.kv_heads) for k in kept["heads"]] if "heads" in kept else c.layer_heads
         return dataclasses.replace(c, layer_heads=heads, layer_ff=kept.get("mlp", c.layer_ff))
 
+    def layer_stacks(self) -> list[LayerStack]:
+        return [LayerStack("layers", self.config.n_layer, r"blocks\.(\d+)\..*")]
+
+    def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
+        """n_layer and the per-layer sizes of the blocks kept."""
+        c, kept = self.config, list(keep["layers"])
+        return dataclasses.replace(c, n_layer=len(kept), layer_heads=kept_of(c.layer_heads, kept),
+                                   layer_ff=kept_of(c.layer_ff, kept))
+
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
         untied (a tied table is one tensor for both, which an adapter on either would split)."""
@@ -380,7 +399,7 @@ class Transformer(LanguageModel):
         with torch.no_grad():
             self._forward(tokens, None, None, record)
         segments = ("text",) if generated is None else ("text", "generated")
-        weights = torch.stack([w[0].float() for w in record])
+        weights = stack_layers(record, "self-attention")
         return [AttentionMap("self-attention", weights, segments, segments)]
 
     def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | None,

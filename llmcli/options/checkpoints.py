@@ -113,7 +113,8 @@ class PruneOptions(Options):
 
     structured (the default) removes whole attention heads (kv groups with GQA), MLP hidden units
     and recurrent hidden units, ranked by a gradient-based importance measured on a calibration
-    sample of the run's own training data: a smaller dense model whose config gives its new shape.
+    sample of the run's own training data, and with --layers N the N whole layers whose removal
+    raises that sample's loss least: a smaller dense model whose config gives its new shape.
     magnitude zeroes the smallest weights (torch.nn.utils.prune, over all layers or each layer
     alike), stored as values + bitmask. 2:4 keeps 2 of every 4 weights per row (CUDA only).
     --finetune-steps N then recovers quality with the ordinary training loop on the run's data
@@ -125,6 +126,8 @@ class PruneOptions(Options):
       llmcli prune runs/char --heads 0.25 --mlp 0.3 --out runs/char-pruned
 
       llmcli prune runs/char --sparsity 0.3 --finetune-steps 300 --out runs/char-pruned-ft
+
+      llmcli prune runs/char --heads 0.25 --mlp 0.3 --layers 1 --finetune-steps 300 --out runs/char-shallow
 
       llmcli prune runs/lstm --hidden 0.25 --out runs/lstm-pruned
 
@@ -144,6 +147,9 @@ class PruneOptions(Options):
                                   check=FRACTION)
     hidden: Optional[float] = option(None, "--hidden", help="structured: share of recurrent hidden units to "
                                                             "remove.", check=FRACTION)
+    layers: Optional[int] = option(None, "--layers", help="structured: whole layers to remove, those whose removal "
+                                                          "raises the calibration loss least (seq2seq: counted over "
+                                                          "encoder and decoder).", check=AT_LEAST_ONE)
     scope: str = option("global", "--scope", help="magnitude: global (one threshold over all layers) or layer "
                                                   "(each layer the same share).",
                         check=(lambda v: v in ("global", "layer"), "global or layer"))
@@ -168,10 +174,10 @@ class PruneOptions(Options):
 
     def check(self) -> None:
         if self.method == "structured":
-            if self.sparsity is None and not any(self.parts().values()):
-                raise FieldError("sparsity", "or --heads / --mlp / --hidden: say how much to remove")
+            if self.sparsity is None and not any(self.parts().values()) and not self.layers:
+                raise FieldError("sparsity", "or --heads / --mlp / --hidden / --layers: say how much to remove")
         else:
-            for name in ("heads", "mlp", "hidden"):
+            for name in ("heads", "mlp", "hidden", "layers"):
                 if getattr(self, name) is not None:
                     raise FieldError(name, f"is for --method structured, not {self.method}")
         if self.method == "magnitude" and self.sparsity is None:

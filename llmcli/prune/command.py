@@ -88,6 +88,8 @@ def prune_checkpoint(opts: PruneOptions, log: Callable[[str], None] = lambda mes
     model = load_model(source)
     log(f"pruning {source} ({opts.method})")
     pruned, entry = _pruned(opts, model, source, run_config)
+    for stack, layers in entry.get("removed_layers", {}).items():
+        log(f"removed {stack}: layer {', '.join(map(str, layers))} (the smallest rise of the calibration loss)")
     kept = {k: v for k, v in read_info(source).items() if not k.startswith("val_")}  # not this model's
     info = {**kept, "pruning": entry, "pruned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     pruned_config = dataclasses.replace(run_config, model=pruned.config)
@@ -117,8 +119,10 @@ def _pruned(opts: PruneOptions, model: LanguageModel, source: Path, run_config: 
         return pruned, {"method": "2:4", "sparsity": 0.5, "from": str(source.resolve())}
     parts = {part: opts.sparsity for part in structured.parts_of(model)} if opts.sparsity is not None else {}
     parts.update(opts.parts())
-    pruned = structured.prune(model, parts, calibration_batches(source, run_config, model, opts.calibration_batches))
-    return pruned.eval(), {"method": "structured", "from": str(source.resolve()), **parts}
+    batches = calibration_batches(source, run_config, model, opts.calibration_batches)
+    pruned, removed = structured.prune(model, parts, batches, opts.layers or 0)
+    layers = {"layers": opts.layers, "removed_layers": removed} if opts.layers else {}
+    return pruned.eval(), {"method": "structured", "from": str(source.resolve()), **parts, **layers}
 
 
 def model_copy(model: LanguageModel) -> LanguageModel:
@@ -193,7 +197,7 @@ def print_report(report: PruneReport, console=None) -> None:
     console = console or ui.stdout
     entry = report.entry
     shares = ", ".join(f"{key} {value:g}" for key, value in entry.items()
-                       if key not in ("method", "from") and isinstance(value, float))
+                       if key not in ("method", "from") and isinstance(value, (int, float)))
     title = f"prune {entry['method']}" + (f" ({shares})" if shares else "") + \
         (f", scope {entry['scope']}" if "scope" in entry else "")
     table = Table(title=title)

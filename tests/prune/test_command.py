@@ -139,12 +139,15 @@ def test_structured_pruning_of_a_recurrent_run(trained_runs, tmp_path, cli):
 @pytest.mark.parametrize("args,fragments", [
     (["--sparsity", "1.0"], ["--sparsity must be in [0, 1); got 1.0"]),
     (["--heads", "-0.1"], ["--heads must be in [0, 1)"]),
-    ([], ["--sparsity or --heads / --mlp / --hidden: say how much to remove"]),
+    ([], ["--sparsity or --heads / --mlp / --hidden / --layers: say how much to remove"]),
     (["--method", "magnitude"], ["--sparsity is needed with --method magnitude"]),
     (["--method", "magnitude", "--sparsity", "0.5", "--finetune-steps", "5"], ["--finetune-steps is for --method structured"]),
     (["--method", "2:4"], ["--method 2:4 needs a CUDA GPU"]),
     (["--hidden", "0.5"], ["--hidden: this model has no hidden units to prune"]),
     (["--heads", "0.9"], ["--heads 0.9 would remove every attention head of layer"]),
+    (["--layers", "2"], ["--layers 2: at most 1 of this model's 2 layers can go (it keeps one)"]),
+    (["--layers", "0"], ["--layers must be at least 1"]),
+    (["--method", "magnitude", "--sparsity", "0.5", "--layers", "1"], ["--layers is for --method structured"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained_runs, tmp_path, cli, one_line_error, args, fragments):
     out = tmp_path / "out"

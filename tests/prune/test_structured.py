@@ -110,6 +110,21 @@ def test_importance_ranks_a_silent_head_and_unit_lowest(tiny_model):
         structured.select(model.prune_groups(), scores, {"heads": 0.9})
 
 
-def test_families_without_structured_pruning_say_so(tiny_seq2seq):
-    with pytest.raises(UserError, match="model.arch='encoder-decoder' has no structured pruning"):
-        tiny_seq2seq("encoder-decoder", VOCAB, VOCAB).prune_groups()
+def test_families_without_structured_pruning_say_so(tiny_model):
+    from llmcli.models.base import LanguageModel
+
+    bare = LanguageModel()
+    bare.config = tiny_model(VOCAB).config
+    with pytest.raises(UserError, match="model.arch='transformer' has no structured pruning"):
+        bare.prune_groups()
+
+
+def test_attention_maps_of_layers_with_different_head_counts_are_refused(tiny_model, tiny_seq2seq):
+    pruned = tiny_model(VOCAB).pruned({"heads": [[0, 1], [3]]})
+    with pytest.raises(UserError, match="self-attention: the layers of this pruned model have 2, 1 heads"):
+        pruned.attention_maps(torch.zeros(1, 5, dtype=torch.long))
+    seq2seq = tiny_seq2seq("encoder-decoder", VOCAB, 30).pruned({"heads": [[0], [1, 2], [3], [0, 1], [2], [1]]})
+    with pytest.raises(UserError, match="encoder self-attention: the layers of this pruned model have 1, 2 heads"):
+        seq2seq.attention_maps(torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    same = tiny_model(VOCAB).pruned({"heads": [[0, 1], [2, 3]]})  # the same count in every layer still draws
+    assert same.attention_maps(torch.zeros(1, 5, dtype=torch.long))[0].weights.shape == (2, 2, 5, 5)
