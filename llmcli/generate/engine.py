@@ -306,7 +306,8 @@ class Engine:
             logits.append(decode(self.model, self.state, decoding, self.device))
             self._record(decoding, self._since(started), decoded=True)
             rows += decoding
-        for group in prefill_groups(prefilling, self.prefill_tokens):
+        # Prompts of like lengths batched together: little padding when many join at once.
+        for group in prefill_groups(sorted(prefilling, key=lambda item: item[1]), self.prefill_tokens):
             started = time.perf_counter()
             logits.append(prefill(self.model, self.state, group, self.device, [r.position for r, _ in group]))
             for request, count in group:

@@ -121,7 +121,8 @@ class CacheStep:
 class PagedKVCache:
     """Keys/values in a pool of blocks of `block_len` positions, reached through a block table per slot.
 
-    Per layer, `k[layer]` and `v[layer]` have shape [num_blocks + 1, n_kv_head, block_len, head_dim];
+    Per layer, `k[layer]` and `v[layer]` have shape [num_blocks + 1, block_len, n_kv_head, head_dim]
+    (positions before heads: a row's blocks gathered in order are its keys, with no second copy);
     the last block is all zeros and never written: every table entry not allocated points at it.
     `tables` [max_slots, ceil(block_size / block_len)] says which block holds positions
     [i * block_len, (i + 1) * block_len) of each slot; the engine fills it (`set_blocks`) before a
@@ -136,7 +137,7 @@ class PagedKVCache:
         self.max_slots, self.num_blocks, self.block_len = max_slots, num_blocks, block_len
         self.block_size = self.max_len = config.block_size
         self.null_block = num_blocks
-        shapes = [(num_blocks + 1, config.kv_heads_in(layer), block_len, config.head_dim)
+        shapes = [(num_blocks + 1, block_len, config.kv_heads_in(layer), config.head_dim)
                   for layer in range(config.n_layer)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
@@ -185,8 +186,8 @@ class PagedStep:
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             new = new.transpose(1, 2)  # [B, T, H, D]
             new = new[self.real] if self.real is not None else new.flatten(0, 1)
-            pool[self.blocks.flatten(), :, self.offsets.flatten()] = new.to(pool.dtype)
+            pool[self.blocks.flatten(), self.offsets.flatten()] = new.to(pool.dtype)
             B, n = self.read.shape
-            gathered = pool[self.read].transpose(1, 2).reshape(B, pool.shape[1], n * self.cache.block_len, -1)
-            out.append(gathered[:, :, :self.mask.shape[-1]])
+            gathered = pool.index_select(0, self.read.flatten()).view(B, n * self.cache.block_len, *pool.shape[2:])
+            out.append(gathered[:, :self.mask.shape[-1]].transpose(1, 2))
         return out[0], out[1]
