@@ -10,8 +10,9 @@ for speed or memory). Two tables, each from interleaved rounds:
    (that many slots) and as a paged one (budget / (block tokens x bytes per token) blocks, up to
    --requests sequences at once). --requests prompts of uniform random length in [16, 512]
    (seeded) each generate --new-tokens greedy tokens; the table gives the sequences each cache
-   runs at once (the most over the run; target >= 3x), preemptions, and aggregate tokens/s (prompt
-   + generated tokens over the wall time) with its ratio.
+   runs at once (the most over the run; target >= 3x), preemptions, the seconds spent in prefill
+   and in decode steps, and aggregate tokens/s (generated, and prompt + generated, over the wall
+   time) with its ratio.
 2. Prefix caching. One request with a 512-token prefix warms the cache, then --shared requests
    arrive together, each the prefix + 16 tokens of its own, on a paged cache with and without
    prefix caching; the table gives the p50 time to first token and its ratio (target <= 0.3x).
@@ -50,7 +51,8 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, seed=0)
     started = time.perf_counter()
     requests = [engine.get(engine.add(p, params)) for p in prompts]
-    peak, preempted = 0, engine.stats["preemptions"]
+    before = dict(engine.stats)
+    peak = 0
     while engine.has_work():
         engine.step()
         peak = max(peak, engine.num_running)
@@ -58,7 +60,7 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     generated = new_tokens * len(prompts)
     return {"seconds": seconds, "peak": peak, "tok_s": (sum(map(len, prompts)) + generated) / seconds,
             "gen_s": generated / seconds,
-            "preemptions": engine.stats["preemptions"] - preempted,
+            **{key: engine.stats[key] - before[key] for key in ("preemptions", "prefill_seconds", "decode_seconds")},
             "ttft": statistics.median(r.first_token_at - r.added_at for r in requests)}
 
 
@@ -82,6 +84,7 @@ def memory_table(model, args) -> None:
 
     def figures(rs: list[dict], base: list[dict]) -> list[object]:
         return [Spread.of([r["peak"] for r in rs]), Spread.of([r["preemptions"] for r in rs]),
+                Spread.of([r["prefill_seconds"] for r in rs]), Spread.of([r["decode_seconds"] for r in rs]),
                 Spread.of([r["gen_s"] for r in rs]), Spread.of([r["tok_s"] for r in rs]),
                 ratios([r["peak"] for r in rs], [r["peak"] for r in base]),
                 ratios([r["tok_s"] for r in rs], [r["tok_s"] for r in base])]
@@ -89,7 +92,8 @@ def memory_table(model, args) -> None:
     print(f"Same KV memory, {budget / 2**20:.0f} MiB: {args.requests} prompts of 16-512 tokens, {args.new_tokens} "
           f"new tokens each; median (min-max) of {args.rounds} interleaved rounds. Target: >= 3x the sequences "
           "at once.")
-    table("paged vs slot KV cache", ["cache", "sequences at once", "preemptions", "generated tok/s",
+    table("paged vs slot KV cache", ["cache", "sequences at once", "preemptions", "prefill s", "decode s",
+                                     "generated tok/s",
                                      "all tok/s", "x sequences", "x all tok/s"],
           [[f"slot ({args.budget_slots} slots)", *figures(s, s)],
            [f"paged ({blocks} blocks of {args.block_size})", *figures(p, s)]])
