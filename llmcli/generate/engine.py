@@ -14,17 +14,9 @@ its last half (one prefill, positions restart at 0) and decoding continues: the 
 between half and all of its context, like nanoGPT's cropping without recomputing the window at
 every step. A family without a context limit never slides.
 
-Paged KV cache (`kv_blocks`: families with `pages_decode_state`). Keys/values live in a pool of
-blocks of `block_len` tokens (generate/blocks.py) instead of one full-context slot per sequence, so
-memory follows actual lengths: a request is admitted when a slot and the blocks for its prompt are
-free, and a sequence that reaches the end of its last block takes a new one before its step. When
-none is free, the most recently admitted sequence is preempted: its blocks and slot are freed and
-it waits at the front of the queue, keeping its tokens and random generator, until it is
-recomputed (its window's tokens prefilled again), so its output is what it would have been.
-With `prefix_cache`, a prompt whose leading full blocks hold the same tokens as cached ones (a
-shared system prompt, or a preempted sequence's own blocks) shares those blocks and is prefilled
-from the first block it does not share; its last token is always computed. A pool smaller than
-the model's context narrows the window to the pool, and a prompt it cannot hold is refused.
+Paged KV cache (`kv_blocks`: families with `pages_decode_state`): memory follows actual lengths,
+prompts that start alike share cached blocks, and a sequence that cannot grow is preempted and
+recomputed later with the same output (generate/paged.py).
 
 Sequence-to-sequence models. A request also carries its source's ids; when it takes a slot, the
 source is encoded once (`model.encode`, batched with the other sources admitted in the same step)
@@ -48,7 +40,7 @@ import torch
 
 from llmcli.device import pack_for_cpu_decoding
 from llmcli.errors import UserError
-from llmcli.generate.blocks import BlockPool, chain_keys, next_key, root_key
+from llmcli.generate.paged import PagedCache
 from llmcli.generate.sampling import apply_repetition_penalty, sample
 from llmcli.models.base import LanguageModel, Rows
 from llmcli.options.sampling import SamplingParams
@@ -191,13 +183,13 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_len = model.context_length
-        self.pool: BlockPool | None = None
+        self.paged: PagedCache | None = None
         if kv_blocks is None:
             self.state = model.new_decode_state(max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
         else:
             self.state = model.new_paged_decode_state(max_batch_size, kv_blocks, block_len, dtype=self.dtype,
                                                       device=self.device)
-            self.pool = BlockPool(kv_blocks, block_len, prefix_cache=prefix_cache)
+            self.paged = PagedCache(self.state, kv_blocks, block_len, prefix_cache=prefix_cache)
         # The most tokens a slot holds before its window slides (a small pool narrows it).
         self.window = min(self.max_len, self.max_prompt_tokens or self.max_len) if self.max_len else None
         self.slide_keep = max(1, self.window // 2) if self.window else None
@@ -217,7 +209,7 @@ class Engine:
     @property
     def max_prompt_tokens(self) -> int | None:
         """The most tokens a (truncated) prompt may have: what the paged pool holds; None: no limit."""
-        return self.pool.num_blocks * self.pool.block_len if self.pool is not None else None
+        return self.paged.capacity if self.paged is not None else None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -236,7 +228,8 @@ class Engine:
         ids = ids[dropped:]
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise UserError(f"the prompt has {len(ids)} tokens; the paged KV cache holds at most "
-                            f"{self.max_prompt_tokens} ({self.pool.num_blocks} blocks of {self.pool.block_len})")
+                            f"{self.max_prompt_tokens} ({self.paged.pool.num_blocks} blocks of "
+                            f"{self.paged.pool.block_len})")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator()
         generator.manual_seed(seed)
@@ -281,14 +274,10 @@ class Engine:
         blocks held and in all and the prefix cache's hit rate over prompt tokens (serve's /metrics)."""
         tokens = sum(r.position for r in self._running.values())
         out = {"kv_slots_used": len(self._running), "kv_slots_total": self.max_batch_size, "kv_tokens": tokens}
-        if self.pool is None:
+        if self.paged is None:
             capacity = self.max_batch_size * self.max_len if self.max_len else 0
             return {**out, "kv_usage": tokens / capacity if capacity else 0.0}
-        pool = self.pool
-        return {**out, "kv_usage": pool.used / pool.num_blocks, "kv_blocks_used": pool.used,
-                "kv_blocks_total": pool.num_blocks, "prefix_hit_rate": pool.hit_rate,
-                "prefix_hit_tokens": pool.hit_tokens, "prefix_queried_tokens": pool.queried_tokens,
-                "preemptions": self.stats["preemptions"]}
+        return {**out, **self.paged.use(), "preemptions": self.stats["preemptions"]}
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -315,9 +304,9 @@ class Engine:
             self._record([r for r, _ in group], self._since(started), decoded=False,
                          tokens=sum(n for _, n in group))
             rows += [r for r, _ in group]
-        if self.pool is not None:
+        if self.paged is not None:
             for request in rows:
-                self._register_full_blocks(request)
+                self.paged.register(request)
         started = time.perf_counter()
         tokens = self._sample(rows, torch.cat(logits) if len(logits) > 1 else logits[0]).tolist()
         elapsed = time.perf_counter() - started
@@ -327,14 +316,14 @@ class Engine:
         admitted = []
         while self._waiting and self._free_slots:
             request = self._waiting[0]
-            if self.pool is not None and not self._place(request):
+            if self.paged is not None and not self.paged.place(request):
                 break  # first come, first served: the head waits for blocks
             self._waiting.popleft()
             request.slot = self._free_slots.pop()
-            if self.pool is None:
+            if self.paged is None:
                 request.position = 0
             else:
-                self.state.set_blocks(request.slot, request.blocks)
+                self.paged.bind(request)
             self._admissions += 1
             request.admitted = self._admissions
             self._running[request.id] = request
@@ -358,7 +347,7 @@ class Engine:
                 prefilling.append((request, count))  # new, slid or resumed
             else:
                 decoding.append(request)
-        if self.pool is not None:
+        if self.paged is not None:
             self._grow(decoding)
             decoding = [r for r in decoding if r.slot >= 0]
             prefilling = [(r, count) for r, count in prefilling if r.slot >= 0]
@@ -368,39 +357,21 @@ class Engine:
     def _slide(self, request: Request) -> None:
         request.slides += 1
         request.offset, request.position = len(request.tokens) - self.slide_keep, 0
-        if self.pool is not None:
-            self._release_blocks(request)
-            if self._place(request):
-                self.state.set_blocks(request.slot, request.blocks)
+        if self.paged is not None:
+            self.paged.release(request)
+            if self.paged.place(request):
+                self.paged.bind(request)
             else:  # its blocks are shared with others: wait for free ones
                 self._preempt(request)
 
     # -- the paged cache -------------------------------------------------------------------------
 
-    def _place(self, request: Request) -> bool:
-        """Blocks for the request's window: cached ones for its leading full blocks (its last token
-        left out), fresh ones for the rest. False, holding nothing, when the pool lacks them."""
-        pool, tokens = self.pool, request.tokens[request.offset:]
-        keys = chain_keys(tokens[:-1], pool.block_len, root_key(request.source_ids))
-        shared = pool.share(keys)
-        fresh = -(-len(tokens) // pool.block_len) - len(shared)
-        if fresh > pool.available:
-            pool.free(shared)
-            return False
-        pool.count_query(len(tokens), len(shared) * pool.block_len)
-        request.blocks, request.block_keys = shared + pool.allocate(fresh), keys[:len(shared)]
-        request.position = len(shared) * pool.block_len
-        return True
-
     def _grow(self, decoding: list[Request]) -> None:
         """A block for each decoding sequence whose blocks are full, oldest first; while none is free,
         the most recently admitted running sequence is preempted (perhaps the one asking)."""
         for request in sorted(decoding, key=lambda r: r.admitted):
-            while request.slot >= 0 and request.position >= len(request.blocks) * self.pool.block_len:
-                if self.pool.available:
-                    request.blocks += self.pool.allocate(1)
-                    self.state.set_blocks(request.slot, request.blocks)
-                else:
+            while request.slot >= 0 and self.paged.full(request):
+                if not self.paged.extend(request):
                     self._preempt(max(self._running.values(), key=lambda r: r.admitted))
 
     def _preempt(self, request: Request) -> None:
@@ -409,58 +380,6 @@ class Engine:
         request.preemptions += 1
         self.stats["preemptions"] += 1
         self._waiting.appendleft(request)
-
-    def _register_full_blocks(self, request: Request) -> None:
-        """Key the blocks the last forward filled, so that later prompts may share them."""
-        size = self.pool.block_len
-        for i in range(len(request.block_keys), request.position // size):
-            parent = request.block_keys[-1] if request.block_keys else root_key(request.source_ids)
-            start = request.offset + i * size
-            request.block_keys.append(next_key(parent, request.tokens[start:start + size]))
-            self.pool.register(request.blocks[i], request.block_keys[-1])
-
-    def _release_blocks(self, request: Request) -> None:
-        self.pool.free(request.blocks)
-        request.blocks, request.block_keys = [], []
-        self.state.set_blocks(request.slot, [])
-
-    def _since(self, started: float) -> float:
-        """Seconds since `started`, once the device has finished the work queued so far."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - started
-
-    def _record(self, requests: list[Request], seconds: float, *, decoded: bool, tokens: int = 0) -> None:
-        for r in requests:
-            if decoded:
-                r.position += 1
-            if decoded or r.slides:
-                r.decode_seconds += seconds
-            else:
-                r.prefill_seconds += seconds
-        if decoded:
-            self.stats["decode_tokens"] += len(requests)
-            self.stats["decode_seconds"] += seconds
-        else:
-            self.stats["prefill_tokens"] += tokens
-            self.stats["prefill_seconds"] += seconds
-
-    def _emit(self, request: Request, token: int, seconds: float) -> TokenEvent:
-        request.decode_seconds += seconds
-        request.tokens.append(token)
-        request.generated += 1
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
-        reason = None
-        if token in request.stop_token_ids:
-            reason = FINISH_EOT
-        elif request.generated >= request.params.max_new_tokens:
-            reason = FINISH_LENGTH
-        elif request.source_ids is not None and self.max_len is not None and len(request.tokens) >= self.max_len:
-            reason = FINISH_LENGTH  # a seq2seq decoder's context is full: it never learnt longer targets
-        if reason is not None:
-            self._finish(request, reason)
-        return TokenEvent(request.id, token, reason is not None, reason)
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size < logits.shape[-1]:
@@ -506,8 +425,8 @@ class Engine:
 
     def _release(self, request: Request) -> None:
         """The running request gives its slot (and blocks) back."""
-        if self.pool is not None:
-            self._release_blocks(request)
+        if self.paged is not None:
+            self.paged.release(request)
         self._running.pop(request.id, None)
         self._free_slots.append(request.slot)
         request.slot = -1

@@ -69,9 +69,9 @@ def cache_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
 
 def cache_summary(engine: Any) -> str:
     """The engine's KV cache in words, for the banner."""
-    pool = engine.pool
-    if pool is None:
+    if engine.paged is None:
         return f"{engine.max_batch_size} KV-cache slots"
+    pool = engine.paged.pool
     prefix = "prefix caching on" if pool.prefix_cache else "no prefix caching"
     return f"KV cache {pool.num_blocks} blocks of {pool.block_len} tokens, {prefix}"
 

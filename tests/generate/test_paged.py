@@ -64,8 +64,8 @@ def test_shared_prefix_blocks_are_reused_and_diverge_correctly(make_model, run_e
     engine.step()
     assert second.blocks[:3] == first.blocks[:3] and third.blocks[:1] == first.blocks[:1]
     assert third.blocks[1] not in first.blocks  # diverges inside block 2: a block of its own
-    assert [engine.pool.refs[b] for b in first.blocks[:3]] == [3, 2, 2]
-    assert engine.pool.hit_tokens == 12 + 4 and engine.cache_use()["prefix_hit_rate"] == 16 / (15 + 14 + 6)
+    assert [engine.paged.pool.refs[b] for b in first.blocks[:3]] == [3, 2, 2]
+    assert engine.paged.pool.hit_tokens == 12 + 4 and engine.cache_use()["prefix_hit_rate"] == 16 / (15 + 14 + 6)
     out: dict[int, list[int]] = {r.id: r.tokens[len(r.prompt_ids):] for r in (first, second, third)}
     while engine.has_work():
         for ev in engine.step():
@@ -74,7 +74,7 @@ def test_shared_prefix_blocks_are_reused_and_diverge_correctly(make_model, run_e
     uncached, _ = run_engine(model, prompts, [params] * 3, batch_size=3, kv_blocks=40, block_len=4,
                              prefix_cache=False)
     assert list(out.values()) == uncached
-    assert engine.pool.used == 0 and engine.pool.available == 40  # all free again, the full ones still cached
+    assert engine.paged.pool.used == 0 and engine.paged.pool.available == 40  # all free again, the full ones still cached
 
 
 def test_paged_window_slides_like_the_slot_cache(make_model, run_engine):
