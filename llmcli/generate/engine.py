@@ -381,6 +381,44 @@ class Engine:
         self.stats["preemptions"] += 1
         self._waiting.appendleft(request)
 
+    def _since(self, started: float) -> float:
+        """Seconds since `started`, once the device has finished the work queued so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _record(self, requests: list[Request], seconds: float, *, decoded: bool, tokens: int = 0) -> None:
+        for r in requests:
+            if decoded:
+                r.position += 1
+            if decoded or r.slides:
+                r.decode_seconds += seconds
+            else:
+                r.prefill_seconds += seconds
+        if decoded:
+            self.stats["decode_tokens"] += len(requests)
+            self.stats["decode_seconds"] += seconds
+        else:
+            self.stats["prefill_tokens"] += tokens
+            self.stats["prefill_seconds"] += seconds
+
+    def _emit(self, request: Request, token: int, seconds: float) -> TokenEvent:
+        request.decode_seconds += seconds
+        request.tokens.append(token)
+        request.generated += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        reason = None
+        if token in request.stop_token_ids:
+            reason = FINISH_EOT
+        elif request.generated >= request.params.max_new_tokens:
+            reason = FINISH_LENGTH
+        elif request.source_ids is not None and self.max_len is not None and len(request.tokens) >= self.max_len:
+            reason = FINISH_LENGTH  # a seq2seq decoder's context is full: it never learnt longer targets
+        if reason is not None:
+            self._finish(request, reason)
+        return TokenEvent(request.id, token, reason is not None, reason)
+
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_size < logits.shape[-1]:
             logits = logits.clone()
