@@ -117,7 +117,6 @@ class CacheStep:
         return k, v
 
 
-
 class PagedKVCache:
     """Keys/values in a pool of blocks of `block_len` positions, reached through a block table per slot.
 
