@@ -51,6 +51,7 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_paged.py
 	$(PY) benchmarks/bench_recurrent.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_strategy.py

@@ -16,8 +16,7 @@ the tokens equal plain greedy decoding's (they must). Target: >= 1.8x with the d
 table gives the milliseconds of one forward of each kind, which is what a round costs: k draft
 forwards and one target forward over k + 1 tokens, against 1 + accepted tokens out.
 
-The paged KV cache and prefix caching of issue 19 are not built yet, so their measurements
-(admission ratio, prefix TTFT) are not here.
+The paged KV cache and prefix caching are measured in bench_paged.py.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ its last half (one prefill, positions restart at 0) and decoding continues: the 
 between half and all of its context, like nanoGPT's cropping without recomputing the window at
 every step. A family without a context limit never slides.
 
+Paged KV cache (`kv_blocks`: families with `pages_decode_state`): memory follows actual lengths,
+prompts that start alike share cached blocks, and a sequence that cannot grow is preempted and
+recomputed later with the same output (generate/paged.py).
+
 Sequence-to-sequence models. A request also carries its source's ids; when it takes a slot, the
 source is encoded once (`model.encode`, batched with the other sources admitted in the same step)
 and its memory stays in the slot beside the decoder's cache, so each step attends to it at no
@@ -36,6 +40,7 @@ import torch
 
 from llmcli.device import pack_for_cpu_decoding
 from llmcli.errors import UserError
+from llmcli.generate.paged import PagedCache
 from llmcli.generate.sampling import apply_repetition_penalty, sample
 from llmcli.models.base import LanguageModel, Rows
 from llmcli.options.sampling import SamplingParams
@@ -61,6 +66,11 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # prompt + generated so far
     slot: int = -1
     position: int = 0  # tokens of this sequence currently in its slot
+    offset: int = 0  # tokens[offset:] is the window its slot holds (and its last token, once sampled)
+    blocks: list[int] = field(default_factory=list)  # paged: the blocks holding the slot's positions
+    block_keys: list[int] = field(default_factory=list)  # paged: the prefix-cache keys of its full blocks
+    admitted: int = 0  # when it last took a slot (the newest is preempted first)
+    preemptions: int = 0
     generated: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -94,13 +104,15 @@ def decode(model: LanguageModel, state, requests: list[Request], device: torch.d
     return model(idx, state=state, rows=rows)[:, -1]
 
 
-def prefill(model: LanguageModel, state, group: list[tuple[Request, int]], device: torch.device) -> torch.Tensor:
-    """Next-token logits [n, V] after writing each request's last `count` tokens from position 0."""
+def prefill(model: LanguageModel, state, group: list[tuple[Request, int]], device: torch.device,
+            starts: Sequence[int] | None = None) -> torch.Tensor:
+    """Next-token logits [n, V] after writing each request's last `count` tokens from its start
+    position (default 0)."""
     width = max(count for _, count in group)
     idx = torch.zeros(len(group), width, dtype=torch.long)
     for i, (r, count) in enumerate(group):
         idx[i, :count] = torch.tensor(r.tokens[-count:])
-    rows = Rows([r.slot for r, _ in group], [0] * len(group), [count for _, count in group])
+    rows = Rows([r.slot for r, _ in group], starts or [0] * len(group), [count for _, count in group])
     out = model(idx.to(device), state=state, rows=rows)
     last = torch.tensor([count - 1 for _, count in group], device=device)
     return out[torch.arange(len(group), device=device), last]
@@ -154,30 +166,50 @@ class Engine:
     (`pack_for_cpu_decoding`: faster few-row products; the model still runs and saves, but must
     not be trained). Tokens with ids >= `vocab_size` (a model vocabulary padded beyond the
     tokenizer's) are never sampled. `prefill_tokens` bounds the padded tokens of one batched
-    prefill (its logits are [rows, length, vocab] floats).
+    prefill (its logits are [rows, length, vocab] floats). `kv_blocks` blocks of `block_len`
+    tokens make the KV cache paged (module docstring; None: a full-context slot per sequence).
     """
 
     def __init__(self, model: LanguageModel, *, max_batch_size: int = 8, vocab_size: int | None = None,
-                 prefill_tokens: int = 4096):
+                 prefill_tokens: int = 4096, kv_blocks: int | None = None, block_len: int = 16,
+                 prefix_cache: bool = True):
         if max_batch_size < 1:
             raise UserError(f"batch size must be at least 1; got {max_batch_size}")
+        if kv_blocks is not None and (kv_blocks < 1 or block_len < 1):
+            raise UserError(f"a paged KV cache needs at least one block of one token; got {kv_blocks} blocks of "
+                            f"{block_len}")
         self.model = model.eval()
         pack_for_cpu_decoding(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_len = model.context_length
-        self.slide_keep = max(1, self.max_len // 2) if self.max_len else None
+        self.paged: PagedCache | None = None
+        if kv_blocks is None:
+            self.state = model.new_decode_state(max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        else:
+            self.state = model.new_paged_decode_state(max_batch_size, kv_blocks, block_len, dtype=self.dtype,
+                                                      device=self.device)
+            self.paged = PagedCache(self.state, kv_blocks, block_len, prefix_cache=prefix_cache)
+        # The most tokens a slot holds before its window slides (a small pool narrows it).
+        self.window = min(self.max_len, self.max_prompt_tokens or self.max_len) if self.max_len else None
+        self.slide_keep = max(1, self.window // 2) if self.window else None
         self.model_vocab = model.config.vocab_size
         self.vocab_size = min(vocab_size or self.model_vocab, self.model_vocab)
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens
-        self.state = model.new_decode_state(max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
         self._free_slots = list(range(max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
         self._waiting: deque[Request] = deque()
         self._running: dict[int, Request] = {}
         self._next_id = 0
         self._seen: torch.Tensor | None = None  # [slots, V] bool, for repetition penalties
-        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+        self._admissions = 0
+        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0,
+                      "preemptions": 0}
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The most tokens a (truncated) prompt may have: what the paged pool holds; None: no limit."""
+        return self.paged.capacity if self.paged is not None else None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -194,6 +226,10 @@ class Engine:
         source = check_source(self.model, source_ids)
         dropped = max(0, len(ids) - self.max_len) if self.max_len else 0
         ids = ids[dropped:]
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise UserError(f"the prompt has {len(ids)} tokens; the paged KV cache holds at most "
+                            f"{self.max_prompt_tokens} ({self.paged.pool.num_blocks} blocks of "
+                            f"{self.paged.pool.block_len})")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator()
         generator.manual_seed(seed)
@@ -234,11 +270,14 @@ class Engine:
         return bool(self._running or self._waiting)
 
     def cache_use(self) -> dict[str, float]:
-        """Slots held and in all, and the token positions running sequences hold (serve's /metrics)."""
+        """Slots held and in all, the token positions running sequences hold and, for a paged cache,
+        blocks held and in all and the prefix cache's hit rate over prompt tokens (serve's /metrics)."""
         tokens = sum(r.position for r in self._running.values())
-        capacity = self.max_batch_size * self.max_len if self.max_len else 0
-        return {"kv_slots_used": len(self._running), "kv_slots_total": self.max_batch_size,
-                "kv_tokens": tokens, "kv_usage": tokens / capacity if capacity else 0.0}
+        out = {"kv_slots_used": len(self._running), "kv_slots_total": self.max_batch_size, "kv_tokens": tokens}
+        if self.paged is None:
+            capacity = self.max_batch_size * self.max_len if self.max_len else 0
+            return {**out, "kv_usage": tokens / capacity if capacity else 0.0}
+        return {**out, **self.paged.use(), "preemptions": self.stats["preemptions"]}
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -256,14 +295,18 @@ class Engine:
             logits.append(decode(self.model, self.state, decoding, self.device))
             self._record(decoding, self._since(started), decoded=True)
             rows += decoding
-        for group in prefill_groups(prefilling, self.prefill_tokens):
+        # Prompts of like lengths batched together: little padding when many join at once.
+        for group in prefill_groups(sorted(prefilling, key=lambda item: item[1]), self.prefill_tokens):
             started = time.perf_counter()
-            logits.append(prefill(self.model, self.state, group, self.device))
+            logits.append(prefill(self.model, self.state, group, self.device, [r.position for r, _ in group]))
             for request, count in group:
-                request.position = count
+                request.position += count
             self._record([r for r, _ in group], self._since(started), decoded=False,
                          tokens=sum(n for _, n in group))
             rows += [r for r, _ in group]
+        if self.paged is not None:
+            for request in rows:
+                self.paged.register(request)
         started = time.perf_counter()
         tokens = self._sample(rows, torch.cat(logits) if len(logits) > 1 else logits[0]).tolist()
         elapsed = time.perf_counter() - started
@@ -272,9 +315,17 @@ class Engine:
     def _admit(self) -> None:
         admitted = []
         while self._waiting and self._free_slots:
-            request = self._waiting.popleft()
+            request = self._waiting[0]
+            if self.paged is not None and not self.paged.place(request):
+                break  # first come, first served: the head waits for blocks
+            self._waiting.popleft()
             request.slot = self._free_slots.pop()
-            request.position = 0
+            if self.paged is None:
+                request.position = 0
+            else:
+                self.paged.bind(request)
+            self._admissions += 1
+            request.admitted = self._admissions
             self._running[request.id] = request
             self._mark_seen_prompt(request)
             admitted.append(request)
@@ -285,18 +336,50 @@ class Engine:
             self._record([r for r, _ in group], self._since(started), decoded=False, tokens=sum(n for _, n in group))
 
     def _schedule(self) -> tuple[list[Request], list[tuple[Request, int]]]:
-        """(sequences to decode, in slot order; (sequence, tokens) to prefill)."""
+        """(sequences to decode, in slot order; (sequence, tokens) to prefill from its position)."""
+        for request in list(self._running.values()):
+            if self.window is not None and request.position >= self.window:
+                self._slide(request)  # window full: refill with the last half
         decoding, prefilling = [], []
         for request in self._running.values():
-            if request.position == 0:
-                prefilling.append((request, len(request.tokens)))  # new: the whole (truncated) prompt
-            elif self.max_len is not None and request.position >= self.max_len:
-                request.slides += 1
-                prefilling.append((request, self.slide_keep))  # window full: refill with the last half
+            count = len(request.tokens) - request.offset - request.position  # not in the cache yet
+            if request.position == 0 or count > 1:
+                prefilling.append((request, count))  # new, slid or resumed
             else:
                 decoding.append(request)
+        if self.paged is not None:
+            self._grow(decoding)
+            decoding = [r for r in decoding if r.slot >= 0]
+            prefilling = [(r, count) for r, count in prefilling if r.slot >= 0]
         decoding.sort(key=lambda r: r.slot)  # ascending slots (often 0..n-1) keep state reads regular
         return decoding, prefilling
+
+    def _slide(self, request: Request) -> None:
+        request.slides += 1
+        request.offset, request.position = len(request.tokens) - self.slide_keep, 0
+        if self.paged is not None:
+            self.paged.release(request)
+            if self.paged.place(request):
+                self.paged.bind(request)
+            else:  # its blocks are shared with others: wait for free ones
+                self._preempt(request)
+
+    # -- the paged cache -------------------------------------------------------------------------
+
+    def _grow(self, decoding: list[Request]) -> None:
+        """A block for each decoding sequence whose blocks are full, oldest first; while none is free,
+        the most recently admitted running sequence is preempted (perhaps the one asking)."""
+        for request in sorted(decoding, key=lambda r: r.admitted):
+            while request.slot >= 0 and self.paged.full(request):
+                if not self.paged.extend(request):
+                    self._preempt(max(self._running.values(), key=lambda r: r.admitted))
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running sequence's slot and blocks; it waits first in line to be recomputed."""
+        self._release(request)
+        request.preemptions += 1
+        self.stats["preemptions"] += 1
+        self._waiting.appendleft(request)
 
     def _since(self, started: float) -> float:
         """Seconds since `started`, once the device has finished the work queued so far."""
@@ -376,6 +459,12 @@ class Engine:
     def _finish(self, request: Request, reason: str) -> None:
         request.finished, request.finish_reason = True, reason
         if request.slot >= 0:
-            self._running.pop(request.id, None)
-            self._free_slots.append(request.slot)
-            request.slot = -1
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """The running request gives its slot (and blocks) back."""
+        if self.paged is not None:
+            self.paged.release(request)
+        self._running.pop(request.id, None)
+        self._free_slots.append(request.slot)
+        request.slot = -1

@@ -10,7 +10,8 @@ latency tool; a batch of different acceptance lengths is left to the plain engin
 The proposal never reaches past the context window: near its end the round shrinks, and at it the
 slot is refilled with the last half as the plain engine does, so greedy output is token for token
 the plain engine's. Requests with a repetition penalty are refused (it would change between
-guesses), as are models whose decode state cannot be rolled back.
+guesses), as are models whose decode state cannot be rolled back, and a paged KV cache (rejected
+tokens are rolled back per slot).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class SpeculativeEngine(Engine):
 
     def __init__(self, model: LanguageModel, speculation: Speculation, **kwargs):
         check_speculative(model, "the model")
+        if kwargs.get("kv_blocks") is not None:
+            raise UserError("speculative decoding rolls each sequence's keys back in place: it runs on the slot KV "
+                            "cache, not a paged one")
         super().__init__(model, **kwargs)
         self.spec = speculation
         self.draft = speculation.draft

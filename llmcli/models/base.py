@@ -20,6 +20,10 @@ Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becom
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
 Families with `rewinds_decode_state` also give their states `truncate(slot, length)` (forget
 what the slot holds from position `length` on): speculative decoding rolls rejected tokens back so.
+Families with `pages_decode_state` can also keep their keys/values in a pool of blocks
+(`new_paged_decode_state`: a paged KV cache whose `set_blocks(slot, blocks)` says which blocks hold
+a slot's positions; the engine shares them out) and say what one position costs
+(`kv_bytes_per_token`), so that a memory budget becomes a number of blocks.
 
 Sequence-to-sequence families (`task = "seq2seq"`) map a source sequence to a target one. Their
 `forward(idx, source=..., source_lengths=...)` gives the target-side logits of the decoder inputs
@@ -181,6 +185,8 @@ class LanguageModel(nn.Module):
     exports_to_hf: bool = False
     # Whether the decode state has truncate(slot, length) (speculative decoding needs it).
     rewinds_decode_state: bool = False
+    # Whether new_paged_decode_state gives a block-paged KV cache (memory follows actual lengths).
+    pages_decode_state: bool = False
     # "lm": continues a sequence; "seq2seq": maps a source sequence to a target (see the module docstring).
     task: str = "lm"
 
@@ -206,6 +212,17 @@ class LanguageModel(nn.Module):
                          device: torch.device | str = "cpu") -> Any:
         """Room for `max_slots` sequences of up to `max_len` tokens (default: the context length)."""
         raise NotImplementedError
+
+    def new_paged_decode_state(self, max_slots: int, num_blocks: int, block_len: int, *, dtype: torch.dtype,
+                               device: torch.device | str) -> Any:
+        """A decode state for `max_slots` sequences whose keys/values live in `num_blocks` blocks of
+        `block_len` positions (families with `pages_decode_state`)."""
+        raise UserError(f"model.arch={self.config.arch} has no paged KV cache (its decode state is a fixed size "
+                        "per sequence)")
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of decode state one more token costs, in `dtype` (families with `pages_decode_state`)."""
+        raise UserError(f"model.arch={self.config.arch} has no KV cache that grows per token")
 
     @property
     def shard_units(self) -> tuple[type[nn.Module], ...]:

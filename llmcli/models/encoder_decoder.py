@@ -9,8 +9,9 @@ stack. Positions are sinusoidal (Marian's layout: the sines of a position in the
 vector, the cosines in the second) or learned. The head maps to the target vocabulary with a bias
 (Marian's `final_logits_bias`); it may reuse the target embedding, and the source may share it.
 
-Decoding: `EncoderDecoderState` keeps the decoder's KV cache (transformer.KVCache) and, per slot,
-the cross-attention keys and values of every decoder layer, computed once by `encode`.
+Decoding: `EncoderDecoderState` keeps the decoder's self-attention cache (a kv_cache.KVCache, or a
+PagedKVCache) and, per slot, the cross-attention keys and values of every decoder layer, computed
+once by `encode`.
 
 Attention runs through SDPA. When its weights are asked for (`attention_maps`: a forward with a
 `record`), every attention computes them step by step instead (transformer.explicit_attention),
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, kept_of
+from llmcli.models.kv_cache import CacheStep, KVCache, PagedKVCache, kv_bytes_per_token
 from llmcli.models.seq2seq_state import (
     CROSS,
     DECODER_SELF,
@@ -39,7 +41,7 @@ from llmcli.models.seq2seq_state import (
     SourceMemory,
     key_padding_mask,
 )
-from llmcli.models.transformer import CacheStep, KVCache, explicit_attention
+from llmcli.models.transformer import explicit_attention
 
 
 def sinusoids(positions: int, dim: int, device: torch.device | str) -> torch.Tensor:
@@ -150,12 +152,13 @@ class DecoderLayer(_Layer):
 
 
 class EncoderDecoderState:
-    """The decoder's KV cache and, per slot, every decoder layer's cross-attention keys and values."""
+    """The decoder's KV cache (slots or paged) and, per slot, every decoder layer's cross-attention keys
+    and values."""
 
-    def __init__(self, model: EncoderDecoder, max_slots: int, max_len: int | None, *, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, model: EncoderDecoder, max_slots: int, self_cache: KVCache | PagedKVCache, *,
+                 dtype: torch.dtype, device: torch.device | str):
         c = model.config
-        self.self_cache = KVCache(c, max_slots, max_len, dtype=dtype, device=device)
+        self.self_cache = self_cache
         shapes = [(c.cross_heads_in(layer), c.source_context, c.head_dim) for layer in range(c.n_layer) for _ in "kv"]
         self.memory = SourceMemory(shapes, [2] * (2 * c.n_layer), max_slots, c.source_context,
                                    dtype=dtype, device=device)
@@ -164,12 +167,17 @@ class EncoderDecoderState:
         self.self_cache.copy_slots(sources, targets)
         self.memory.copy_slots(sources, targets)
 
+    def set_blocks(self, slot: int, blocks: list[int]) -> None:
+        """A paged self-attention cache: the blocks holding the slot's decoder positions."""
+        self.self_cache.set_blocks(slot, blocks)
+
 
 class EncoderDecoder(Seq2SeqModel):
     """Embeddings -> encoder layers; target embeddings -> decoder layers (over the encoder's output) -> head."""
 
     task = "seq2seq"
     exports_to_hf = True  # as MarianMTModel (llmcli/hf/marian.py)
+    pages_decode_state = True  # the decoder's self-attention cache; the source memory stays per slot
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -266,7 +274,16 @@ class EncoderDecoder(Seq2SeqModel):
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> EncoderDecoderState:
-        return EncoderDecoderState(self, max_slots, max_len, dtype=dtype, device=device)
+        cache = KVCache(self.config, max_slots, max_len, dtype=dtype, device=device)
+        return EncoderDecoderState(self, max_slots, cache, dtype=dtype, device=device)
+
+    def new_paged_decode_state(self, max_slots: int, num_blocks: int, block_len: int, *, dtype: torch.dtype,
+                               device: torch.device | str) -> EncoderDecoderState:
+        cache = PagedKVCache(self.config, max_slots, num_blocks, block_len, dtype=dtype, device=device)
+        return EncoderDecoderState(self, max_slots, cache, dtype=dtype, device=device)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return kv_bytes_per_token(self.config, dtype)
 
     # -- embeddings ------------------------------------------------------------------------------
 

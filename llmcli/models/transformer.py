@@ -5,8 +5,9 @@ SwiGLU MLP, biases or not, grouped-query attention, tied or separate LM head. Th
 presets reproduce `GPT2LMHeadModel` and `LlamaForCausalLM` to float rounding, so weights can move
 between the two worlds by renaming (and, for GPT-2's Conv1D layers, transposing).
 
-For generation, `KVCache` keeps keys/values in fixed "slots", one per sequence in flight, so that a
-batch's sequences can start and finish independently (continuous batching).
+For generation, the decoder's keys/values stay in a `KVCache` (one slot per sequence in flight) or a
+`PagedKVCache` (a pool of blocks shared out by block tables), so that a batch's sequences can start
+and finish independently (continuous batching; models/kv_cache.py).
 
 Attention runs through SDPA's fused kernels, which keep no attention matrix. When the weights are
 asked for (`attention_maps`, for `llmcli attention`), the same forward computes each layer's
@@ -36,6 +37,7 @@ from llmcli.models.base import (
     kept_of,
     stack_layers,
 )
+from llmcli.models.kv_cache import CacheStep, KVCache, PagedKVCache, kv_bytes_per_token
 
 # SDPA learned to broadcast grouped kv heads itself in torch 2.5; before that we repeat them.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -96,87 +98,6 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
     return F.dropout(weights, dropout_p) @ v, weights
-
-
-class KVCache:
-    """Preallocated keys/values, one row ("slot") per sequence in flight.
-
-    Per layer, `k[layer]` and `v[layer]` have shape [max_slots, n_kv_head, max_len, head_dim]. A
-    slot holds one sequence's keys at their absolute positions; a sequence that finishes gives its
-    slot to the next one, which overwrites it from position 0 (stale entries further along are
-    never attended, because attention only looks at key positions <= query position).
-    """
-
-    def __init__(self, config: ModelConfig, max_slots: int, max_len: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.max_slots = max_slots
-        self.max_len = max_len or config.block_size
-        self.block_size = config.block_size
-        shapes = [(max_slots, config.kv_heads_in(layer), self.max_len, config.head_dim)
-                  for layer in range(config.n_layer)]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-
-    def bind(self, rows: Rows, length: int, device: torch.device) -> CacheStep:
-        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
-        if len(rows.slots) == 0:
-            raise ValueError("forward with a decode state needs rows: one slot, start and length per row")
-        if min(rows.slots) < 0 or max(rows.slots) >= self.max_slots:
-            raise ValueError(f"slots must be in [0, {self.max_slots}); got {min(rows.slots)}..{max(rows.slots)}")
-        limit = min(self.block_size, self.max_len)
-        lo, hi = min(rows.starts), max(rows.starts) + length - 1
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"positions must be in [0, {limit}) (block_size={self.block_size}, cache "
-                             f"max_len={self.max_len}); got {lo}..{hi}")
-        return CacheStep(self, rows, length, hi + 1, device)
-
-    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
-        """Slot targets[i] becomes a copy of slot sources[i] (all read before any is written)."""
-        src, dst = torch.tensor(sources), torch.tensor(targets)
-        for tensors in (self.k, self.v):
-            for t in tensors:
-                t[dst.to(t.device)] = t[src.to(t.device)]
-
-    def truncate(self, slot: int, length: int) -> None:
-        """Forget the slot's keys/values from position `length` on (speculative decoding's rollback of
-        rejected tokens; attention never reads past a query's position, so this also keeps stale
-        entries from ever mattering)."""
-        for tensors in (self.k, self.v):
-            for t in tensors:
-                t[slot, :, length:] = 0
-
-
-class CacheStep:
-    """One forward's view of a KVCache: where each row writes, and what it may attend to.
-
-    Rows reading slots lo, lo+1, ... see the cache as a slice (no copy); others gather their slots.
-    Keys are read up to the furthest position written (`width`): nothing later can be attended.
-    """
-
-    def __init__(self, cache: KVCache, rows: Rows, length: int, width: int, device: torch.device):
-        self.cache = cache
-        self.slots = torch.tensor(rows.slots, device=device)
-        starts = torch.tensor(rows.starts, device=device)
-        self.positions = starts[:, None] + torch.arange(length, device=device)  # [B, T]
-        key_positions = torch.arange(width, device=device)
-        self.mask = (key_positions <= self.positions[:, :, None])[:, None]  # [B, 1, T, width]
-        first, count = rows.slots[0], len(rows.slots)
-        consecutive = rows.slots == tuple(range(first, first + count))
-        self.kv_rows = slice(first, first + count) if consecutive else self.slots
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k/v [B, H, T, D] at each row's positions; the rows' keys/values to attend."""
-        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
-        rows = self.slots[:, None]
-        cache_k[rows, :, self.positions] = k.transpose(1, 2).to(cache_k.dtype)
-        cache_v[rows, :, self.positions] = v.transpose(1, 2).to(cache_v.dtype)
-        width = self.mask.shape[-1]
-        if isinstance(self.kv_rows, slice):
-            k, v = cache_k[self.kv_rows, :, :width], cache_v[self.kv_rows, :, :width]
-        else:
-            k = cache_k[:, :, :width].index_select(0, self.kv_rows)
-            v = cache_v[:, :, :width].index_select(0, self.kv_rows)
-        return k, v
 
 
 class Attention(nn.Module):
@@ -271,6 +192,7 @@ class Transformer(LanguageModel):
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
     rewinds_decode_state = True  # KVCache.truncate
+    pages_decode_state = True  # PagedKVCache
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -377,11 +299,18 @@ class Transformer(LanguageModel):
                          device: torch.device | str = "cpu") -> KVCache:
         return KVCache(self.config, max_slots, max_len, dtype=dtype, device=device)
 
+    def new_paged_decode_state(self, max_slots: int, num_blocks: int, block_len: int, *, dtype: torch.dtype,
+                               device: torch.device | str) -> PagedKVCache:
+        return PagedKVCache(self.config, max_slots, num_blocks, block_len, dtype=dtype, device=device)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return kv_bytes_per_token(self.config, dtype)
+
     def forward(self, idx: torch.Tensor, *, state: KVCache | None = None, rows: Rows | None = None) -> torch.Tensor:
         """Float32 logits [B, T, vocab] for token ids `idx` [B, T].
 
         Without `state`: a plain causal forward over the T tokens at positions 0..T-1. With a
-        `KVCache`: row b uses slot `rows.slots[b]` and its tokens sit at positions
+        `KVCache` (or a `PagedKVCache`): row b uses slot `rows.slots[b]` and its tokens sit at positions
         `rows.starts[b]`, +1, ...; their keys/values are written into the slot first, then each
         query attends to the slot's keys at positions <= its own. Rows may be at different
         lengths, and a right-padded prefill is fine: padding writes beyond a row's end, which is

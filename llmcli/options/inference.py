@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from llmcli.errors import FieldError
+from llmcli.errors import FieldError, UserError
 from llmcli.options.fields import (
     AT_LEAST_ONE,
     AUTO_DTYPE_HELP,
@@ -23,6 +24,18 @@ from llmcli.options.fields import (
 from llmcli.options.sampling import BeamOptions, SamplingParams, SpeculationOptions
 
 API_KEY_ENV = "LLMCLI_API_KEY"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?)b?|b)?\s*", re.IGNORECASE)
+_SCALE = {"k": 1, "m": 2, "g": 3, "t": 4}
+DEFAULT_BLOCK_TOKENS = 16
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in a size such as 2GiB, 512MiB, 1.5GB (powers of 1000) or 4096; None if it is not one."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        return None
+    number, unit, binary = match.groups()
+    return int(float(number) * ((1024 if binary else 1000) ** _SCALE[unit.lower()] if unit else 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,8 +188,11 @@ class ServeOptions(Options):
     """Serve a model over an OpenAI-compatible HTTP API, with continuous batching and streaming.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream=true gives
-    server-sent events), GET /health. Requests join and leave the running batch at every step;
-    greedy output is the same as `llmcli generate` whatever else runs. Beyond OpenAI's options:
+    server-sent events), GET /health, GET /metrics. Requests join and leave the running batch at every step;
+    greedy output is the same as `llmcli generate` whatever else runs. A transformer's KV cache is
+    paged (blocks of --block-size tokens, as vLLM's): memory follows actual lengths, prompts that
+    start alike share their cached blocks, and when blocks run out the newest sequence waits and
+    is recomputed later. Beyond OpenAI's options:
     top_k, min_p, repetition_penalty, ignore_eos. A prompt longer than the context keeps its last
     block_size tokens. Ctrl-C stops taking requests (503) and lets running ones finish for a few
     seconds.
@@ -213,9 +229,21 @@ class ServeOptions(Options):
                                     help="Require 'Authorization: Bearer KEY' on every request except GET "
                                          "/health. Prefer the environment variable: a command line is visible "
                                          "to other users.")
-    max_batch_size: int = option(16, "--max-batch-size", "-b", help="Sequences decoded together; each has a "
-                                                                    "KV-cache slot of the model's full context.",
+    max_batch_size: int = option(16, "--max-batch-size", "-b", help="Sequences decoded together (at most).",
                                  check=AT_LEAST_ONE)
+    kv_cache_memory: Optional[str] = option(None, "--kv-cache-memory", metavar="SIZE",
+                                            help="Memory for the paged KV cache, e.g. 2GiB or 512MiB (default: "
+                                                 "as much as --max-batch-size full-context sequences take).",
+                                            check=(lambda v: (parse_size(v) or 0) > 0, "a size such as 2GiB or "
+                                                                                        "512MiB"))
+    num_blocks: Optional[int] = option(None, "--num-blocks", help="Blocks in the paged KV cache (instead of "
+                                                                  "--kv-cache-memory).", check=AT_LEAST_ONE)
+    block_tokens: int = option(DEFAULT_BLOCK_TOKENS, "--block-size", help="Tokens per block of the paged KV cache.",
+                               check=AT_LEAST_ONE)
+    no_prefix_cache: bool = option(False, "--no-prefix-cache", help="Do not share cached blocks between prompts "
+                                                                    "that start alike.")
+    slot_cache: bool = option(False, "--slot-cache", help="Give each sequence one KV-cache slot of the full "
+                                                          "context instead of paged blocks.")
     max_queue: int = option(64, "--max-queue", help="Sequences that may wait for a slot; beyond that requests "
                                                     "get 429.", check=(NOT_NEGATIVE[0], "0 or more"))
     model_name: Optional[str] = option(None, "--model-name", help="The model id clients use (default: the run "
@@ -249,6 +277,22 @@ class ServeOptions(Options):
                                        "vLLM's --speculative-config after --)")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
+        if self.num_blocks is not None and self.kv_cache_memory is not None:
+            raise FieldError("num_blocks", "and --kv-cache-memory both size the paged KV cache: give one")
+        if self.paging_options and (self.slot_cache or self.engine == "vllm"):
+            raise FieldError("slot_cache" if self.slot_cache else "engine",
+                             "has no paged KV cache of ours: drop --num-blocks, --kv-cache-memory, --block-size "
+                             "and --no-prefix-cache")
+        if self.paging_options and self.speculation.enabled:
+            raise UserError("speculative decoding (--draft, --prompt-lookup) runs on the slot cache (it rolls "
+                            "rejected tokens back): drop --num-blocks, --kv-cache-memory, --block-size and "
+                            "--no-prefix-cache")
+
+    @property
+    def paging_options(self) -> bool:
+        """Whether any option of the paged KV cache was given."""
+        return (self.num_blocks is not None or self.kv_cache_memory is not None or self.no_prefix_cache
+                or self.block_tokens != DEFAULT_BLOCK_TOKENS)
         if self.api_key is not None and not self.api_key.strip():
             raise FieldError("api_key", f"/ {API_KEY_ENV} is empty")
 

@@ -87,6 +87,7 @@ class ServerState:
     max_body_bytes: int = MAX_BODY_BYTES
     task: str = "lm"  # seq2seq: prompts are sources (`tokenizer` is the source side's)
     source_length: int | None = None  # seq2seq: the most source tokens the encoder takes
+    max_prompt_tokens: int | None = None  # what a paged KV cache holds (None: no limit of its own)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)  # the engine loop's own, when it has one
     speculative: bool = False  # the engine decodes speculatively (it refuses a repetition penalty)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -255,9 +256,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 "running": stats["running"], "waiting": stats["waiting"], "in_flight": state.in_flight,
                 "max_batch_size": state.max_batch_size, "max_queue": state.max_queue,
                 "requests": state.requests, "generated_tokens": stats["generated_tokens"],
-                "kv_cache": {"slots_used": stats["kv_slots_used"], "slots": stats["kv_slots_total"],
-                             "tokens": stats["kv_tokens"]}}
+                "kv_cache": _cache_health(stats)}
         return JSONResponse(body, status_code=503 if state.draining else 200)
+
+    def _cache_health(stats: dict[str, Any]) -> dict[str, Any]:
+        out = {"slots_used": stats["kv_slots_used"], "slots": stats["kv_slots_total"], "tokens": stats["kv_tokens"]}
+        if "kv_blocks_total" in stats:
+            out.update(blocks_used=stats["kv_blocks_used"], blocks=stats["kv_blocks_total"],
+                       prefix_hit_rate=round(stats["prefix_hit_rate"], 4), preemptions=stats["preemptions"])
+        return out
 
     @app.get("/metrics")
     async def metrics():
@@ -396,6 +403,13 @@ def _admit(state: ServerState, total: int) -> None:
                             f"{state.capacity}); retry later", code="queue_full")
 
 
+def _check_prompt_fits(state: ServerState, ids: list[int]) -> None:
+    kept = min(len(ids), state.block_size or len(ids))
+    if state.task == "lm" and state.max_prompt_tokens is not None and kept > state.max_prompt_tokens:
+        raise invalid(f"prompt: {kept} tokens; this server's paged KV cache holds at most {state.max_prompt_tokens} "
+                      "(--num-blocks / --kv-cache-memory)", "prompt", "prompt_too_long")
+
+
 def _sequences(prompts: list[Prompt], n: int, params: SamplingParams) -> list[SequenceSpec]:
     """n choices per prompt; with a seed, choice j uses seed + j."""
     return [SequenceSpec(i * n + j, prompt, replace(params, seed=None if params.seed is None else params.seed + j))
@@ -413,6 +427,7 @@ async def _serve(state: ServerState, request: Request, body: Any, prompts: list[
     for p in prompts:
         if state.task == "lm" and state.block_size is not None and len(p.ids) > state.block_size:
             log.info("a prompt of %d tokens keeps its last %d (the context window)", len(p.ids), state.block_size)
+        _check_prompt_fits(state, p.ids)
     job = Job(state.engine, _sequences(prompts, n, params), on_release=state.release)
     state.in_flight += len(job.sequences)
     state.requests += 1

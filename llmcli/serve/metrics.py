@@ -7,7 +7,12 @@ one process (tests, benchmarks) never share or collide on a metric. What is coun
   before any route, 4xx for malformed bodies, 499 for clients that went away, included);
 * `llmcli_running_sequences`, `llmcli_waiting_sequences`: the engine's load at scrape time;
 * `llmcli_kv_cache_slots_used` / `_total` and `llmcli_kv_cache_tokens` (token positions the running
-  sequences hold in their slots), `llmcli_kv_cache_usage_ratio` (tokens / (slots x context));
+  sequences hold), `llmcli_kv_cache_usage_ratio` (blocks held / blocks for a paged cache, else
+  tokens / (slots x context));
+* a paged cache's `llmcli_kv_cache_blocks_used` / `_total`, the prefix cache's
+  `llmcli_prefix_cache_hit_ratio` (prompt tokens found cached / looked up, since the start; the two
+  counts as `llmcli_prefix_cache_hit_tokens` and `_queried_tokens`) and `llmcli_preemptions`
+  (sequences preempted for blocks, since the start);
 * `llmcli_time_to_first_token_seconds` (from the request's arrival to its first token) and
   `llmcli_inter_token_latency_seconds` (between a sequence's consecutive tokens) histograms;
 * `llmcli_generation_tokens_total` and `llmcli_prompt_tokens_total`: tokens/s is
@@ -43,7 +48,13 @@ GAUGES = (  # (metric, key of the engine's stats, help)
     ("llmcli_kv_cache_slots_used", "kv_slots_used", "KV cache slots held by running sequences"),
     ("llmcli_kv_cache_slots_total", "kv_slots_total", "KV cache slots"),
     ("llmcli_kv_cache_tokens", "kv_tokens", "Token positions the running sequences hold in the KV cache"),
-    ("llmcli_kv_cache_usage_ratio", "kv_usage", "KV cache tokens held / (slots x context length)"),
+    ("llmcli_kv_cache_usage_ratio", "kv_usage", "KV cache blocks held / blocks (slot cache: tokens / capacity)"),
+    ("llmcli_kv_cache_blocks_used", "kv_blocks_used", "Paged KV cache blocks held by running sequences"),
+    ("llmcli_kv_cache_blocks_total", "kv_blocks_total", "Paged KV cache blocks"),
+    ("llmcli_prefix_cache_hit_ratio", "prefix_hit_rate", "Prompt tokens found in the prefix cache / looked up"),
+    ("llmcli_prefix_cache_hit_tokens", "prefix_hit_tokens", "Prompt tokens found in the prefix cache, since start"),
+    ("llmcli_prefix_cache_queried_tokens", "prefix_queried_tokens", "Prompt tokens looked up, since start"),
+    ("llmcli_preemptions", "preemptions", "Sequences preempted for lack of KV blocks, since start"),
 )
 
 

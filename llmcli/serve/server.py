@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import socket
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tok
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
-from llmcli.options.inference import API_KEY_ENV, ServeOptions
+from llmcli.options.inference import API_KEY_ENV, ServeOptions, parse_size
 from llmcli.serve.app import ServerState, create_app
 from llmcli.serve.engine_loop import EngineLoop
 from llmcli.serve.metrics import ServerMetrics
@@ -45,6 +46,37 @@ def _model_name(opts: ServeOptions) -> str:
     return opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
 
 
+def cache_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
+    """The engine's KV cache: paged where the family pages (by default as much memory as
+    --max-batch-size full-context slots), else the family's own state per slot (also when decoding
+    speculatively, which rolls slots back)."""
+    if opts.slot_cache or opts.speculation.enabled or (not model.pages_decode_state and not opts.paging_options):
+        return {}
+    if not model.pages_decode_state:
+        raise UserError(f"model.arch={model.config.arch} has no paged KV cache (its decode state is a fixed size "
+                        "per sequence): drop --num-blocks, --kv-cache-memory, --block-size and --no-prefix-cache")
+    per_block = opts.block_tokens * model.kv_bytes_per_token(next(model.parameters()).dtype)
+    if opts.num_blocks is not None:
+        blocks = opts.num_blocks
+    elif opts.kv_cache_memory is not None:
+        blocks = parse_size(opts.kv_cache_memory) // per_block
+        if blocks < 1:
+            raise UserError(f"--kv-cache-memory {opts.kv_cache_memory} holds no block: one of {opts.block_tokens} "
+                            f"tokens takes {ui.format_bytes(per_block)} for this model")
+    else:
+        blocks = opts.max_batch_size * math.ceil(model.context_length / opts.block_tokens)
+    return {"kv_blocks": blocks, "block_len": opts.block_tokens, "prefix_cache": not opts.no_prefix_cache}
+
+
+def cache_summary(engine: Any) -> str:
+    """The engine's KV cache in words, for the banner."""
+    if engine.paged is None:
+        return f"{engine.max_batch_size} KV-cache slots"
+    pool = engine.paged.pool
+    prefix = "prefix caching on" if pool.prefix_cache else "no prefix caching"
+    return f"KV cache {pool.num_blocks} blocks of {pool.block_len} tokens, {prefix}"
+
+
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
                 max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None,
                 source_tokenizer: Any = None, speculation: Any = None) -> ServerState:
@@ -55,9 +87,10 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
     `tokenizer`). `speculation` (speculative_engine.Speculation) decodes speculatively.
     """
     metrics = ServerMetrics(speculative=speculation is not None)
+    cache = cache_options(model, opts)
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
                                           source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids,
-                                          speculation=speculation),
+                                          speculation=speculation, **cache),
                         metrics)
     name = _model_name(opts)
     seq2seq = model.task == "seq2seq"
@@ -70,7 +103,8 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
-                       source_length=model.source_length, metrics=metrics, speculative=speculation is not None)
+                       source_length=model.source_length, metrics=metrics, speculative=speculation is not None,
+                       max_prompt_tokens=engine.generator.engine.max_prompt_tokens)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -170,7 +204,7 @@ def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, param
     shown = f"[{host}]" if ":" in host else host
     ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size or 'unlimited'}, "
            f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
-           f"{opts.max_queue}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
+           f"{opts.max_queue}, {cache_summary(state.engine.generator.engine)}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
     spec = opts.speculation
     if spec.enabled:
         source = f"draft {spec.draft}" if spec.draft is not None else f"prompt lookup (n={spec.prompt_lookup})"

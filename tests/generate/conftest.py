@@ -20,12 +20,13 @@ def make_model(tiny_model):
 
 @pytest.fixture
 def run_engine():
-    """run_engine(model, prompts, params, batch_size=, add_later={step: [(prompt, params)]}): the tokens
-    each request generated (in order), and the engine."""
+    """run_engine(model, prompts, params, batch_size=, add_later={step: [(prompt, params)]}, sources=,
+    **engine options): the tokens each request generated (in order), and the engine."""
 
-    def run(model, prompts, params, *, batch_size, add_later=None):
-        engine = Engine(model, max_batch_size=batch_size)
-        ids = [engine.add(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    def run(model, prompts, params, *, batch_size, add_later=None, sources=None, **options):
+        engine = Engine(model, max_batch_size=batch_size, **options)
+        sources = sources or [None] * len(prompts)
+        ids = [engine.add(p, sp, source_ids=src) for p, sp, src in zip(prompts, params, sources, strict=True)]
         out: dict[int, list[int]] = {}
         step = 0
         while engine.has_work() or (add_later and any(s >= step for s in add_later)):

@@ -242,3 +242,19 @@ def test_a_recurrent_model_serves_with_its_whole_history(loaded, tiny_recurrent,
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(run, prompts, timeout=60)) == [(t, len(p)) for t, p in zip(sequential, prompts, strict=True)]
     assert run(prompts[3], stream=True)[0] == sequential[3]
+
+
+def test_a_prompt_the_paged_cache_cannot_hold_is_a_400_and_others_are_served(start_server, complete, error_of,
+                                                                              corpus_text):
+    running = start_server(max_batch_size=2, num_blocks=3, block_tokens=4)  # 12 tokens in all
+    assert running.health()["kv_cache"]["blocks"] == 3
+    for stream in (False, True):
+        response = running.post("/v1/completions", {"prompt": corpus_text[:13], "max_tokens": 2, "stream": stream})
+        assert response.status_code == 400
+        error = error_of(response)
+        assert error["code"] == "prompt_too_long" and "holds at most 12" in error["message"]
+    client = running.client()
+    # Two sequences that outgrow the pool together: one waits (preempted), both finish.
+    outs = [complete(client, corpus_text[:6], max_tokens=20, n=2, extra_body={"ignore_eos": True})]
+    assert [len(c.text) for c in outs[0].choices] == [20, 20] and outs[0].choices[0].text == outs[0].choices[1].text
+    assert running.health()["kv_cache"]["preemptions"] > 0

@@ -38,7 +38,24 @@ def test_metrics_parse_and_move_with_requests(server, client, complete):
     assert moved("llmcli_inter_token_latency_seconds_count") == 2 * 11 + 6
     assert moved("llmcli_time_to_first_token_seconds_sum") > 0
     assert value(after, "llmcli_kv_cache_tokens") == 0 and value(after, "llmcli_waiting_sequences") == 0
-    assert server.health()["kv_cache"] == {"slots_used": 0, "slots": 4, "tokens": 0}
+    assert value(after, "llmcli_kv_cache_blocks_total") == 4 * 64 // 16 and value(after, "llmcli_kv_cache_blocks_used") == 0
+    # "ROMEO:" is 6 tokens, less than a block: nothing to share, but every prompt was looked up
+    assert moved("llmcli_prefix_cache_queried_tokens") == 2 * 6 + 4 and moved("llmcli_prefix_cache_hit_tokens") == 0
+    health = server.health()["kv_cache"]
+    assert health == {"slots_used": 0, "slots": 4, "tokens": 0, "blocks_used": 0, "blocks": 16,
+                      "prefix_hit_rate": value(after, "llmcli_prefix_cache_hit_ratio"), "preemptions": 0}
+
+
+def test_shared_prompt_prefixes_show_as_prefix_cache_hits(start_server, complete, corpus_text):
+    running = start_server(max_batch_size=2, block_tokens=4)
+    client = running.client()
+    prompt = corpus_text[:30]
+    for _ in range(2):
+        complete(client, prompt, max_tokens=2)
+    samples = scrape(running)
+    assert value(samples, "llmcli_prefix_cache_queried_tokens") == 2 * 30
+    assert value(samples, "llmcli_prefix_cache_hit_tokens") == 28  # the second prompt's 7 full blocks
+    assert value(samples, "llmcli_prefix_cache_hit_ratio") == 28 / 60
 
 
 def test_malformed_bodies_are_counted_as_4xx_never_500(server):

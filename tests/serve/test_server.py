@@ -26,6 +26,12 @@ def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
             ((checkpoint, "--chat-template", bad_template), "unknown field {user}"),
             ((checkpoint, "--max-batch-size", "0", "--port", "0"), "--max-batch-size"),
             ((checkpoint, "--threads", "0"), "--threads must be at least 1"),
+            ((checkpoint, "--kv-cache-memory", "lots"), "--kv-cache-memory must be a size such as 2GiB"),
+            ((checkpoint, "--kv-cache-memory", "0MiB"), "--kv-cache-memory must be a size"),
+            ((checkpoint, "--kv-cache-memory", "100", "--port", "0"), "--kv-cache-memory 100 holds no block"),
+            ((checkpoint, "--num-blocks", "4", "--kv-cache-memory", "1GiB"), "give one"),
+            ((checkpoint, "--slot-cache", "--no-prefix-cache"), "--slot-cache has no paged KV cache"),
+            ((checkpoint, "--block-size", "0"), "--block-size must be at least 1"),
         ]
         for args, message in cases:
             one_line_error(cli("serve", *args), message, alone=True)
@@ -38,6 +44,7 @@ def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
 def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
     proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k"})
     assert "API key required" in log_path.read_text()
+    assert "KV cache 64 blocks of 16 tokens, prefix caching on" in log_path.read_text()  # 16 x 64/16
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)
     got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
                                     temperature=0)  # greedy: never an EOT-first sample
@@ -60,3 +67,27 @@ def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         assert long.result(timeout=30).usage.completion_tokens == 1500
     assert proc.wait(20) == 0
+
+
+def test_memory_budgets_become_blocks(loaded, tiny_recurrent):
+    from llmcli.errors import UserError
+    from llmcli.options.inference import ServeOptions, parse_size
+    from llmcli.serve.server import cache_options
+
+    model = loaded[0]
+    assert [parse_size(s) for s in ("2GiB", "512MiB", "1.5GB", "4096", "64 kib", "2 GiBs")] == \
+        [2 << 30, 512 << 20, 1_500_000_000, 4096, 64 << 10, None]
+    per_token = model.kv_bytes_per_token(next(model.parameters()).dtype)
+    assert per_token == 2 * 2 * 32 * 4  # keys and values, 2 layers, 32 wide, float32
+
+    def options(**fields):
+        return cache_options(model, ServeOptions(run_dir="x", **fields))
+
+    assert options() == {"kv_blocks": 16 * 4, "block_len": 16, "prefix_cache": True}
+    assert options(kv_cache_memory="1MiB", block_tokens=8)["kv_blocks"] == (1 << 20) // (8 * per_token)
+    assert options(num_blocks=5, no_prefix_cache=True) == {"kv_blocks": 5, "block_len": 16, "prefix_cache": False}
+    assert options(slot_cache=True) == {}
+    recurrent = tiny_recurrent("lstm", 40)
+    assert cache_options(recurrent, ServeOptions(run_dir="x")) == {}
+    with pytest.raises(UserError, match="model.arch=lstm has no paged KV cache"):
+        cache_options(recurrent, ServeOptions(run_dir="x", num_blocks=8))

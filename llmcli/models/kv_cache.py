@@ -1,0 +1,192 @@
+"""Where a transformer decoder keeps its keys and values between decode steps.
+
+`KVCache` gives every sequence in flight one preallocated slot of the full context (simple, and
+as fast as it gets, but memory follows the longest possible sequence). `PagedKVCache` keeps a pool
+of fixed-size blocks instead, and a block table per slot saying which block holds which stretch of
+positions (vLLM's PagedAttention layout): memory follows actual lengths, and a full block can be
+shared by every sequence whose prompt starts with the same tokens (prefix caching). Which block a
+slot gets is the engine's business (generate/blocks.py); the cache only writes and reads through
+the tables. Both hand a forward the same kind of step object (`positions`, `mask`,
+`update(layer, k, v)`), and a paged step returns exactly the keys/values a slot step would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from llmcli.config import ModelConfig
+from llmcli.models.base import Rows
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """What one position's keys and values cost over every layer, in `dtype`."""
+    heads = sum(config.kv_heads_in(layer) for layer in range(config.n_layer))
+    return 2 * heads * config.head_dim * dtype.itemsize
+
+
+def check_rows(rows: Rows, max_slots: int, length: int, limit: int, block_size: int, max_len: int) -> int:
+    """The furthest position a forward of `length` tokens per row writes, + 1 (checked on the host)."""
+    if len(rows.slots) == 0:
+        raise ValueError("forward with a decode state needs rows: one slot, start and length per row")
+    if min(rows.slots) < 0 or max(rows.slots) >= max_slots:
+        raise ValueError(f"slots must be in [0, {max_slots}); got {min(rows.slots)}..{max(rows.slots)}")
+    lo, hi = min(rows.starts), max(rows.starts) + length - 1
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"positions must be in [0, {limit}) (block_size={block_size}, cache "
+                         f"max_len={max_len}); got {lo}..{hi}")
+    return hi + 1
+
+
+def causal_view(rows: Rows, length: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's token positions [B, T] and what each may attend to: mask [B, 1, T, width]."""
+    positions = torch.tensor(rows.starts, device=device)[:, None] + torch.arange(length, device=device)
+    return positions, (torch.arange(width, device=device) <= positions[:, :, None])[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values, one row ("slot") per sequence in flight.
+
+    Per layer, `k[layer]` and `v[layer]` have shape [max_slots, n_kv_head, max_len, head_dim]. A
+    slot holds one sequence's keys at their absolute positions; a sequence that finishes gives its
+    slot to the next one, which overwrites it from position 0 (stale entries further along are
+    never attended, because attention only looks at key positions <= query position).
+    """
+
+    def __init__(self, config: ModelConfig, max_slots: int, max_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_slots = max_slots
+        self.max_len = max_len or config.block_size
+        self.block_size = config.block_size
+        shapes = [(max_slots, config.kv_heads_in(layer), self.max_len, config.head_dim)
+                  for layer in range(config.n_layer)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+
+    def bind(self, rows: Rows, length: int, device: torch.device) -> CacheStep:
+        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
+        width = check_rows(rows, self.max_slots, length, min(self.block_size, self.max_len), self.block_size,
+                           self.max_len)
+        return CacheStep(self, rows, length, width, device)
+
+    def copy_slots(self, sources: list[int], targets: list[int]) -> None:
+        """Slot targets[i] becomes a copy of slot sources[i] (all read before any is written)."""
+        src, dst = torch.tensor(sources), torch.tensor(targets)
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[dst.to(t.device)] = t[src.to(t.device)]
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget the slot's keys/values from position `length` on (speculative decoding's rollback of
+        rejected tokens; attention never reads past a query's position, so this also keeps stale
+        entries from ever mattering)."""
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[slot, :, length:] = 0
+
+
+class CacheStep:
+    """One forward's view of a KVCache: where each row writes, and what it may attend to.
+
+    Rows reading slots lo, lo+1, ... see the cache as a slice (no copy); others gather their slots.
+    Keys are read up to the furthest position written (`width`): nothing later can be attended.
+    """
+
+    def __init__(self, cache: KVCache, rows: Rows, length: int, width: int, device: torch.device):
+        self.cache = cache
+        self.slots = torch.tensor(rows.slots, device=device)
+        self.positions, self.mask = causal_view(rows, length, width, device)  # [B, T], [B, 1, T, width]
+        first, count = rows.slots[0], len(rows.slots)
+        consecutive = rows.slots == tuple(range(first, first + count))
+        self.kv_rows = slice(first, first + count) if consecutive else self.slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v [B, H, T, D] at each row's positions; the rows' keys/values to attend."""
+        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
+        rows = self.slots[:, None]
+        cache_k[rows, :, self.positions] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, self.positions] = v.transpose(1, 2).to(cache_v.dtype)
+        width = self.mask.shape[-1]
+        if isinstance(self.kv_rows, slice):
+            k, v = cache_k[self.kv_rows, :, :width], cache_v[self.kv_rows, :, :width]
+        else:
+            k = cache_k[:, :, :width].index_select(0, self.kv_rows)
+            v = cache_v[:, :, :width].index_select(0, self.kv_rows)
+        return k, v
+
+
+class PagedKVCache:
+    """Keys/values in a pool of blocks of `block_len` positions, reached through a block table per slot.
+
+    Per layer, `k[layer]` and `v[layer]` have shape [num_blocks + 1, block_len, n_kv_head, head_dim]
+    (positions before heads: a row's blocks gathered in order are its keys, with no second copy);
+    the last block is all zeros and never written: every table entry not allocated points at it.
+    `tables` [max_slots, ceil(block_size / block_len)] says which block holds positions
+    [i * block_len, (i + 1) * block_len) of each slot; the engine fills it (`set_blocks`) before a
+    forward reaches those positions. Only each row's real tokens (`rows.lengths`) are written, so
+    a right-padded prefill never touches a block, and a block shared by several slots is only read.
+    """
+
+    def __init__(self, config: ModelConfig, max_slots: int, num_blocks: int, block_len: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if num_blocks < 1 or block_len < 1:
+            raise ValueError(f"a paged cache needs at least one block of one token; got {num_blocks} x {block_len}")
+        self.max_slots, self.num_blocks, self.block_len = max_slots, num_blocks, block_len
+        self.block_size = self.max_len = config.block_size
+        self.null_block = num_blocks
+        shapes = [(num_blocks + 1, block_len, config.kv_heads_in(layer), config.head_dim)
+                  for layer in range(config.n_layer)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.blocks_per_slot = math.ceil(config.block_size / block_len)
+        self.tables = torch.full((max_slots, self.blocks_per_slot), self.null_block, dtype=torch.long, device=device)
+        self.held = [0] * max_slots  # blocks allocated per slot (host side, for the checks)
+
+    def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        """Slot `slot` holds positions 0.. in `blocks`, in order (empty: the slot holds nothing)."""
+        if len(blocks) > self.blocks_per_slot or any(not 0 <= b < self.num_blocks for b in blocks):
+            raise ValueError(f"a slot holds at most {self.blocks_per_slot} blocks in [0, {self.num_blocks}); "
+                             f"got {list(blocks)}")
+        row = list(blocks) + [self.null_block] * (self.blocks_per_slot - len(blocks))
+        self.tables[slot] = torch.tensor(row, dtype=torch.long)
+        self.held[slot] = len(blocks)
+
+    def bind(self, rows: Rows, length: int, device: torch.device) -> PagedStep:
+        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
+        width = check_rows(rows, self.max_slots, length, self.block_size, self.block_size, self.max_len)
+        for slot, start, count in zip(rows.slots, rows.starts, rows.lengths, strict=True):
+            if start + count > self.held[slot] * self.block_len:
+                raise ValueError(f"slot {slot} holds {self.held[slot]} blocks of {self.block_len}: positions "
+                                 f"{start}..{start + count - 1} need more")
+        return PagedStep(self, rows, length, width, device)
+
+
+class PagedStep:
+    """One forward's view of a PagedKVCache: the same positions and mask as a CacheStep; keys and
+    values written into each row's blocks and gathered back through its table, `width` wide."""
+
+    def __init__(self, cache: PagedKVCache, rows: Rows, length: int, width: int, device: torch.device):
+        self.cache = cache
+        self.positions, self.mask = causal_view(rows, length, width, device)
+        tables = cache.tables[torch.tensor(rows.slots, device=cache.tables.device)]
+        self.read = tables[:, :math.ceil(width / cache.block_len)]  # [B, blocks to read]
+        where = tables.gather(1, self.positions // cache.block_len), self.positions % cache.block_len
+        self.real = None  # which [B, T] entries are real tokens (None: all of them)
+        if min(rows.lengths) < length:
+            self.real = torch.arange(length, device=device) < torch.tensor(rows.lengths, device=device)[:, None]
+            where = tuple(w[self.real] for w in where)
+        self.blocks, self.offsets = where
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's real k/v [B, H, T, D] into their blocks; the rows' keys/values to attend."""
+        out = []
+        for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            new = new.transpose(1, 2)  # [B, T, H, D]
+            new = new[self.real] if self.real is not None else new.flatten(0, 1)
+            pool[self.blocks.flatten(), self.offsets.flatten()] = new.to(pool.dtype)
+            B, n = self.read.shape
+            gathered = pool.index_select(0, self.read.flatten()).view(B, n * self.cache.block_len, *pool.shape[2:])
+            out.append(gathered[:, :self.mask.shape[-1]].transpose(1, 2))
+        return out[0], out[1]
