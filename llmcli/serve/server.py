@@ -48,9 +48,8 @@ def _model_name(opts: ServeOptions) -> str:
 
 def cache_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
     """The engine's KV cache: paged where the family pages (by default as much memory as
-    --max-batch-size full-context slots), else the family's own state per slot (also when decoding
-    speculatively, which rolls slots back)."""
-    if opts.slot_cache or opts.speculation.enabled or (not model.pages_decode_state and not opts.paging_options):
+    --max-batch-size full-context slots), else the family's own state per slot."""
+    if opts.slot_cache or (not model.pages_decode_state and not opts.paging_options):
         return {}
     if not model.pages_decode_state:
         raise UserError(f"model.arch={model.config.arch} has no paged KV cache (its decode state is a fixed size "
@@ -87,7 +86,7 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
     `tokenizer`). `speculation` (speculative_engine.Speculation) decodes speculatively.
     """
     metrics = ServerMetrics(speculative=speculation is not None)
-    cache = cache_options(model, opts)
+    cache = {} if speculation is not None else cache_options(model, opts)  # speculation rolls slots back
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
                                           source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids,
                                           speculation=speculation, **cache),
