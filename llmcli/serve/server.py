@@ -25,10 +25,11 @@ from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
 from llmcli.options.inference import API_KEY_ENV, ServeOptions, parse_size
-from llmcli.serve.app import ServerState, create_app
+from llmcli.serve.app import create_app
 from llmcli.serve.engine_loop import EngineLoop
 from llmcli.serve.metrics import ServerMetrics
 from llmcli.serve.protocol import MAX_BODY_BYTES
+from llmcli.serve.state import ServerState
 from llmcli.tokenizer import eot_id
 
 SHUTDOWN_GRACE_SECONDS = 10
