@@ -280,9 +280,10 @@ class ServeOptions(Options):
         if self.num_blocks is not None and self.kv_cache_memory is not None:
             raise FieldError("num_blocks", "and --kv-cache-memory both size the paged KV cache: give one")
         if self.paging_options and (self.slot_cache or self.engine == "vllm"):
+            what = "gives each sequence a full-context slot, not paged blocks" if self.slot_cache else \
+                "vllm pages its KV cache with its own options (after --)"
             raise FieldError("slot_cache" if self.slot_cache else "engine",
-                             "has no paged KV cache of ours: drop --num-blocks, --kv-cache-memory, --block-size "
-                             "and --no-prefix-cache")
+                             f"{what}: drop --num-blocks, --kv-cache-memory, --block-size and --no-prefix-cache")
         if self.paging_options and self.speculation.enabled:
             raise UserError("speculative decoding (--draft, --prompt-lookup) runs on the slot cache (it rolls "
                             "rejected tokens back): drop --num-blocks, --kv-cache-memory, --block-size and "

@@ -30,8 +30,9 @@ def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
             ((checkpoint, "--kv-cache-memory", "0MiB"), "--kv-cache-memory must be a size"),
             ((checkpoint, "--kv-cache-memory", "100", "--port", "0"), "--kv-cache-memory 100 holds no block"),
             ((checkpoint, "--num-blocks", "4", "--kv-cache-memory", "1GiB"), "give one"),
-            ((checkpoint, "--slot-cache", "--no-prefix-cache"), "--slot-cache has no paged KV cache"),
+            ((checkpoint, "--slot-cache", "--no-prefix-cache"), "--slot-cache gives each sequence a full-context slot"),
             ((checkpoint, "--block-size", "0"), "--block-size must be at least 1"),
+            ((checkpoint, "--engine", "vllm", "--num-blocks", "8"), "--engine vllm pages its KV cache with its own"),
         ]
         for args, message in cases:
             one_line_error(cli("serve", *args), message, alone=True)
