@@ -177,7 +177,7 @@ class PagedStep:
         if min(rows.lengths) < length:
             self.real = torch.arange(length, device=device) < torch.tensor(rows.lengths, device=device)[:, None]
             where = tuple(w[self.real] for w in where)
-        self.blocks, self.offsets = where
+        self.blocks, self.offsets = (w.flatten() for w in where)  # where each real token is written
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's real k/v [B, H, T, D] into their blocks; the rows' keys/values to attend."""
@@ -185,7 +185,7 @@ class PagedStep:
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             new = new.transpose(1, 2)  # [B, T, H, D]
             new = new[self.real] if self.real is not None else new.flatten(0, 1)
-            pool[self.blocks.flatten(), self.offsets.flatten()] = new.to(pool.dtype)
+            pool[self.blocks, self.offsets] = new.to(pool.dtype)
             B, n = self.read.shape
             gathered = pool.index_select(0, self.read.flatten()).view(B, n * self.cache.block_len, *pool.shape[2:])
             out.append(gathered[:, :self.mask.shape[-1]].transpose(1, 2))
