@@ -85,9 +85,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        loaded = loaded or {}
+        loaded = {} if loaded is None else loaded  # an empty file (or only comments) is the defaults
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:, train: ...); "
+                              f"got a {type(loaded).__name__}")
         for section, values in loaded.items():
             if values is None:
                 values = {}

@@ -84,11 +84,19 @@ def test_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("train: [1, 2]\n", "'train' in"),
     ("- a\n- b\n", "top level must be a mapping"),
+    ("[]\n", "top level must be a mapping"),
+    ("''\n", "top level must be a mapping"),
+    ("0\n", "top level must be a mapping"),
+    ("false\n", "top level must be a mapping"),
     ("model: {n_layer: 2\n", "not valid YAML"),
 ])
 def test_malformed_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_a_list_as_config_is_one_line_on_the_command_line(tmp_path, cli, one_line_error):
+    one_line_error(cli("data", "prepare", "-c", write(tmp_path, "[]\n")), "top level must be a mapping")
 
 
 def test_missing_file(tmp_path):
