@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratios, table  # noqa: E402
+from common import ratios, table
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs/shakespeare-char.yaml"

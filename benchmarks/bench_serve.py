@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratios, table  # noqa: E402
+from common import ratios, table
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -242,8 +242,7 @@ class ServeOptions(Options):
     kv_cache_memory: Optional[str] = option(None, "--kv-cache-memory", metavar="SIZE",
                                             help="Memory for the paged KV cache, e.g. 2GiB or 512MiB (default: "
                                                  "as much as --max-batch-size full-context sequences take).",
-                                            check=(lambda v: (parse_size(v) or 0) > 0, "a size such as 2GiB or "
-                                                                                        "512MiB"))
+                                            check=(lambda v: (parse_size(v) or 0) > 0, "a size such as 2GiB or 512MiB"))
     num_blocks: Optional[int] = option(None, "--num-blocks", help="Blocks in the paged KV cache (instead of "
                                                                   "--kv-cache-memory).", check=AT_LEAST_ONE)
     block_tokens: int = option(DEFAULT_BLOCK_TOKENS, "--block-size", help="Tokens per block of the paged KV cache.",

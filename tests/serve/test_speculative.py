@@ -119,8 +119,8 @@ def test_cli_one_line_errors(checkpoint, draft_dir, tmp_path, cli, one_line_erro
         ((checkpoint, "--prompt-lookup", "2", "--draft-tokens", "0"), "--draft-tokens must be at least 1"),
         ((lstm, "--prompt-lookup", "2"), "cannot be rolled back"),
         ((other, "--draft", lstm), "the draft (model.arch=lstm)"),
-        ((checkpoint, "--prompt-lookup", "2", "--num-blocks", "8"), "speculative decoding (--draft, --prompt-lookup) "
-                                                                    "runs on the slot cache"),
+        ((checkpoint, "--prompt-lookup", "2", "--num-blocks", "8"), ("speculative decoding (--draft, "
+                                                                     "--prompt-lookup) runs on the slot cache")),
     ]
     for args, message in cases:
         one_line_error(cli("serve", *args, "--port", "0"), message, alone=True)
