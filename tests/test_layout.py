@@ -66,6 +66,15 @@ def test_model_families_import_only_config_errors_and_each_other():
     assert not any(bad.values()), bad
 
 
+def test_prune_and_quantize_share_one_measuring_module():
+    """What both commands measure (perplexity, decode rounds, agreement) lives in llmcli.measure; neither
+    command borrows from the other's module."""
+    edges = graph()
+    assert "llmcli.quantize.command" not in edges["llmcli.prune.command"]
+    assert "llmcli.prune.command" not in edges["llmcli.quantize.command"]
+    assert "llmcli.measure" in edges["llmcli.prune.command"] & edges["llmcli.quantize.command"]
+
+
 def test_package_init_files_import_nothing():
     """So importing one module never drags in a whole package (or cycles through its __init__)."""
     for name, path in modules().items():
