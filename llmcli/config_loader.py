@@ -37,6 +37,7 @@ from llmcli.config import (
     TrainConfig,
 )
 from llmcli.errors import ConfigError
+from llmcli.recipes.shipped import recipe_names, shipped_recipe
 
 
 class _Loader(yaml.SafeLoader):
@@ -77,7 +78,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            shipped = shipped_recipe(str(path))
+            if shipped is None:
+                raise ConfigError(f"config file not found: {path} (nor is it a shipped recipe: "
+                                  f"{', '.join(recipe_names())})")
+            path = shipped
         try:
             loaded = read_yaml(path.read_text(encoding="utf-8"))
         except DuplicateKey as exc:

@@ -114,7 +114,7 @@ def threads_option() -> Any:
                                           "on 1.", check=AT_LEAST_ONE)
 
 
-def config_option(help: str = "YAML config file (see configs/).") -> Any:
+def config_option(help: str = "YAML config file, or the name of a shipped recipe (llmcli recipes).") -> Any:
     return option(None, "--config", "-c", help=help, dir_okay=False)
 
 
