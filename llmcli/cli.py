@@ -30,6 +30,7 @@ from llmcli.options.checkpoints import (
     PruneOptions,
     QuantizeOptions,
 )
+from llmcli.options.env import EnvOptions
 from llmcli.options.fields import Options, Spec, flag_names
 from llmcli.options.inference import ChatOptions, EvalOptions, GenerateOptions, ServeOptions
 from llmcli.options.insight import AttentionOptions, InspectOptions, PlotOptions
@@ -66,6 +67,7 @@ COMMANDS = (
     Command(("recipes",), RecipesOptions, "llmcli.recipes.command:recipes_command"),
     Command(("recipes", "show"), RecipeShowOptions, "llmcli.recipes.command:show_command"),
     Command(("recipes", "copy"), RecipeCopyOptions, "llmcli.recipes.command:copy_command"),
+    Command(("env",), EnvOptions, "llmcli.env:env_command"),
 )
 # A group's help; None: the help of the group's own command (`llmcli recipes` alone lists them).
 GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers.", "recipes": None}
