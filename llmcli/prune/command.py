@@ -43,6 +43,7 @@ from llmcli.measure import (
     mib,
     run_data,
 )
+from llmcli.model_card import write_model_card
 from llmcli.models.base import LanguageModel
 from llmcli.options.checkpoints import PruneOptions
 from llmcli.prune import magnitude, structured
@@ -145,6 +146,7 @@ def _write(directory: Path, model: LanguageModel, cfg: Config, source: Path, inf
     own = source / SOURCE_TOKENIZER
     write_checkpoint(directory, model, cfg, (source / TOKENIZER).read_bytes(), info,
                      {SOURCE_TOKENIZER: own.read_bytes()} if own.is_file() else None)
+    write_model_card(directory)
 
 
 def _finetune(pruned: Path, source: Path, out: Path, opts: PruneOptions) -> None:

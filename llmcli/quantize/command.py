@@ -27,6 +27,7 @@ from llmcli.checkpoint import (
 from llmcli.config_loader import load_config
 from llmcli.errors import UserError
 from llmcli.measure import agreement, decode_sources, end_token, measure_decode_pair, measure_perplexity, mib
+from llmcli.model_card import write_model_card
 from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize.modules import (
     DEFAULT_GROUP_SIZE,
@@ -95,6 +96,7 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     own_source = source / SOURCE_TOKENIZER  # a seq2seq model's source side, when it has its own
     write_checkpoint(out, model, load_config(source / RUN_CONFIG), (source / TOKENIZER).read_bytes(), info,
                      {SOURCE_TOKENIZER: own_source.read_bytes()} if own_source.is_file() else None)
+    write_model_card(out)
     layers = quantized_layer_count(model)
     del model
     report = QuantizeReport(source=source, out=out, entry=entry, before=before,
