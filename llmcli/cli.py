@@ -245,6 +245,6 @@ app = build_app()
 
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning, so a busy neighbour on the same cores slows a
-    # run down gracefully instead of 4-9x (README: "CPU threads"); read when torch loads, later.
+    # run down gracefully instead of 4-9x (docs/training.md, "CPU threads"); read when torch loads, later.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="llmcli")

@@ -28,6 +28,7 @@ from llmcli.checkpoint import (
 )
 from llmcli.config import RECURRENT, SEQ2SEQ, ModelConfig
 from llmcli.config_loader import load_config
+from llmcli.data.shakespeare import DEFAULT_TEST_PLAYS, DEFAULT_VAL_PLAYS
 from llmcli.io import atomic_write_text
 
 CARD = "README.md"
@@ -104,6 +105,10 @@ def _data_rows(cfg) -> list[tuple[str, str]]:
     rows = [("task", d.task), ("source", str(d.source))]
     if d.task == "lm":
         rows.append(("format", d.format))
+    if d.source == "shakespeare":  # split by whole plays, not by fractions
+        val, test = d.val_plays or DEFAULT_VAL_PLAYS, d.test_plays or DEFAULT_TEST_PLAYS
+        rows.append(("held out", f"val: {', '.join(val)}; test: {', '.join(test)}"))
+        return rows
     held_out = f"val {d.val_fraction:g}" + (f", test {d.test_fraction:g}" if d.test_fraction else "")
     rows.append(("held out", held_out + f" (split by {d.split_by})" if d.applies("split_by") else held_out))
     return rows
