@@ -60,6 +60,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check llmcli tests benchmarks
+	$(VENV)/bin/vulture
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info runs

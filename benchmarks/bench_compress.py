@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratios, table  # noqa: E402
+from common import ratios, table
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs/shakespeare-char.yaml"
@@ -94,7 +94,7 @@ def distillation(root: Path, teacher: Path, seconds: float) -> None:
     from llmcli.checkpoint import load_model
     from llmcli.config_loader import load_config
     from llmcli.distill import Distillation, with_teacher
-    from llmcli.quantize.command import measure_perplexity
+    from llmcli.measure import measure_perplexity
     from llmcli.train.loop import train
     from llmcli.train.run_dir import RunPlan
 

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Spread, ratios, table  # noqa: E402
+from common import Spread, ratios, table
 
-from llmcli.config_loader import load_config  # noqa: E402
-from llmcli.data.encode import _document_encoder  # noqa: E402
-from llmcli.data.prepare import _write_tokens, prepare_data, train_tokenizer_for_config  # noqa: E402
-from llmcli.data.sources import load_corpus  # noqa: E402
-from llmcli.tokenizer import eot_id, load_tokenizer  # noqa: E402
+from llmcli.config_loader import load_config
+from llmcli.data.encode import _document_encoder
+from llmcli.data.prepare import _write_tokens, prepare_data, train_tokenizer_for_config
+from llmcli.data.sources import load_corpus
+from llmcli.tokenizer import eot_id, load_tokenizer
 
 RUNS = 3
 

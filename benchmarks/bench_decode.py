@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Spread, console, copy_bandwidth_gbs, ratios, table  # noqa: E402
+from common import Spread, console, copy_bandwidth_gbs, ratios, table
 
-from llmcli.config import ModelConfig  # noqa: E402
-from llmcli.config_loader import build_config  # noqa: E402
-from llmcli.generate.engine import Engine  # noqa: E402
-from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options.checkpoints import ExportOptions  # noqa: E402
-from llmcli.options.sampling import SamplingParams  # noqa: E402
+from llmcli.config import ModelConfig
+from llmcli.config_loader import build_config
+from llmcli.generate.engine import Engine
+from llmcli.models.transformer import Transformer
+from llmcli.options.checkpoints import ExportOptions
+from llmcli.options.sampling import SamplingParams
 
 SHAPES = {
     "4x128 (char vocab)": dict(n_layer=4, n_head=4, d_model=128, block_size=256, vocab_size=82),

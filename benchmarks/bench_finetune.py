@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, table  # noqa: E402
+from common import console, table
 
 REPO = Path(__file__).resolve().parent.parent
 LEARNING_RUN = REPO / "runs/bench-learning"  # bench_train.py's 300-second char model, when it exists
@@ -148,7 +148,8 @@ def quality_table(work: Path, budget: float) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return child(sys.argv[2], sys.argv[3], sys.argv[4:])
+        child(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of fine-tuning per quality run")
     parser.add_argument("--steps", type=int, default=12, help="steps per cost run")

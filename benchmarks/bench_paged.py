@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Spread, ratios, table  # noqa: E402
+from common import Spread, ratios, table
 
 CONTEXT = 1024
 VOCAB = 512

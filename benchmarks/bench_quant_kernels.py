@@ -147,7 +147,7 @@ def _torchao_candidates(w, b):
             with torch.no_grad():
                 m(torch.randn(1, w.shape[1]))
             out.append((name, lambda x, m=m: m(x)))
-        except Exception as exc:  # noqa: BLE001 - report and go on: this is a survey
+        except Exception as exc:
             print(f"  ({name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
     return out
 
@@ -185,7 +185,7 @@ def main() -> None:
                 for name, fn in cands:
                     try:
                         y = fn(x)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         print(f"  {name:48s} failed: {str(exc).splitlines()[0][:80]}")
                         continue
                     us = timeit(lambda fn=fn, x=x: fn(x))

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Spread, ratios  # noqa: E402
 
+from llmcli import measure as M  # noqa: E402
 from llmcli.checkpoint import load_model, resolve_checkpoint, write_checkpoint  # noqa: E402
 from llmcli.config import PRESETS, Config, ModelConfig  # noqa: E402
 from llmcli.config_loader import load_config  # noqa: E402
@@ -122,11 +123,11 @@ def logits_error(reference: Transformer, quantized: Transformer, windows: torch.
 
 
 def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: bool, windows=None) -> list[Row]:
-    prompt = [Q._eot(source)]
+    prompt = [M.end_token(source)]
     fp32 = load_model(source).eval()
-    base_ppl = Q.measure_perplexity(source, fp32, args.eval_tokens)[0] if ppl else None
+    base_ppl = M.measure_perplexity(source, fp32, args.eval_tokens)[0] if ppl else None
     params = fp32.num_params() / 1e6  # before decoding repacks (and hides) large float32 weights
-    base_tokens = Q.measure_decode(fp32, args.decode_tokens, prompt)[1]
+    base_tokens = M.measure_decode(fp32, args.decode_tokens, prompt)[1]
     print(f"\n{name}: {params:.1f}M parameters"
           + (f", val perplexity {base_ppl:.4f} ({args.eval_tokens} tokens)" if base_ppl else ""), flush=True)
     rows = []
@@ -140,14 +141,14 @@ def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: boo
         seconds = time.perf_counter() - start
         quantized = load_model(out).eval()
         size = (out / "model.safetensors").stat().st_size / (source / "model.safetensors").stat().st_size
-        (fp32_speed, _), (speed, tokens) = Q.measure_decode_pair(fp32, quantized, args.decode_tokens, prompt,
+        (fp32_speed, _), (speed, tokens) = M.measure_decode_pair(fp32, quantized, args.decode_tokens, prompt,
                                                                  rounds=args.rounds)
         same = sum(x == y for x, y in zip(tokens, base_tokens, strict=False)) / max(1, len(base_tokens))
         row = Row(name, label, size, speed=ratios(speed, fp32_speed), target=method)
         row.detail = (f"decode {Spread.of(fp32_speed)} -> {Spread.of(speed)} tok/s; greedy tokens = fp32: "
                       f"{100 * same:.0f}%; quantize {seconds:.1f}s")
         if ppl:
-            after = Q.measure_perplexity(out, quantized, args.eval_tokens)[0]
+            after = M.measure_perplexity(out, quantized, args.eval_tokens)[0]
             row.ppl_change = 100 * (after / base_ppl - 1)
         if windows is not None:
             row.detail = logits_error(fp32, quantized, windows) + "; " + row.detail

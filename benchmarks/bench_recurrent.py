@@ -38,15 +38,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import ours as engine_decode  # noqa: E402
-from bench_quantize import VARIANTS, measure, print_table  # noqa: E402
-from bench_train import LEARNING_RUN, _quiet, llmcli_tokens_per_second  # noqa: E402
-from common import Spread, console, ratios, table  # noqa: E402
+from bench_decode import ours as engine_decode
+from bench_quantize import VARIANTS, measure, print_table
+from bench_train import LEARNING_RUN, _quiet, llmcli_tokens_per_second
+from common import Spread, console, ratios, table
 
-from llmcli.config_loader import load_config  # noqa: E402
-from llmcli.data.prepare import prepare_data  # noqa: E402
-from llmcli.models.registry import build_model  # noqa: E402
-from llmcli.options.inference import EvalOptions  # noqa: E402
+from llmcli.config_loader import load_config
+from llmcli.data.prepare import prepare_data
+from llmcli.models.registry import build_model
+from llmcli.options.inference import EvalOptions
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"LSTM": REPO / "configs/shakespeare-lstm.yaml", "GRU": REPO / "configs/shakespeare-gru.yaml"}

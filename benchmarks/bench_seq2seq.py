@@ -38,12 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recurrent import train_cli  # noqa: E402
-from bench_train import _quiet  # noqa: E402
-from common import Spread, console, ratios, table  # noqa: E402
+from bench_recurrent import train_cli
+from bench_train import _quiet
+from common import Spread, console, ratios, table
 
-from llmcli.config_loader import load_config  # noqa: E402
-from llmcli.data.prepare_pairs import prepare_pairs  # noqa: E402
+from llmcli.config_loader import load_config
+from llmcli.data.prepare_pairs import prepare_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"Transformer": (REPO / "configs/g2p-transformer.yaml", 20), "GRU": (REPO / "configs/g2p-gru.yaml", 5)}

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratios, table  # noqa: E402
+from common import ratios, table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,9 +61,10 @@ def make_model(directory: Path) -> Path:
 def start_server(run_dir: Path, batch: int, threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     log = open(log_path, "w")
     extra = ["--threads", str(threads)] if threads else []
+    without_api_key = {name: value for name, value in os.environ.items() if name != "LLMCLI_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", str(run_dir), "--port", "0",
                              "--max-batch-size", str(batch), "--model-name", "bench", *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LLMCLI_API_KEY": ""})
+                            stdout=log, stderr=subprocess.STDOUT, env=without_api_key)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", log_path.read_text())

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Spread, ratios, table  # noqa: E402
+from common import Spread, ratios, table
 
 REPO = Path(__file__).resolve().parent.parent
 PASSAGE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n")

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from common import table
 
 STRATEGIES = {"ddp": [], "fsdp": ["train.strategy=fsdp"], "fsdp shard_grad_op": [
     "train.strategy=fsdp", "train.fsdp_sharding=shard_grad_op"]}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     Spread,
     console,
     copy_bandwidth_gbs,
@@ -35,13 +35,13 @@ from common import (  # noqa: E402
     table,
 )
 
-from llmcli.config_loader import load_config  # noqa: E402
-from llmcli.data.prepare import prepare_data  # noqa: E402
-from llmcli.models.transformer import Transformer  # noqa: E402
-from llmcli.options.inference import EvalOptions  # noqa: E402
-from llmcli.train.loop import train  # noqa: E402
-from llmcli.train.run_dir import RunPlan  # noqa: E402
-from llmcli.train.schedule import RandomWindows  # noqa: E402
+from llmcli.config_loader import load_config
+from llmcli.data.prepare import prepare_data
+from llmcli.models.transformer import Transformer
+from llmcli.options.inference import EvalOptions
+from llmcli.train.loop import train
+from llmcli.train.run_dir import RunPlan
+from llmcli.train.schedule import RandomWindows
 
 REPO = Path(__file__).resolve().parent.parent
 LEARNING_RUN = REPO / "runs/bench-learning"

@@ -74,7 +74,8 @@ def save_model(model: LanguageModel, directory: str | Path) -> None:
 
     directory = Path(directory)
     if lora.is_adapted(model):
-        return _save_adapter(model, directory)
+        _save_adapter(model, directory)
+        return
     aliases = model.tied_weights()
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name not in aliases}
     model_json: dict[str, Any] = model.config.to_dict()  # the family's own settings only

@@ -30,9 +30,11 @@ from llmcli.options.checkpoints import (
     PruneOptions,
     QuantizeOptions,
 )
+from llmcli.options.env import EnvOptions
 from llmcli.options.fields import Options, Spec, flag_names
 from llmcli.options.inference import ChatOptions, EvalOptions, GenerateOptions, ServeOptions
 from llmcli.options.insight import AttentionOptions, InspectOptions, PlotOptions
+from llmcli.options.recipes import RecipeCopyOptions, RecipeShowOptions, RecipesOptions
 from llmcli.options.training import DistillOptions, PrepareOptions, TokenizerTrainOptions, TrainOptions
 
 DEBUG_ENV = "LLMCLI_DEBUG"
@@ -40,7 +42,7 @@ DEBUG_ENV = "LLMCLI_DEBUG"
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    name: tuple[str, ...]  # ("train",) or ("data", "prepare")
+    name: tuple[str, ...]  # ("train",) or ("data", "prepare"); a group's own name: what it does alone
     options: type[Options]
     run: str  # "module:function", called with the options object
 
@@ -62,8 +64,13 @@ COMMANDS = (
     Command(("inspect",), InspectOptions, "llmcli.insight.inspect_run:inspect_command"),
     Command(("merge",), MergeOptions, "llmcli.merge:merge_command"),
     Command(("chat",), ChatOptions, "llmcli.generate.chat:chat_command"),
+    Command(("recipes",), RecipesOptions, "llmcli.recipes.command:recipes_command"),
+    Command(("recipes", "show"), RecipeShowOptions, "llmcli.recipes.command:show_command"),
+    Command(("recipes", "copy"), RecipeCopyOptions, "llmcli.recipes.command:copy_command"),
+    Command(("env",), EnvOptions, "llmcli.env:env_command"),
 )
-GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers."}
+# A group's help; None: the help of the group's own command (`llmcli recipes` alone lists them).
+GROUPS = {"data": "Prepare corpora into cached token arrays.", "tokenizer": "Train tokenizers.", "recipes": None}
 
 
 class _Flags:
@@ -114,8 +121,8 @@ def _out_of_memory(exc: BaseException) -> bool:
         "out of memory" in text or "can't allocate memory" in text
 
 
-def _make_app(help: str, completion: bool = False) -> typer.Typer:
-    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=completion,
+def _make_app(help: str, completion: bool = False, no_args_is_help: bool = True) -> typer.Typer:
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=no_args_is_help, add_completion=completion,
                        pretty_exceptions_enable=False, rich_markup_mode="markdown")
 
 
@@ -186,13 +193,32 @@ def _typer_function(command: Command) -> Callable[..., None]:
     return run
 
 
+def _group_action(command: Command) -> Callable[..., None]:
+    """A group's own command (`llmcli recipes`), run only when no subcommand follows."""
+    run = _typer_function(command)
+
+    def action(ctx: typer.Context, **values: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            run(**values)
+
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    action.__signature__ = inspect.Signature([context, *inspect.signature(run).parameters.values()])  # type: ignore[attr-defined]
+    action.__doc__ = run.__doc__
+    return action
+
+
 def build_app() -> typer.Typer:
     app = _make_app("Train, evaluate, sample from, quantize and serve language models.", completion=True)
-    groups = {name: _make_app(help) for name, help in GROUPS.items()}
+    acting = {c.name[0]: inspect.getdoc(c.options) for c in COMMANDS if len(c.name) == 1 and c.name[0] in GROUPS}
+    groups = {name: _make_app(help or acting[name], no_args_is_help=name not in acting)
+              for name, help in GROUPS.items()}
     for name, group in groups.items():
         app.add_typer(group, name=name)
     for command in COMMANDS:
         *group, verb = command.name
+        if not group and verb in groups:
+            groups[verb].callback(invoke_without_command=True)(_group_action(command))
+            continue
         target = groups[group[0]] if group else app
         target.command(verb, cls=_Command)(_typer_function(command))
 
@@ -219,6 +245,6 @@ app = build_app()
 
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning, so a busy neighbour on the same cores slows a
-    # run down gracefully instead of 4-9x (README: "CPU threads"); read when torch loads, later.
+    # run down gracefully instead of 4-9x (docs/training.md, "CPU threads"); read when torch loads, later.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="llmcli")

@@ -256,6 +256,9 @@ class ModelConfig:
 
 
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+# What the prepared data decides when the config leaves it null (train fills it in; a run's config.yaml
+# holds the number): a config with null here describes the same model as its run.
+FROM_DATA = ("vocab_size", "src_vocab_size")
 PER_LAYER = ("layer_heads", "layer_ff", "encoder_layer_heads", "cross_layer_heads", "encoder_layer_ff")
 
 

@@ -37,6 +37,7 @@ from llmcli.config import (
     TrainConfig,
 )
 from llmcli.errors import ConfigError
+from llmcli.recipes.shipped import recipe_names, shipped_recipe
 
 
 class _Loader(yaml.SafeLoader):
@@ -77,7 +78,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            shipped = shipped_recipe(str(path))
+            if shipped is None:
+                raise ConfigError(f"config file not found: {path} (nor is it a shipped recipe: "
+                                  f"{', '.join(recipe_names())})")
+            path = shipped
         try:
             loaded = read_yaml(path.read_text(encoding="utf-8"))
         except DuplicateKey as exc:
@@ -85,9 +90,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        loaded = loaded or {}
+        loaded = {} if loaded is None else loaded  # an empty file (or only comments) is the defaults
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise ConfigError(f"{path}: top level must be a mapping of sections (data:, model:, train: ...); "
+                              f"got a {type(loaded).__name__}")
         for section, values in loaded.items():
             if values is None:
                 values = {}

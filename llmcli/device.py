@@ -3,7 +3,7 @@
 Decoding multiplies a few rows (one per running sequence) by every weight matrix. On the CPUs we
 measured, torch's default sgemm reads a large weight well below memory bandwidth at that shape,
 while oneDNN's kernel on a weight reordered once into its blocked layout is several times faster
-(README, Benchmarks). Small weights live in the CPU caches, where oneDNN's per-call overhead
+(docs/benchmarks.md). Small weights live in the CPU caches, where oneDNN's per-call overhead
 loses, so they keep nn.Linear.
 """
 
@@ -27,7 +27,7 @@ PACK_MIN_WEIGHTS = 1 << 18
 def configure_threads(requested: int | None) -> int:
     """Set torch's CPU threads: `requested`, else OMP_NUM_THREADS when set, else one per core that
     other processes leave free (sampled for a moment now; at least one). Threads beyond the free
-    cores only wait on each other's time slices (README: "CPU threads")."""
+    cores only wait on each other's time slices (docs/training.md, "CPU threads")."""
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     threads = requested or (int(from_env) if from_env.isdigit() and int(from_env) > 0 else 0) or \
         max(1, _cores() - _busy_cores())

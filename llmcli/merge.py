@@ -25,6 +25,7 @@ from llmcli.config import Config, LoraConfig
 from llmcli.config_loader import load_config
 from llmcli.device import select_dtype
 from llmcli.errors import UserError
+from llmcli.model_card import write_model_card
 from llmcli.options.checkpoints import MergeOptions
 
 
@@ -48,6 +49,7 @@ def merge_adapter(opts: MergeOptions) -> Path:
              if (source / name).is_file()}
     info = {**read_info(source), "merged_from": str(source.resolve()), "base": str(base)}
     write_checkpoint(out, model, cfg, (source / TOKENIZER).read_bytes(), info, files)
+    write_model_card(out)
     ui.log(f"merged the adapter of {source} into {base}: {model.num_params():,} parameters, "
            f"{str(dtype).removeprefix('torch.')}")
     return out

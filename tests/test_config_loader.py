@@ -84,11 +84,19 @@ def test_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("train: [1, 2]\n", "'train' in"),
     ("- a\n- b\n", "top level must be a mapping"),
+    ("[]\n", "top level must be a mapping"),
+    ("''\n", "top level must be a mapping"),
+    ("0\n", "top level must be a mapping"),
+    ("false\n", "top level must be a mapping"),
     ("model: {n_layer: 2\n", "not valid YAML"),
 ])
 def test_malformed_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_a_list_as_config_is_one_line_on_the_command_line(tmp_path, cli, one_line_error):
+    one_line_error(cli("data", "prepare", "-c", write(tmp_path, "[]\n")), "top level must be a mapping")
 
 
 def test_missing_file(tmp_path):
@@ -117,8 +125,8 @@ def test_saved_config_reloads_identically(tmp_path):
     (["model.arch=rnn", "model.pos=rope"], "model.pos: does not apply to model.arch=rnn"),
     (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru, rnn, gru-seq2seq and lstm-seq2seq)"),
     (["model.arch=lstm", "model.d_hidden=64"],
-     "model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden=64, d_model=128); "
-     "set model.tie_embeddings=false or make them equal (from override 'model.d_hidden=64')"),
+     ("model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden=64, d_model=128); "
+      "set model.tie_embeddings=false or make them equal (from override 'model.d_hidden=64')")),
     (["model.arch=mamba"], "model.arch: must be one of transformer, lstm, gru, rnn"),
 ])
 def test_settings_of_another_family_are_refused(overrides, message):

@@ -50,6 +50,7 @@ from llmcli.hf.marian import ARCHITECTURE as MARIAN
 from llmcli.hf.marian import check_exportable, marian_config, state_dict_to_marian
 from llmcli.hf.seq2seq import marian_folder_files
 from llmcli.io import atomic_replace_dir, atomic_write, atomic_write_text
+from llmcli.model_card import CARD, model_card
 from llmcli.models import registry
 from llmcli.options.checkpoints import ExportOptions
 from llmcli.quantize.modules import dequantize_model, quantization_of
@@ -144,11 +145,12 @@ def export_hf(opts: ExportOptions) -> ExportResult:
         for name, obj in texts.items():
             atomic_write_text(tmp / name, json_text(obj))
         shutil.copyfile(tok_path, tmp / HF_TOKENIZER)
+        atomic_write_text(tmp / CARD, model_card(src, export=out))
 
     atomic_replace_dir(out, build)
     return ExportResult(out=out, family=family, architecture=ARCHITECTURE[family], config=config,
                         parameters=model.num_params(), dtype=str(stored).removeprefix("torch."),
-                        eos_token_id=first(eos_id), files=sorted([HF_WEIGHTS, HF_TOKENIZER, *texts]))
+                        eos_token_id=first(eos_id), files=sorted([HF_WEIGHTS, HF_TOKENIZER, CARD, *texts]))
 
 
 def _export_marian(model: Any, src: Path, out: Path) -> ExportResult:
@@ -166,11 +168,12 @@ def _export_marian(model: Any, src: Path, out: Path) -> ExportResult:
         for name, text in texts.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(tmp / name, text)
+        atomic_write_text(tmp / CARD, model_card(src, export=out))
 
     atomic_replace_dir(out, build)
     return ExportResult(out=out, family="marian", architecture=MARIAN, config=config, parameters=model.num_params(),
                         dtype=str(stored).removeprefix("torch."), eos_token_id=eot,
-                        files=sorted([HF_WEIGHTS, *texts]), loader="AutoModelForSeq2SeqLM")
+                        files=sorted([HF_WEIGHTS, CARD, *texts]), loader="AutoModelForSeq2SeqLM")
 
 
 def print_export(result: ExportResult, console: Any = None) -> None:

@@ -43,6 +43,7 @@ from llmcli.hf.marian import ARCHITECTURE as MARIAN
 from llmcli.hf.marian import hf_tensor_names as marian_tensor_names
 from llmcli.hf.marian import model_config_from_marian, state_dict_from_marian
 from llmcli.hf.seq2seq import marian_tokenizers
+from llmcli.model_card import write_model_card
 from llmcli.models.registry import build_model
 from llmcli.options.checkpoints import ImportOptions
 from llmcli.tokenizer import EOT, load_tokenizer
@@ -293,6 +294,7 @@ def import_hf(opts: ImportOptions) -> ImportResult:
     if source_tok_bytes is not None:
         kept[SOURCE_TOKENIZER] = source_tok_bytes
     write_checkpoint(out, model, run_config, tok_bytes, info, kept)
+    write_model_card(out)
     return ImportResult(out=out, source=source, architecture=info["architecture"], family=family,
                         config=config, parameters=model.num_params(),
                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -256,8 +256,8 @@ def _adapter_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
     base = f"{a['base']} (missing or changed: {a['base_problem']})" if a["base_problem"] else str(a["base"])
     on = f" on {', '.join(a['targets'])}" if a["targets"] else ""
     return [("adapter", f"{a['method']} r {a['r']}, alpha {_plain(a['alpha'])}{on} ({len(a['modules'])} modules)"),
-            ("  adapter parameters", f"{ui.format_count(a['parameters'])} ({a['parameters']:,}); the "
-                                     "parameters above are the base's"),
+            ("  adapter parameters", (f"{ui.format_count(a['parameters'])} ({a['parameters']:,}); the "
+                                      "parameters above are the base's")),
             ("  base", base + ("" if q is None else f", quantized {q.get('method')}"))]
 
 

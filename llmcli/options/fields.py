@@ -110,11 +110,11 @@ AUTO_DTYPE_HELP = "auto (bfloat16 on a GPU, else float32), float32, bfloat16, fl
 
 def threads_option() -> Any:
     return option(None, "--threads", help="CPU threads for the model (default: one per core, fewer when other "
-                                          "processes keep cores busy; see README). Small models run fastest "
+                                          "processes keep cores busy; see docs/training.md). Small models run fastest "
                                           "on 1.", check=AT_LEAST_ONE)
 
 
-def config_option(help: str = "YAML config file (see configs/).") -> Any:
+def config_option(help: str = "YAML config file, or the name of a shipped recipe (llmcli recipes).") -> Any:
     return option(None, "--config", "-c", help=help, dir_okay=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,12 @@ def parse_size(text: str) -> int | None:
         return None
     number, unit, binary = match.groups()
     return int(float(number) * ((1024 if binary else 1000) ** _SCALE[unit.lower()] if unit else 1))
+
+
+def _given_key(flag: str | None) -> str | None:
+    """--api-key, else LLMCLI_API_KEY even when it is set but empty (click reads that as unset): an
+    empty key is refused, never taken for "no key"."""
+    return flag if flag is not None else os.environ.get(API_KEY_ENV)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,17 +232,17 @@ class ServeOptions(Options):
                                                    "0.0.0.0 = every interface (set an API key then).")
     port: int = option(8000, "--port", "-p", help="Port to listen on (0 = any free port).",
                        check=(lambda v: is_integer(v) and 0 <= v <= 65535, "in 0..65535"))
-    api_key: Optional[str] = option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+    api_key: Optional[str] = option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True, convert=_given_key,
                                     help="Require 'Authorization: Bearer KEY' on every request except GET "
                                          "/health. Prefer the environment variable: a command line is visible "
-                                         "to other users.")
+                                         "to other users. An empty key is refused (unset the variable to serve "
+                                         "without one).")
     max_batch_size: int = option(16, "--max-batch-size", "-b", help="Sequences decoded together (at most).",
                                  check=AT_LEAST_ONE)
     kv_cache_memory: Optional[str] = option(None, "--kv-cache-memory", metavar="SIZE",
                                             help="Memory for the paged KV cache, e.g. 2GiB or 512MiB (default: "
                                                  "as much as --max-batch-size full-context sequences take).",
-                                            check=(lambda v: (parse_size(v) or 0) > 0, "a size such as 2GiB or "
-                                                                                        "512MiB"))
+                                            check=(lambda v: (parse_size(v) or 0) > 0, "a size such as 2GiB or 512MiB"))
     num_blocks: Optional[int] = option(None, "--num-blocks", help="Blocks in the paged KV cache (instead of "
                                                                   "--kv-cache-memory).", check=AT_LEAST_ONE)
     block_tokens: int = option(DEFAULT_BLOCK_TOKENS, "--block-size", help="Tokens per block of the paged KV cache.",
@@ -277,6 +284,9 @@ class ServeOptions(Options):
                                        "vLLM's --speculative-config after --)")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise FieldError("api_key", f"/ {API_KEY_ENV} is empty: give a key, or unset {API_KEY_ENV} to serve "
+                                        "without one")
         if self.num_blocks is not None and self.kv_cache_memory is not None:
             raise FieldError("num_blocks", "and --kv-cache-memory both size the paged KV cache: give one")
         if self.paging_options and (self.slot_cache or self.engine == "vllm"):
@@ -294,8 +304,6 @@ class ServeOptions(Options):
         """Whether any option of the paged KV cache was given."""
         return (self.num_blocks is not None or self.kv_cache_memory is not None or self.no_prefix_cache
                 or self.block_tokens != DEFAULT_BLOCK_TOKENS)
-        if self.api_key is not None and not self.api_key.strip():
-            raise FieldError("api_key", f"/ {API_KEY_ENV} is empty")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ class PrepareOptions(ConfigOptions):
 
       llmcli data prepare                                  # Shakespeare, char tokenizer
 
-      llmcli data prepare -c configs/shakespeare-bpe.yaml
+      llmcli data prepare -c shakespeare-bpe
 
       llmcli data prepare data.source=notes/ tokenizer.kind=bpe tokenizer.vocab_size=2048
     """
@@ -33,7 +33,7 @@ class TokenizerTrainOptions(ConfigOptions):
 
       llmcli tokenizer train --out tok.json tokenizer.kind=bpe tokenizer.vocab_size=8192
 
-      llmcli tokenizer train -c configs/shakespeare-bpe.yaml --out tok.json
+      llmcli tokenizer train -c shakespeare-bpe --out tok.json
     """
 
     out: Path = option(REQUIRED, "--out", "-o", help="Where to write tokenizer.json.")
@@ -48,9 +48,9 @@ class TrainOptions(ConfigOptions):
 
     Examples:
 
-      llmcli train -c configs/tiny.yaml --out runs/tiny
+      llmcli train -c tiny --out runs/tiny
 
-      llmcli train -c configs/shakespeare-char.yaml --out runs/char train.max_minutes=5
+      llmcli train -c shakespeare-char --out runs/char train.max_minutes=5
 
       llmcli train --resume runs/char train.max_steps=4000      # continue, with more steps
 
@@ -85,7 +85,7 @@ class DistillOptions(ConfigOptions):
 
     Examples:
 
-      llmcli distill --teacher runs/char -c configs/shakespeare-lstm.yaml --out runs/lstm-kd
+      llmcli distill --teacher runs/char -c shakespeare-lstm --out runs/lstm-kd
 
       llmcli distill --teacher runs/char -c student.yaml --out runs/kd distill.alpha=0.9 distill.temperature=2
 

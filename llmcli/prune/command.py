@@ -1,6 +1,6 @@
 """`llmcli prune`: a pruned copy of a checkpoint (optionally fine-tuned), and a table measured in the
 same run (parameters, file size, val perplexity, decode speed at batch 1 and 8, greedy agreement)
-before pruning, after it and after fine-tuning. The measuring helpers are `llmcli quantize`'s."""
+before pruning, after it and after fine-tuning (llmcli/measure.py measures, as for `llmcli quantize`)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ from llmcli.config import Config
 from llmcli.config_loader import load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel
-from llmcli.options.checkpoints import PruneOptions
-from llmcli.prune import magnitude, structured
-from llmcli.quantize.command import (
+from llmcli.measure import (
+    agreement,
     decode_sources,
     end_token,
     measure_decode_rounds,
@@ -45,6 +43,10 @@ from llmcli.quantize.command import (
     mib,
     run_data,
 )
+from llmcli.model_card import write_model_card
+from llmcli.models.base import LanguageModel
+from llmcli.options.checkpoints import PruneOptions
+from llmcli.prune import magnitude, structured
 
 
 @dataclass
@@ -144,6 +146,7 @@ def _write(directory: Path, model: LanguageModel, cfg: Config, source: Path, inf
     own = source / SOURCE_TOKENIZER
     write_checkpoint(directory, model, cfg, (source / TOKENIZER).read_bytes(), info,
                      {SOURCE_TOKENIZER: own.read_bytes()} if own.is_file() else None)
+    write_model_card(directory)
 
 
 def _finetune(pruned: Path, source: Path, out: Path, opts: PruneOptions) -> None:
@@ -189,7 +192,7 @@ def _measure(opts: PruneOptions, models: list[tuple[str, Path, LanguageModel]],
         for column, (speeds, tokens) in zip(columns, timed, strict=True):
             column.decode[batch] = speeds
             if batch == 1:
-                column.agreement = sum(a == b for a, b in zip(reference, tokens, strict=False)) / max(1, len(reference))
+                column.agreement = agreement(reference, tokens)
     return columns
 
 

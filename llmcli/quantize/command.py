@@ -1,5 +1,5 @@
 """`llmcli quantize`: a quantized copy of a checkpoint, and a table measured in the same run
-(file size, val perplexity, batch-1 decode speed, greedy agreement)."""
+(file size, val perplexity, batch-1 decode speed, greedy agreement; llmcli/measure.py measures)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn as nn
 from rich.table import Table
 
 from llmcli import ui
@@ -27,6 +26,8 @@ from llmcli.checkpoint import (
 )
 from llmcli.config_loader import load_config
 from llmcli.errors import UserError
+from llmcli.measure import agreement, decode_sources, end_token, measure_decode_pair, measure_perplexity, mib
+from llmcli.model_card import write_model_card
 from llmcli.options.checkpoints import QuantizeOptions
 from llmcli.quantize.modules import (
     DEFAULT_GROUP_SIZE,
@@ -95,6 +96,7 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     own_source = source / SOURCE_TOKENIZER  # a seq2seq model's source side, when it has its own
     write_checkpoint(out, model, load_config(source / RUN_CONFIG), (source / TOKENIZER).read_bytes(), info,
                      {SOURCE_TOKENIZER: own_source.read_bytes()} if own_source.is_file() else None)
+    write_model_card(out)
     layers = quantized_layer_count(model)
     del model
     report = QuantizeReport(source=source, out=out, entry=entry, before=before,
@@ -112,116 +114,8 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
                                                                sources=decode_sources(source, original))
             before.decode_tokens_per_second = statistics.median(fp)
             report.after.decode_tokens_per_second = statistics.median(q)
-            same = sum(a == b for a, b in zip(reference, tokens, strict=False))
-            report.greedy_agreement = same / max(1, len(reference))
+            report.greedy_agreement = agreement(reference, tokens)
     return report
-
-
-def end_token(directory: Path) -> int:
-    from llmcli.tokenizer import eot_id, load_tokenizer
-
-    return eot_id(load_tokenizer(directory / TOKENIZER))
-
-
-def run_data(directory: Path, model: nn.Module):
-    """The run's own data (its pairs, for a seq2seq model), as `llmcli eval` reads it."""
-    from llmcli.data.prepare import prepare_data
-    from llmcli.data.prepare_pairs import prepare_pairs
-    from llmcli.evaluate import data_config
-    from llmcli.evaluate_pairs import with_source_tokenizer
-
-    try:
-        cfg = data_config(directory, None, [])
-        if model.task == "seq2seq":
-            return prepare_pairs(with_source_tokenizer(cfg, directory), console=ui.stderr)
-        return prepare_data(cfg, console=ui.stderr)
-    except UserError as exc:
-        raise UserError(f"{exc} (measuring needs the run's data; --eval-tokens 0 --decode-tokens 0 skip it)") from None
-
-
-def decode_sources(directory: Path, model: nn.Module) -> list[list[int]] | None:
-    """seq2seq: the val sources decoding is timed on (None for a language model)."""
-    if model.task != "seq2seq":
-        return None
-    from llmcli.evaluate_pairs import first_sources
-
-    return first_sources(run_data(directory, model), "val", 256)
-
-
-def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> tuple[float | None, int]:
-    """Perplexity on the first `eval_tokens` tokens of the run's own val split, scored by
-    llmcli.evaluate (sliding windows, as `llmcli eval`; a seq2seq model's targets by teacher
-    forcing); (None, 0) when eval_tokens is 0."""
-    if eval_tokens == 0:
-        return None, 0
-    from llmcli.evaluate import metrics_from_sums, score_tokens
-
-    prepared = run_data(directory, model)
-    if "val" not in prepared.splits:
-        raise UserError("the run's data has no val split to measure perplexity on; pass --eval-tokens 0")
-    if model.task == "seq2seq":
-        from llmcli.evaluate_pairs import pairs_perplexity
-
-        return pairs_perplexity(model, prepared, "val", eval_tokens)
-    tokens = prepared.tokens("val")[:eval_tokens]
-    metrics = metrics_from_sums(score_tokens(model, tokens, first_token=end_token(directory)))
-    return metrics["perplexity"], int(metrics["tokens"])
-
-
-def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
-                   sources: list[list[int]] | None = None, batch: int = 1) -> tuple[float, list[int]]:
-    """One greedy generation of `new_tokens` with llmcli.generate's engine:
-    (decode tok/s, the tokens). A seq2seq model decodes `sources` one after another (each to its
-    end token) until it has `new_tokens` tokens. With `batch` > 1 (language models), that many
-    copies of the request decode together; the tokens are the first one's."""
-    from llmcli.generate.engine import Engine
-    from llmcli.options.sampling import SamplingParams
-
-    if sources is not None:
-        engine, tokens = Engine(model, max_batch_size=1), []
-        params = SamplingParams(max_new_tokens=(model.context_length or model.config.block_size + 1) - 1,
-                                temperature=0.0)
-        for source in sources:
-            engine.add(prompt_ids, params, stop_token_ids=prompt_ids, source_ids=source)
-            while engine.has_work():
-                tokens += [ev.token for ev in engine.step()]
-            if len(tokens) >= new_tokens:
-                break
-        stats = engine.stats
-        return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
-    if model.context_length is not None:
-        new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
-    engine = Engine(model, max_batch_size=batch)
-    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eot=True)
-    request = [engine.add(prompt_ids, params) for _ in range(batch)][0]
-    tokens = []
-    while engine.has_work():
-        tokens += [ev.token for ev in engine.step() if ev.id == request]
-    stats = engine.stats
-    return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
-
-
-def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,
-                        rounds: int = 3, sources: list[list[int]] | None = None
-                        ) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
-    """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
-    that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
-    of a, (tok/s per round, tokens) of b)."""
-    first, second = measure_decode_rounds([a, b], new_tokens, prompt_ids, rounds=rounds, sources=sources)
-    return first, second
-
-
-def measure_decode_rounds(models: list[nn.Module], new_tokens: int, prompt_ids: list[int], *, rounds: int = 3,
-                          sources: list[list[int]] | None = None, batch: int = 1
-                          ) -> list[tuple[list[float], list[int]]]:
-    """Decode speed of several models timed in turn, round after round, after a warm-up run of
-    each: per model (tok/s per round, the warm-up's greedy tokens)."""
-    tokens = [measure_decode(model, new_tokens, prompt_ids, sources, batch)[1] for model in models]  # warm-up
-    speeds: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for speed, model in zip(speeds, models, strict=True):
-            speed.append(measure_decode(model, new_tokens, prompt_ids, sources, batch)[0])
-    return list(zip(speeds, tokens, strict=True))
 
 
 def print_report(report: QuantizeReport, console=None) -> None:
@@ -249,9 +143,3 @@ def print_report(report: QuantizeReport, console=None) -> None:
                       f"{100 * report.greedy_agreement:.0f}%", "")
     console.print(table)
     console.print(f"wrote {report.out}", markup=False, soft_wrap=True)
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
-
-

@@ -20,7 +20,7 @@ model except a tied head) and, with `--include-embeddings`, every token embeddin
 model.json gets `"quantization": {"method", "group_size", "include_embeddings"}` (group_size is
 null for int8); `quantization_of(model)` reads it back off the modules.
 
-Runtime, chosen by measurement (README, Benchmarks): int8 on the CPU in models of at least
+Runtime, chosen by measurement (docs/benchmarks.md): int8 on the CPU in models of at least
 `FBGEMM_MIN_MODEL_WEIGHTS` quantized weights quantizes activations per token and runs fbgemm's
 dynamic int8 kernel, row by row up to `ROW_LOOP_MAX_TOKENS` tokens and as the same arithmetic in
 float32 beyond, so a token's output never depends on the rest of the batch. Smaller int8 models

@@ -5,7 +5,7 @@ Stored format (see modules.py for the Linear one, which this follows): every wei
 [rows, cols], or int4 packed two per byte) with `name.weight_ih_l0_scale` (and, for int4,
 `name.weight_ih_l0_zero`), exactly as a Linear weight; the biases stay float under their own names.
 
-Runtime, chosen by measurement (README, Benchmarks): int8 LSTM and GRU layers with biases run
+Runtime, chosen by measurement (docs/benchmarks.md): int8 LSTM and GRU layers with biases run
 PyTorch's dynamic int8 kernels (`torch.quantized_lstm` / `quantized_gru`, fbgemm) on our exact
 integer weights and scales. Those quantize activations over a whole call, so each row of a batch
 runs alone: a sequence's tokens never depend on what else is in the batch. Other layers (tanh RNNs,

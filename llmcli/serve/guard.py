@@ -22,7 +22,8 @@ class Guard:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         outer, path = send, scope.get("path", "")
 
         async def send(message):
@@ -32,7 +33,8 @@ class Guard:
 
         error = self._refusal(scope)
         if error is not None:
-            return await error.response()(scope, receive, send)
+            await error.response()(scope, receive, send)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -41,7 +43,8 @@ class Guard:
             body = message.get("body", b"")
             size += len(body)
             if size > self.state.max_body_bytes:
-                return await too_large(self.state.max_body_bytes).response()(scope, receive, send)
+                await too_large(self.state.max_body_bytes).response()(scope, receive, send)
+                return
             chunks.append(body)
             if not message.get("more_body", False):
                 break

@@ -149,7 +149,8 @@ def make_uvicorn_server(app: Any, *, log_level: str = "info", access_log: bool =
 
         def handle_exit(self, sig, frame) -> None:
             if self.drain_started is not None:
-                return super().handle_exit(sig, frame)
+                super().handle_exit(sig, frame)
+                return
             state.begin_shutdown()
             self.drain_started = time.monotonic()
 

@@ -75,9 +75,10 @@ def read_engine_file(t: TrainConfig) -> EngineFile:
             raise UserError(f"{path}: a JSON file is a DeepSpeed config, but train.strategy={t.strategy}")
         return EngineFile(deepspeed=_deepspeed_json(path, text))
     try:
-        raw = read_yaml(text) or {}
+        raw = read_yaml(text)
     except Exception as exc:  # yaml's errors, and our duplicate-key one
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected an Accelerate config (a mapping with fsdp_config or deepspeed_config)")
     declared = str(raw.get("distributed_type", "")).upper()

@@ -29,6 +29,7 @@ from llmcli.config import Config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import atomic_replace_dir, atomic_write_bytes, swap_in
+from llmcli.model_card import write_model_card
 from llmcli.options.training import TrainOptions
 from llmcli.train import state as saved
 from llmcli.train.batches import PairBatches, WindowBatches, training_data
@@ -351,9 +352,12 @@ class Trainer:
             shutil.rmtree(state_tmp, ignore_errors=True)
             info = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **val}
             write_checkpoint(out_dir / "last", model, self.cfg, self.tokenizer, info, self.files)
+            write_model_card(out_dir / "last")
             if self.state.best_step == self.state.step:
                 write_checkpoint(out_dir / "best", model, self.cfg, self.tokenizer, info, self.files)
+                write_model_card(out_dir / "best")
             link_checkpoint(out_dir / "last", out_dir)
+            write_model_card(out_dir)  # the run's: with its training log so far
             if out_dir != self.final_dir:  # the new run is complete enough to replace the old one
                 swap_in(out_dir, self.final_dir)
         accelerator.wait_for_everyone()

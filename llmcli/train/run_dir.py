@@ -25,7 +25,7 @@ from llmcli.checkpoint import (
     read_quantization,
     resolve_checkpoint,
 )
-from llmcli.config import Config
+from llmcli.config import FROM_DATA, Config
 from llmcli.config_loader import load_config
 from llmcli.data.sources import local_inputs
 from llmcli.errors import UserError
@@ -97,11 +97,11 @@ def resume_config(run_dir: Path, config_path: Path | None, overrides: list[str])
     base = load_config(saved)
     if config_path is not None:
         other = load_config(config_path)
-        for section in ("model", "data", "tokenizer"):
+        for section in ("model", "data", "tokenizer", "source_tokenizer"):
             old, new = asdict(getattr(base, section)), asdict(getattr(other, section))
             for key in old:
-                if section == "model" and key == "vocab_size" and new[key] is None:
-                    continue  # filled in from the tokenizer when the run started
+                if section == "model" and key in FROM_DATA and new[key] is None:
+                    continue  # filled in from the data when the run started
                 if old[key] != new[key]:
                     raise UserError(f"{config_path} has {section}.{key}={new[key]!r} but the run "
                                     f"in {run_dir} was trained with {old[key]!r}; cannot resume")

@@ -36,7 +36,7 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(
     result = export_hf(ExportOptions(run_dir=run, out=tmp_path / "hf"))
     assert result.architecture == arch and result.eos_token_id == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == result.files == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == arch

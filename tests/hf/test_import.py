@@ -59,7 +59,7 @@ def test_import_of_save_pretrained_matches_transformers(tmp_path, transformers, 
         assert getattr(config, key) == value, key
     assert (config.vocab_size, config.block_size, config.n_layer) == (vocab, 64, 2)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "checkpoint.json", "config.yaml", "generation_config.json", "model.json", "model.safetensors",
+        "README.md", "checkpoint.json", "config.yaml", "generation_config.json", "model.json", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]  # the source's end tokens and chat template kept
     info = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
     assert info["imported_from"] == str(tmp_path / "src") and info["eos_token_id"] == 0

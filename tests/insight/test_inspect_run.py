@@ -29,7 +29,8 @@ def inspect_json(cli, path) -> dict:
     return json.loads(result.stdout)
 
 
-def test_a_trained_run_is_summarised_from_its_files(cli, trained_runs, prepared_here):
+@pytest.mark.usefixtures("prepared_here")
+def test_a_trained_run_is_summarised_from_its_files(cli, trained_runs):
     run = trained_runs["gpt2"]
     info = inspect_json(cli, run)
     model = load_model(run)
@@ -49,7 +50,8 @@ def test_a_trained_run_is_summarised_from_its_files(cli, trained_runs, prepared_
     assert {"best/", "last/", "state/", "config.yaml"} <= set(info["files"])
 
 
-def test_epochs_are_the_recorded_ones_else_tokens_over_the_training_split(cli, trained_runs, prepared_here,
+@pytest.mark.usefixtures("prepared_here")
+def test_epochs_are_the_recorded_ones_else_tokens_over_the_training_split(cli, trained_runs,
                                                                           tmp_path, monkeypatch):
     run = shutil.copytree(trained_runs["gpt2"], tmp_path / "run", symlinks=True)
     rows = read_metrics(run / "metrics.jsonl")
@@ -69,7 +71,8 @@ def test_epochs_are_the_recorded_ones_else_tokens_over_the_training_split(cli, t
     assert "the run's data is not prepared here" in cli("inspect", run).stdout
 
 
-def test_the_table_shows_the_same_summary(cli, trained_runs, prepared_here):
+@pytest.mark.usefixtures("prepared_here")
+def test_the_table_shows_the_same_summary(cli, trained_runs):
     run = trained_runs["llama"]
     info = inspect_json(cli, run)
     result = cli("inspect", run)

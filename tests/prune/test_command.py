@@ -42,7 +42,7 @@ def test_the_pruned_checkpoint_is_smaller_and_says_how_it_was_made(pruned_llama,
     assert original.perplexity > 1 and pruned.perplexity > 1 and original.eval_tokens == 256
 
 
-def test_the_table_names_each_model(pruned_llama, capsys):
+def test_the_table_names_each_model(pruned_llama):
     from rich.console import Console
 
     console = Console(width=200, record=True)

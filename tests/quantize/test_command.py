@@ -152,8 +152,8 @@ def test_cli_quantize_then_eval_and_generate(trained_runs, tmp_path, cli, quanti
     (["--method", "int4", "--group-size", "64"],
      "--group-size 64 does not divide blocks.0.attn.q_proj's in_features 32"),
     (["--method", "int8", "--group-size", "64"], "--group-size applies to int4 only"),
-    (["--method", "int4"], "--group-size 64 does not divide blocks.0.attn.q_proj's in_features 32 "
-                           "(weight 32x32); use a group size that divides it (64 is the default)"),
+    (["--method", "int4"], ("--group-size 64 does not divide blocks.0.attn.q_proj's in_features 32 "
+                            "(weight 32x32); use a group size that divides it (64 is the default)")),
     (["--method", "int8", "--eval-tokens", "-1"], "must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(trained_runs, tmp_path, quantize_cli, one_line_error, args, message):

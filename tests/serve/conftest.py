@@ -144,8 +144,9 @@ def start_server(loaded):
 
 @pytest.fixture
 def serve_process(tmp_path):
-    """serve_process(*args, env={}): `llmcli serve ARGS --port 0 --threads 1` in a subprocess;
-    (process, base url, log path) once it printed its address; killed after the test if still running."""
+    """serve_process(*args, env={}): `llmcli serve ARGS --port 0 --threads 1` in a subprocess (env: more
+    variables, None unsets one); (process, base url, log path) once it printed its address; killed
+    after the test if still running."""
     started = []
 
     def start(*args, env=None):
@@ -153,7 +154,7 @@ def serve_process(tmp_path):
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", *map(str, args), "--port", "0",
                                      "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})
+                                    env=_environment(env or {}))
         started.append(proc)
         deadline, url = time.monotonic() + 60, None
         while url is None:
@@ -168,6 +169,11 @@ def serve_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def _environment(changes: dict[str, str | None]) -> dict[str, str]:
+    merged = {**os.environ, **changes}
+    return {name: value for name, value in merged.items() if value is not None}
 
 
 @pytest.fixture(scope="module")

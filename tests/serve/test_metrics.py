@@ -3,7 +3,7 @@
 import pytest
 
 pytest.importorskip("openai")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:

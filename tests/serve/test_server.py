@@ -42,6 +42,18 @@ def test_cli_one_line_errors(checkpoint, tmp_path, cli, one_line_error):
     assert "LLMCLI_API_KEY" in result.stdout and "base models" in result.stdout
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_however_it_is_given(tmp_path, cli, one_line_error, monkeypatch, key):
+    """An empty key is a mistake (an unset $VARIABLE), never "no key": both spellings are refused,
+    before the checkpoint is read."""
+    missing = tmp_path / "no-run"
+    one_line_error(cli("serve", missing, "--api-key", key), "--api-key / LLMCLI_API_KEY is empty", alone=True)
+    monkeypatch.setenv("LLMCLI_API_KEY", key)
+    one_line_error(cli("serve", missing), "--api-key / LLMCLI_API_KEY is empty", alone=True)
+    monkeypatch.delenv("LLMCLI_API_KEY")
+    one_line_error(cli("serve", missing), "checkpoint not found", alone=True)  # unset: no key
+
+
 def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
     proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k"})
     assert "API key required" in log_path.read_text()

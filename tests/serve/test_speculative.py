@@ -119,8 +119,8 @@ def test_cli_one_line_errors(checkpoint, draft_dir, tmp_path, cli, one_line_erro
         ((checkpoint, "--prompt-lookup", "2", "--draft-tokens", "0"), "--draft-tokens must be at least 1"),
         ((lstm, "--prompt-lookup", "2"), "cannot be rolled back"),
         ((other, "--draft", lstm), "the draft (model.arch=lstm)"),
-        ((checkpoint, "--prompt-lookup", "2", "--num-blocks", "8"), "speculative decoding (--draft, --prompt-lookup) "
-                                                                    "runs on the slot cache"),
+        ((checkpoint, "--prompt-lookup", "2", "--num-blocks", "8"), ("speculative decoding (--draft, "
+                                                                     "--prompt-lookup) runs on the slot cache")),
     ]
     for args, message in cases:
         one_line_error(cli("serve", *args, "--port", "0"), message, alone=True)
@@ -129,7 +129,7 @@ def test_cli_one_line_errors(checkpoint, draft_dir, tmp_path, cli, one_line_erro
 @pytest.mark.slow
 def test_the_command_serves_speculatively(checkpoint, draft_dir, serve_process, server, complete):
     proc, url, log_path = serve_process(checkpoint, "--draft", draft_dir, "--draft-tokens", "3",
-                                        env={"LLMCLI_API_KEY": ""})
+                                        env={"LLMCLI_API_KEY": None})
     assert f"speculative decoding on: draft {draft_dir} proposes 3 tokens" in log_path.read_text()
     remote = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
     got = complete(remote, "ROMEO:", max_tokens=30).choices[0].text  # the model's name: checkpoint.name

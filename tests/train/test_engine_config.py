@@ -39,6 +39,8 @@ def test_a_deepspeed_json_passes_through_directly_or_from_the_yaml(tmp_path):
     ("ds.json", '{"train_batch_size": 8}', "deepspeed", "is set by train.batch_size"),
     ("ds.json", "{not json", "deepspeed", "not valid JSON"),
     ("ds.json", "{}", "fsdp", "a JSON file is a DeepSpeed config"),
+    ("a.yaml", "[]\n", "fsdp", "expected an Accelerate config"),
+    ("a.yaml", "''\n", "fsdp", "expected an Accelerate config"),
 ])
 def test_what_llmcli_sets_is_refused_in_the_file(tmp_path, name, text, strategy, fragment):
     with pytest.raises(UserError) as refused:

@@ -44,6 +44,25 @@ def test_resume_is_bit_identical_to_one_run(pairs_file, tmp_path, cli, arch):
     assert (tmp_path / "resumed" / "best" / "source_tokenizer.json").is_file()
 
 
+def test_resume_with_its_config_file(pairs_file, tmp_path, cli, one_line_error):
+    """`train -c CONFIG --resume R` takes the config that started R: the sizes the data decided
+    (vocab_size, src_vocab_size) are the run's, not a difference; a changed source side is refused."""
+    config = tmp_path / "g2p.yaml"
+    config.write_text(f"data: {{task: seq2seq, source: {pairs_file}, cache_dir: {tmp_path / 'cache'}}}\n"
+                      "tokenizer: {kind: word}\nsource_tokenizer: {kind: char}\n"
+                      "model: {arch: gru-seq2seq, n_layer: 1, d_model: 16, block_size: 12}\n"
+                      "train: {batch_size: 8, max_steps: 2, eval_interval: 2, eval_batches: 1}\n")
+    run = tmp_path / "run"
+    assert cli("train", "-c", config, "--out", run).exit_code == 0
+    result = cli("train", "-c", config, "--resume", run, "train.max_steps=4")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["step"] == 4
+    other = tmp_path / "other.yaml"
+    other.write_text(config.read_text().replace("source_tokenizer: {kind: char}", "source_tokenizer: {kind: bpe}"))
+    one_line_error(cli("train", "-c", other, "--resume", run, "train.max_steps=6"),
+                   "source_tokenizer.kind='bpe'", "cannot resume")
+
+
 def test_batches_are_bucketed_padded_and_masked(pairs_file, tmp_path):
     from llmcli.data.tasks import prepare_for_task
     from llmcli.train.batches import training_data

@@ -1,0 +1,133 @@
+"""What `llmcli quantize` and `llmcli prune` measure about a compressed checkpoint and the one it came
+from: perplexity on the run's own val split (scored as `llmcli eval` scores it), greedy decode speed
+timed in interleaved rounds (so that other jobs on the machine slow every model alike), and how many
+greedy tokens agree with the original's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from llmcli import ui
+from llmcli.checkpoint import TOKENIZER
+from llmcli.errors import UserError
+
+
+def end_token(directory: Path) -> int:
+    """The id of <|endoftext|> in the checkpoint's tokenizer: the prompt decoding is timed from."""
+    from llmcli.tokenizer import eot_id, load_tokenizer
+
+    return eot_id(load_tokenizer(directory / TOKENIZER))
+
+
+def run_data(directory: Path, model: nn.Module):
+    """The run's own data (its pairs, for a seq2seq model), as `llmcli eval` reads it."""
+    from llmcli.data.prepare import prepare_data
+    from llmcli.data.prepare_pairs import prepare_pairs
+    from llmcli.evaluate import data_config
+    from llmcli.evaluate_pairs import with_source_tokenizer
+
+    try:
+        cfg = data_config(directory, None, [])
+        if model.task == "seq2seq":
+            return prepare_pairs(with_source_tokenizer(cfg, directory), console=ui.stderr)
+        return prepare_data(cfg, console=ui.stderr)
+    except UserError as exc:
+        raise UserError(f"{exc} (measuring needs the run's data; --eval-tokens 0 --decode-tokens 0 skip it)") from None
+
+
+def decode_sources(directory: Path, model: nn.Module) -> list[list[int]] | None:
+    """seq2seq: the val sources decoding is timed on (None for a language model)."""
+    if model.task != "seq2seq":
+        return None
+    from llmcli.evaluate_pairs import first_sources
+
+    return first_sources(run_data(directory, model), "val", 256)
+
+
+def measure_perplexity(directory: Path, model: nn.Module, eval_tokens: int) -> tuple[float | None, int]:
+    """Perplexity on the first `eval_tokens` tokens of the run's own val split, scored by
+    llmcli.evaluate (sliding windows, as `llmcli eval`; a seq2seq model's targets by teacher
+    forcing); (None, 0) when eval_tokens is 0."""
+    if eval_tokens == 0:
+        return None, 0
+    from llmcli.evaluate import metrics_from_sums, score_tokens
+
+    prepared = run_data(directory, model)
+    if "val" not in prepared.splits:
+        raise UserError("the run's data has no val split to measure perplexity on; pass --eval-tokens 0")
+    if model.task == "seq2seq":
+        from llmcli.evaluate_pairs import pairs_perplexity
+
+        return pairs_perplexity(model, prepared, "val", eval_tokens)
+    tokens = prepared.tokens("val")[:eval_tokens]
+    metrics = metrics_from_sums(score_tokens(model, tokens, first_token=end_token(directory)))
+    return metrics["perplexity"], int(metrics["tokens"])
+
+
+def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
+                   sources: list[list[int]] | None = None, batch: int = 1) -> tuple[float, list[int]]:
+    """One greedy generation of `new_tokens` with llmcli.generate's engine:
+    (decode tok/s, the tokens). A seq2seq model decodes `sources` one after another (each to its
+    end token) until it has `new_tokens` tokens. With `batch` > 1 (language models), that many
+    copies of the request decode together; the tokens are the first one's."""
+    from llmcli.generate.engine import Engine
+    from llmcli.options.sampling import SamplingParams
+
+    if sources is not None:
+        engine, tokens = Engine(model, max_batch_size=1), []
+        params = SamplingParams(max_new_tokens=(model.context_length or model.config.block_size + 1) - 1,
+                                temperature=0.0)
+        for source in sources:
+            engine.add(prompt_ids, params, stop_token_ids=prompt_ids, source_ids=source)
+            while engine.has_work():
+                tokens += [ev.token for ev in engine.step()]
+            if len(tokens) >= new_tokens:
+                break
+        stats = engine.stats
+        return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
+    if model.context_length is not None:
+        new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
+    engine = Engine(model, max_batch_size=batch)
+    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eot=True)
+    request = [engine.add(prompt_ids, params) for _ in range(batch)][0]
+    tokens = []
+    while engine.has_work():
+        tokens += [ev.token for ev in engine.step() if ev.id == request]
+    stats = engine.stats
+    return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
+
+
+def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,
+                        rounds: int = 3, sources: list[list[int]] | None = None
+                        ) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
+    """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
+    that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
+    of a, (tok/s per round, tokens) of b)."""
+    first, second = measure_decode_rounds([a, b], new_tokens, prompt_ids, rounds=rounds, sources=sources)
+    return first, second
+
+
+def measure_decode_rounds(models: list[nn.Module], new_tokens: int, prompt_ids: list[int], *, rounds: int = 3,
+                          sources: list[list[int]] | None = None, batch: int = 1
+                          ) -> list[tuple[list[float], list[int]]]:
+    """Decode speed of several models timed in turn, round after round, after a warm-up run of
+    each: per model (tok/s per round, the warm-up's greedy tokens)."""
+    tokens = [measure_decode(model, new_tokens, prompt_ids, sources, batch)[1] for model in models]  # warm-up
+    speeds: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for speed, model in zip(speeds, models, strict=True):
+            speed.append(measure_decode(model, new_tokens, prompt_ids, sources, batch)[0])
+    return list(zip(speeds, tokens, strict=True))
+
+
+def agreement(reference: list[int], tokens: list[int]) -> float:
+    """The share of `reference`'s greedy tokens that `tokens` repeats at the same position."""
+    return sum(a == b for a, b in zip(reference, tokens, strict=False)) / max(1, len(reference))
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
