@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmcli.config import Config, TokenizerConfig
 from llmcli.llamacpp.export import export_gguf
@@ -64,6 +65,30 @@ def make_run(tmp_path, tiny_model, perturb, tokenizer_files) -> Callable[..., Pa
 
 
 @pytest.fixture
+def lora_checkpoint(tmp_path, make_run):
+    """lora_checkpoint(preset, targets): (base run, adapter run) with large random LoRA factors."""
+    from llmcli.checkpoint import BASE, base_pointer, load_model, write_checkpoint
+    from llmcli.config import LoraConfig
+    from llmcli.lora import add_adapter
+
+    def make(preset: str, targets: list[str]) -> tuple[Path, Path]:
+        base = make_run(preset, name=f"base-{preset}", tie_embeddings=False)
+        model = load_model(base)
+        add_adapter(model, LoraConfig(r=4, alpha=8.0, targets=targets))
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        out = tmp_path / f"lora-{preset}"
+        write_checkpoint(out, model, Config(model=model.config), (base / "tokenizer.json").read_bytes(), {"step": 1},
+                         {BASE: base_pointer(base)})
+        return base, out
+
+    return make
+
+
+@pytest.fixture
 def export() -> Callable[..., Path]:
     """export(run, out, **options): `llmcli export RUN --format gguf --out OUT`; the file."""
 
@@ -75,23 +100,27 @@ def export() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def trained_char_run(tmp_path_factory) -> Path:
-    """A Llama-style char model (2 layers, 64 wide, context 128) trained for 150 steps on the sonnets:
-    real, peaked-but-not-certain predictions for the greedy comparisons."""
+def trained_char_runs(tmp_path_factory) -> dict[str, Path]:
+    """Char models (2 layers, 64 wide, context 128) trained for 600 steps on the sonnets, by preset
+    ("llama", "gpt2"): real, peaked-but-not-certain predictions for the comparisons that need them."""
     from llmcli.config_loader import load_config
     from llmcli.train.loop import train
     from llmcli.train.run_dir import RunPlan
 
     root = tmp_path_factory.mktemp("gguf-trained")
-    train(RunPlan(load_config(None, [
-        f"data.source={REPO / 'data' / 'sample.txt'}", f"data.cache_dir={root / 'cache'}", "tokenizer.kind=char",
-        "model.preset=llama", "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.block_size=128",
-        "train.batch_size=16", "train.max_steps=150", "train.warmup_steps=10", "train.lr=3e-3",
-        "train.eval_interval=150", "train.eval_batches=2", "train.log_interval=150"]), root / "run"))
+    runs = {}
+    for preset in ("llama", "gpt2"):
+        train(RunPlan(load_config(None, [
+            f"data.source={REPO / 'data' / 'sample.txt'}", f"data.cache_dir={root / 'cache'}", "tokenizer.kind=char",
+            f"model.preset={preset}", "model.n_layer=2", "model.n_head=4", "model.d_model=64",
+            "model.block_size=128", "train.batch_size=16", "train.max_steps=600", "train.warmup_steps=20",
+            "train.lr=3e-3", "train.eval_interval=600", "train.eval_batches=2", "train.log_interval=600"]),
+            root / preset))
+        runs[preset] = root / preset
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    return root / "run"
+    return runs
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +145,24 @@ def load_gguf(llama_cpp) -> Callable[..., Iterator]:
             llm.close()
 
     return load
+
+
+@pytest.fixture
+def ggml_gelu(monkeypatch) -> Callable[[], object]:
+    """with ggml_gelu(): GELU computed as ggml's CPU backend does (GGML_GELU_FP16): the input rounded to
+    float16, the tanh GELU of that looked up in a float16 table, 0 below -10 and x above 10."""
+    import torch.nn.functional as F
+
+    exact = F.gelu
+
+    def table_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        y = exact(x.to(torch.float16).float(), approximate="tanh").to(torch.float16).float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+    @contextmanager
+    def patched():
+        with monkeypatch.context() as m:
+            m.setattr(F, "gelu", table_gelu)
+            yield
+
+    return patched

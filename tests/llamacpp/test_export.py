@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.checkpoint import BASE, base_pointer, load_model, write_checkpoint
-from llmcli.config import Config, LoraConfig
-from llmcli.lora import add_adapter
+from llmcli.checkpoint import load_model, write_checkpoint
+from llmcli.config import Config
 from llmcli.models.registry import FAMILIES
 from llmcli.tokenizer import EOT, load_tokenizer
 
@@ -352,27 +351,6 @@ def test_modelfile_translates_a_per_message_jinja_template(tmp_path, make_run, e
     else:
         assert expected in modelfile and modelfile.count("<|im_start|>assistant\n") == 2  # its turn, and the prompt
     assert modelfile.endswith("PARAMETER stop <|endoftext|>\n")  # a Jinja template adds no stop strings
-
-
-@pytest.fixture
-def lora_checkpoint(tmp_path, make_run):
-    """lora_checkpoint(preset, targets): (base run, adapter run) with large random LoRA factors."""
-
-    def make(preset: str, targets: list[str]) -> tuple[Path, Path]:
-        base = make_run(preset, name=f"base-{preset}", tie_embeddings=False)
-        model = load_model(base)
-        add_adapter(model, LoraConfig(r=4, alpha=8.0, targets=targets))
-        gen = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        out = tmp_path / f"lora-{preset}"
-        write_checkpoint(out, model, Config(model=model.config), (base / "tokenizer.json").read_bytes(), {"step": 1},
-                         {BASE: base_pointer(base)})
-        return base, out
-
-    return make
 
 
 @pytest.mark.parametrize("preset,targets", [("llama", ["q", "k", "v", "o", "gate", "up", "down", "embed", "head"]),
