@@ -99,9 +99,9 @@ def export_gguf(opts: ExportOptions) -> GGUFExportResult:
             _model_metadata(writer, family, plan, config, vocab, template, ends, bos, _name(Path(opts.run_dir)))
     atomic_write(out, lambda tmp: _write(tmp, family, plan, metadata))
     if modelfile_path is not None:
-        stops = [tok.id_to_token(i) for i in ends] + list(load_chat_template(directory=src).stop)
-        layout = layout_of(load_chat_template(directory=src))
-        atomic_write_text(modelfile_path, modelfile(out.name, layout, stops, config.block_size))
+        chat = load_chat_template(directory=src)
+        stops = [tok.id_to_token(i) for i in ends] + list(chat.stop)
+        atomic_write_text(modelfile_path, modelfile(out.name, layout_of(chat), stops, config.block_size))
     return GGUFExportResult(out=out, architecture=family, config=config, parameters=parameters,
                             file_type=plan.file_type(), vocab=vocab, end_tokens=[tok.id_to_token(i) for i in ends],
                             notes=plan.notes, adapter_base=base, modelfile=modelfile_path)
