@@ -81,7 +81,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def file_type(self) -> str:
-        """The type most matrix values have: a gguf.LlamaFileType name."""
+        """The type most matrix rows have (norms and kept-float tensors aside): a gguf.LlamaFileType name."""
         counts: dict[str, int] = {}
         for t in self.tensors:
             if t.data.ndim == 2 and not _kept_float(t.name):
