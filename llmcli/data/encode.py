@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -267,7 +268,7 @@ def _is_our_char(spec: dict[str, Any]) -> bool:
 
 
 class BlockEncoder:
-    """Pieces (see stream_pieces) -> `Encoded`; picklable: a worker process builds its own engine."""
+    """Pieces (see stream_pieces) -> `Encoded`; picklable: each worker process builds its own engine."""
 
     def __init__(self, tokenizer_json: str, eot: int, dtype: str):
         self.tokenizer_json, self.eot, self.dtype = tokenizer_json, eot, np.dtype(dtype)
@@ -418,7 +419,7 @@ def _encode_in_worker(pieces: list[str], ends: list[bool]) -> Encoded:
 
 
 class Encoders:
-    """`encoder` over a stream of blocks in `procs` spawned processes (in this one when procs is 1 or
+    """`encoder` over a stream of blocks in `procs` worker processes (in this one when procs is 1 or
     the stream is a single block); results in order, at most 2 blocks per process in flight."""
 
     def __init__(self, encoder: BlockEncoder, procs: int):
@@ -433,7 +434,8 @@ class Encoders:
             for block in itertools.chain(head, todo):
                 yield block, None if skip(block) else self.encoder(block.pieces, block.ends)
             return
-        context = multiprocessing.get_context("spawn")
+        # fork where it is safe (Linux): no re-import of the caller's __main__, workers start at once
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with context.Pool(self.procs, initializer=_start_worker, initargs=(self.encoder,)) as pool:
             pending: deque = deque()
             for block in itertools.chain(head, todo):

