@@ -2,7 +2,8 @@
 
 A prepared folder is `<cache root>/<source>-<kind>-<hash of its key>`: the key is everything that
 changes the result, so a complete folder (its `meta.json`, written last, present) is reused as is.
-A build runs under a lock (`.<name>.lock`, released by the system even when the process is killed)
+A build runs under a lock (`.<name>.lock`, released by the system even when the process is killed,
+removed by its holder)
 in `.<name>.partial/`, which keeps what an interrupted build finished: `plan.json` (the key and
 what the build decided, e.g. the split cuts), the tokenizer, and `shards.jsonl`, one line per token
 shard complete on disk. A rerun of the same key (after kill -9, Ctrl-C, a full disk) resumes from
@@ -91,15 +92,31 @@ def _read_json(path: Path) -> Any:
 
 @contextlib.contextmanager
 def _locked(target: Path, console: Console):
+    """Hold `.<name>.lock` (waiting for another holder); the file is removed by its holder, so a lock
+    taken on a file already removed is dropped and taken again on the new one."""
     lock = target.with_name(f".{target.name}.lock")
-    with open(lock, "a+") as fh:
+    waited = False
+    while True:
+        fh = open(lock, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"waiting for another process preparing {target.name} ...", soft_wrap=True,
-                          markup=False, highlight=False)
+            if not waited:
+                console.print(f"waiting for another process preparing {target.name} ...", soft_wrap=True,
+                              markup=False, highlight=False)
+                waited = True
             fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
         yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()
 
 
 def cached(target: Path, key: dict[str, Any], load: Callable[[Path], T | None], build: Callable[[Build], None],

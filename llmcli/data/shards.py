@@ -9,6 +9,7 @@ them as one array: `len`, `[i]`, `[a:b]` (a window may span two shards), `np.asa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -84,8 +85,18 @@ class ShardWriter:
         if self.file is None:
             self.file = open(self.directory / shard_name(self.stream, self.index), "wb")
             self.tokens = 0
-        ids.astype(self.dtype, copy=False).tofile(self.file)
+        with self._naming_the_file():
+            self.file.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B"))
         self.tokens += len(ids)
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        """OS errors (a full disk) name the shard being written."""
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.directory / shard_name(self.stream, self.index))) \
+                from None
 
     def full(self) -> bool:
         return self.tokens >= SHARD_TOKENS
@@ -94,16 +105,19 @@ class ShardWriter:
         """Finish the current shard (if any) and report it."""
         if self.file is None:
             return
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with self._naming_the_file():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         self.file = None
         self.on_close(shard_name(self.stream, self.index), self.tokens)
         self.index += 1
 
     def abandon(self) -> None:
+        """Close an unfinished shard (after an error: its own, e.g. a full disk, is not raised again)."""
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
             self.file = None
 
 
