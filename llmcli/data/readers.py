@@ -95,7 +95,8 @@ class CheckedText:
         nul = raw.find(b"\0")
         if nul != -1:
             raise UserError(f"{self.path}: a binary file, not text (NUL byte at byte {start + nul:,})")
-        held = len(self.decoder.getstate()[0])
+        pending = self.decoder.getstate()[0]  # the start of a character cut by the previous block
+        held = len(pending)
         try:
             text = self.decoder.decode(raw, final)
         except UnicodeDecodeError as exc:
@@ -105,9 +106,8 @@ class CheckedText:
                 raise UserError(f"{self.path}: not valid UTF-8 at byte {where} (line {line}); "
                                 "set data.encoding_errors=replace to substitute U+FFFD") from None
             self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            self.decoder.setstate((b"", 0))
-            text = self.decoder.decode(raw, final)  # (pending bytes of the failed call re-enter via raw)
-        if self.decoder.errors == "replace":
+            text = self.decoder.decode(pending + raw, final)
+        if self.decoder.errors == "replace":  # (a U+FFFD the file itself holds is not counted)
             self.replaced += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
         if start == 0 and text.startswith("\ufeff"):
             text = text[1:]

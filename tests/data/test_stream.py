@@ -257,3 +257,20 @@ def test_encoding_errors_replace_reads_compressed_text(tmp_path, cfg, quiet):
                             console=console)
     assert prepared.stats["train"]["documents"] == 1
     assert out.getvalue().count("replaced 50 invalid UTF-8 byte sequence(s)") == 1
+
+
+def test_blocks_cut_inside_characters_records_and_lines(tmp_path, monkeypatch, cfg, load_corpus):
+    import llmcli.data.readers as readers
+
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 7)  # every multi-byte character and record cut somewhere
+    raw = "héllo wörld 日本語 😀 end\n".encode() * 3 + b"bad\xff\xfe here\n" + "ünï\n".encode()
+    (tmp_path / "a.txt").write_bytes(raw)
+    corpus = load_corpus(cfg(f"data.source={tmp_path / 'a.txt'}", "data.val_fraction=0",
+                             "data.encoding_errors=replace").data)
+    assert corpus["train"] == [raw.decode("utf-8", errors="replace")]
+    records = [{"text": f"récord {i} 😀"} for i in range(12)]
+    (tmp_path / "b.json").write_text(json.dumps(records, ensure_ascii=False))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    for name in ("b.json", "c.jsonl"):
+        corpus = load_corpus(cfg(f"data.source={tmp_path / name}", "data.val_fraction=0").data)
+        assert corpus["train"] == [r["text"] for r in records]
