@@ -54,7 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_quantize.py
-	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_data.py --sizes 50  # the 500 MB and 2 GB rows: docs/corpora.md
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_paged.py
