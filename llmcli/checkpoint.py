@@ -348,6 +348,8 @@ def load_source_tokenizer(directory: Path, model: LanguageModel, tokenizer: Any)
         raise UserError(f"{directory}: the source tokenizer has {vocab} tokens but the model only "
                         f"{model.source_vocab_size}")
     return source
+
+
 def end_token_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
     """The ids that end generation: generation_config.json's eos_token_id (an id or a list), the one
     an import recorded in checkpoint.json, tokenizer_config.json's eos_token, then <|endoftext|>."""

@@ -61,11 +61,15 @@ def encode_sources(model: LanguageModel, state, sources: Sequence[Sequence[int]]
     model.encode(padded(sources, device), state=state, rows=Rows(slots, [0] * len(sources), map(len, sources)))
 
 
-def batched(items: list, size_of, max_tokens: int) -> list[list]:
-    """Consecutive items batched while the padded batch (rows x the longest) stays within `max_tokens`."""
+def batched(items: list, size_of, max_tokens: int, start_of=lambda item: 0, limit: int | None = None) -> list[list]:
+    """Consecutive items batched while the padded batch (rows x the longest) stays within `max_tokens`
+    and, with a `limit`, every row's padding stays below that position (a chunk's start + the longest)."""
     groups: list[list] = []
     for item in items:
-        if groups and max(size_of(i) for i in groups[-1] + [item]) * (len(groups[-1]) + 1) <= max_tokens:
+        group = groups[-1] + [item] if groups else []
+        longest = max(map(size_of, group), default=0)
+        if group and longest * len(group) <= max_tokens and (
+                limit is None or max(map(start_of, group)) + longest <= limit):
             groups[-1].append(item)
         else:
             groups.append([item])
@@ -160,7 +164,8 @@ class ModelRunner:
         seconds: dict[int, float] = {}
         last: dict[int, torch.Tensor] = {}
         total = 0.0
-        for group in batched(sorted(chunks, key=lambda c: c.count), lambda c: c.count, self.prefill_tokens):
+        for group in batched(sorted(chunks, key=lambda c: c.count), lambda c: c.count, self.prefill_tokens,
+                             lambda c: c.start, self.model.context_length):
             started = time.perf_counter()
             tokens = [c.seq.request.tokens[c.seq.offset + c.start:c.seq.offset + c.start + c.count] for c in group]
             out = prefill(self.decoder, self.state, tokens, [c.seq.slot for c in group], [c.start for c in group],

@@ -336,6 +336,5 @@ class Scheduler:
         if self.paged is not None:
             self.paged.release(seq)
         self._running.pop(seq.request.id, None)
-        self.on_release(seq)
         self._free.append(seq.slot)
         seq.slot = -1

@@ -29,6 +29,7 @@ import torch
 
 from llmcli.device import packed_for_decoding
 from llmcli.errors import UserError
+from llmcli.generate.runner import batched
 from llmcli.generate.sampling import sampling_probs
 from llmcli.generate.scheduler import Decode
 from llmcli.generate.speculative import draw, greedy_accept, lookup_proposal, rejection_accept
@@ -100,28 +101,37 @@ class Speculator:
 
     def round(self, rows: Sequence[Decode]) -> tuple[list[list[int]], list[int]]:
         """(the tokens each row emits: its kept guesses and one of the target's; the guesses made)."""
-        runner = self.runner
         guesses, q = self._propose(rows)
-        # 1) one forward: each row's last token and its guesses, right-padded to the longest
-        idx = torch.zeros(len(rows), 1 + max(map(len, guesses)), dtype=torch.long)
-        for i, (row, guess) in enumerate(zip(rows, guesses, strict=True)):
-            idx[i, :1 + len(guess)] = torch.tensor([row.seq.request.tokens[-1], *guess])
-        where = Rows([r.seq.slot for r in rows], [r.seq.cached for r in rows], [1 + len(g) for g in guesses])
-        logits = runner.masked(runner.decoder(idx.to(runner.device), state=runner.state, rows=where))
+        # 1) one forward: each row's last token and its guesses, right-padded to the longest (rows
+        #    whose padding would pass the context go in a forward of their own)
+        logits: list[torch.Tensor] = [None] * len(rows)
+        for group in batched(list(range(len(rows))), lambda i: 1 + len(guesses[i]), 1 << 62,
+                             lambda i: rows[i].seq.cached, self.runner.model.context_length):
+            for i, row_logits in zip(group, self._verify([rows[i] for i in group], [guesses[i] for i in group]),
+                                     strict=True):
+                logits[i] = row_logits
         # 2) each row keeps its own number of guesses
-        argmax = logits.argmax(-1).tolist()
         out = []
         for i, (row, guess) in enumerate(zip(rows, guesses, strict=True)):
-            r = row.seq.request
+            r, row_logits = row.seq.request, logits[i][:1 + len(guess)]
             if r.params.greedy:
-                out.append(greedy_accept(guess, argmax[i][:1 + len(guess)]))
+                out.append(greedy_accept(guess, row_logits.argmax(-1).tolist()))
             else:
-                p = distributions(logits[i, :1 + len(guess)], r.params)
+                p = distributions(row_logits, r.params)
                 out.append(rejection_accept(guess, p, q[i] if q is not None else None, r.generator))
         if self.draft is not None:
             for row, tokens in zip(rows, out, strict=True):
                 self.draft.keep(row.seq, len(row.seq.request.tokens) + len(tokens) - 1)
         return out, [len(g) for g in guesses]
+
+    def _verify(self, rows: Sequence[Decode], guesses: list[list[int]]) -> torch.Tensor:
+        """The target's logits [n, longest, V] over each row's last token and its guesses."""
+        runner = self.runner
+        idx = torch.zeros(len(rows), 1 + max(map(len, guesses)), dtype=torch.long)
+        for i, (row, guess) in enumerate(zip(rows, guesses, strict=True)):
+            idx[i, :1 + len(guess)] = torch.tensor([row.seq.request.tokens[-1], *guess])
+        where = Rows([r.seq.slot for r in rows], [r.seq.cached for r in rows], [1 + len(g) for g in guesses])
+        return runner.masked(runner.decoder(idx.to(runner.device), state=runner.state, rows=where))
 
     def _propose(self, rows: Sequence[Decode]) -> tuple[list[list[int]], list[torch.Tensor] | None]:
         """Each row's guesses and, from a draft, their distributions (None: deterministic guesses)."""
@@ -184,9 +194,14 @@ class DraftModel:
             feeds.append(feed)
             starts.append(held)
             self.held[seq.slot] = (offset, held + len(feed))
-        idx = torch.zeros(len(seqs), max(map(len, feeds)), dtype=torch.long)
-        for i, feed in enumerate(feeds):
-            idx[i, :len(feed)] = torch.tensor(feed)
-        rows = Rows([s.slot for s in seqs], starts, map(len, feeds))
-        out = self.model(idx.to(self.runner.device), state=self.state, rows=rows)
-        return out[torch.arange(len(seqs), device=out.device), torch.tensor([len(f) - 1 for f in feeds], device=out.device)]
+        out = []
+        for group in batched(list(range(len(seqs))), lambda i: len(feeds[i]), 1 << 62, lambda i: starts[i],
+                             self.context):
+            idx = torch.zeros(len(group), max(len(feeds[i]) for i in group), dtype=torch.long)
+            for row, i in enumerate(group):
+                idx[row, :len(feeds[i])] = torch.tensor(feeds[i])
+            rows = Rows([seqs[i].slot for i in group], [starts[i] for i in group], [len(feeds[i]) for i in group])
+            logits = self.model(idx.to(self.runner.device), state=self.state, rows=rows)
+            last = torch.tensor([len(feeds[i]) - 1 for i in group], device=logits.device)
+            out.append(logits[torch.arange(len(group), device=logits.device), last])
+        return torch.cat(out)

@@ -213,7 +213,10 @@ def test_running_sequences_decode_while_a_long_prompt_is_prefilled_in_chunks(mak
     engine.step()
     long = engine.add(list(range(5, 35)) * 2, SamplingParams(max_new_tokens=5, temperature=0))  # 60 tokens
     steps = 0
-    while not any(ev.id == long for ev in (events := engine.step())):
+    while True:
+        events = engine.step()
+        if any(ev.id == long for ev in events):
+            break
         steps += 1
         assert [ev.id for ev in events] == [running]  # one token a step, never stalled
     assert steps == 60 // 9  # 9 of each step's 10 tokens go to the prompt, the other to the decode

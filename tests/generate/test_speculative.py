@@ -199,7 +199,7 @@ def test_batched_verification_equals_each_row_alone(models, mode, paged):
         engine = Engine(target, speculation=spec, max_batch_size=4, **cache)
         kept, round_ = [], engine.runner.speculator.round
 
-        def recorded(rows):  # what each row of each verification forward emitted
+        def recorded(rows, round_=round_, kept=kept):  # what each row of each verification forward emitted
             out = round_(rows)
             kept.append([len(tokens) for tokens in out[0]])
             return out
