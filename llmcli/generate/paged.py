@@ -16,12 +16,21 @@ refused when it is added.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from llmcli.generate.blocks import BlockPool, chain_keys, next_key, root_key
+from llmcli.generate.request import Request
 
-if TYPE_CHECKING:
-    from llmcli.generate.scheduler import Sequence
+
+class Sequence(Protocol):
+    """What paging reads and writes of a scheduler.Sequence (scheduler.py imports this module)."""
+
+    request: Request
+    slot: int
+    offset: int
+    cached: int
+    blocks: list[int]
+    block_keys: list[int]
 
 
 class PagedCache:
