@@ -1,7 +1,7 @@
 """The engine's own speed: decode tok/s against the previous engine and a minimal compiled loop, and
 what a step costs outside the model's forward.
 
-    python benchmarks/bench_engine.py --previous ../llmcli-at-58c85f7     # about 8 minutes
+    python benchmarks/bench_engine.py --previous ../llmcli-at-58c85f7     # about 2 minutes
     python benchmarks/bench_engine.py --previous PATH --rounds 5 --threads 2
 
 Models: the `make demo` model's shape (configs/shakespeare-char.yaml: Llama-style 4 x 128, an
