@@ -61,6 +61,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self._share()
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self.muon.step()
         self.adamw.step()
+        return loss

@@ -267,7 +267,8 @@ def test_max_epochs_counts_passes_over_the_training_tokens(corpus, tmp_path, cli
 
 @pytest.mark.parametrize("args, message", [
     (["model.arch=lstm", "model.n_head=2"], "model.n_head: does not apply to model.arch=lstm"),
-    (["model.arch=gru", "model.d_hidden=48"], "model.tie_embeddings: a tied LM head needs d_hidden = d_model"),
+    (["model.arch=gru", "train.optimizer=muon", "train.strategy=fsdp"], "train.optimizer: needs train.strategy=ddp"),
+    (["train.stateful=true"], "train.stateful: carries a recurrent hidden state; model.arch=transformer has none"),
     (["train.max_epochs=2", "train.max_steps=5"], "give train.max_epochs or train.max_steps, not both"),
 ])
 def test_family_and_epoch_settings_are_one_line_errors(corpus, tmp_path, cli, one_line_error, args, message):
