@@ -9,7 +9,7 @@ RUN     = $(VENV)/bin/llmcli
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 3
 
-.PHONY: install test test-fast demo demo-lstm lint bench clean
+.PHONY: install test test-fast test-gguf demo demo-lstm lint bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# The GGUF tests against the real llama.cpp: builds llama-cpp-python from source on first use (about
+# 4.5 minutes on 2 cores, so not part of `make test`, where these tests skip), then runs tests/llamacpp.
+test-gguf: install
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=ON}" $(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -m pytest -v -s -rA tests/llamacpp
 
 # Prepare Shakespeare, train the char model for DEMO_MINUTES (replacing an earlier demo run),
 # score it on the held-out test plays and print a sample.
@@ -48,7 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_quantize.py
-	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_data.py --sizes 50  # the 500 MB and 2 GB rows: docs/corpora.md
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_paged.py

@@ -1,12 +1,21 @@
-"""Decode benchmark: llmcli's engine vs Hugging Face `generate()` on the same weights, and the
-memory roofline.
+"""Decode benchmark: llmcli's engine vs Hugging Face `generate()` and vs llama.cpp on the same weights,
+and the memory roofline.
 
-    python benchmarks/bench_decode.py            # 4x128 and GPT-2-124M shapes (about 3 minutes)
+    python benchmarks/bench_decode.py                     # both tables (about 6 minutes)
+    python benchmarks/bench_decode.py --table hf          # llmcli vs HF only (about 3 minutes)
+    python benchmarks/bench_decode.py --table llama-cpp   # llmcli vs llama.cpp only (about 3 minutes)
 
-Both sides run greedy decoding of NEW tokens after a PROMPT-token prompt, fp32, on the same
-weights (ours exported with `llmcli export`). tok/s counts generated tokens over the whole call
-(prefill included), the same way for both. The roofline is what reading every weight once per
-step allows: copy bandwidth / weight bytes (batch 1 decode is memory-bound on CPU).
+Every side runs greedy decoding of NEW tokens after a PROMPT-token prompt on the same weights (ours
+exported with `llmcli export --format hf` or `--format gguf`). tok/s counts generated tokens over the
+whole call (prefill included), the same way for all. The roofline is what reading every weight once
+per step allows: copy bandwidth / weight bytes (batch 1 decode is memory-bound on CPU).
+
+The llama.cpp table (llama-cpp-python, the `.[gguf]` extra; skipped without it) runs batch 1 with 2
+threads on both sides: llmcli float32 and int8 (`llmcli quantize --method int8 --include-embeddings`:
+every matrix int8) against llama.cpp f32 and q8_0, the q8_0 file exported from that int8 checkpoint
+(the same integers). llama.cpp keeps its own defaults otherwise (float16 KV cache). Shapes: the demo
+model's (configs/shakespeare-char.yaml: Llama-style 4 x 128, 82-token char vocabulary; context 256
+so that 16 + 64 tokens fit) and GPT-2 124M; random weights (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -33,6 +42,12 @@ SHAPES = {
     "4x128 (char vocab)": dict(n_layer=4, n_head=4, d_model=128, block_size=256, vocab_size=82),
     "GPT-2 124M": dict(n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50257),
 }
+LLAMA_CPP_SHAPES = {
+    "demo 4x128 (Llama-style, char vocab)": dict(preset="llama", n_layer=4, n_head=4, d_model=128, block_size=256,
+                                                 vocab_size=82),
+    "GPT-2 124M": dict(preset="gpt2", n_layer=12, n_head=12, d_model=768, block_size=1024, vocab_size=50257),
+}
+THREADS = 2
 
 
 def ours(model: Transformer, prompts: list[list[int]], new: int) -> float:
@@ -89,7 +104,15 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens to generate per sequence")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--table", choices=("all", "hf", "llama-cpp"), default="all", help="which comparison")
     args = parser.parse_args()
+    if args.table in ("all", "hf"):
+        hf_table(args)
+    if args.table in ("all", "llama-cpp"):
+        llama_cpp_table(args)
+
+
+def hf_table(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from llmcli.hf.export import export_hf
@@ -117,6 +140,73 @@ def main() -> None:
           ["model", "weights", "ours b1 tok/s", "HF b1 tok/s", "ours/HF b1", "% of roofline b1",
            "ours b8 tok/s", "b8/b1", "HF b8 tok/s", "prefill tok/s"], rows)
     console.print("targets (124M): ours/HF b1 >= 2, roofline >= 60%, b8/b1 >= 5")
+
+
+def llama_cpp_rate(llm, prompt: list[int], new: int) -> float:
+    """Greedy tok/s in llama.cpp: the prompt, then `new` tokens one at a time (argmax of each step's logits)."""
+    import numpy as np
+
+    start = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(new):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return new / (time.perf_counter() - start)
+
+
+def llama_cpp_round(models: list[Transformer], engines: list, prompt: list[int], new: int) -> list[float]:
+    """One interleaved round: tok/s of each llmcli model, then of each llama.cpp engine."""
+    return [ours(m, [prompt], new) for m in models] + [llama_cpp_rate(e, prompt, new) for e in engines]
+
+
+def llama_cpp_table(args: argparse.Namespace) -> None:
+    """llmcli float32 / int8 beside llama.cpp f32 / q8_0 on the same weights, batch 1, THREADS threads."""
+    try:
+        import llama_cpp
+    except ImportError:
+        console.print("llama.cpp table skipped: llama_cpp is not installed (pip install -e '.[gguf]', about 4.5 "
+                      "minutes to build; make test-gguf does it)")
+        return
+    from llmcli.checkpoint import load_model
+    from llmcli.llamacpp.export import export_gguf
+    from llmcli.quantize.modules import quantization_entry, quantize_model
+
+    torch.set_num_threads(THREADS)
+    rows = []
+    for name, shape in LLAMA_CPP_SHAPES.items():
+        torch.manual_seed(0)
+        cfg = build_config({"model": shape}).model
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            _write_checkpoint(Transformer(cfg).eval(), cfg, root / "f32")
+            model = load_model(root / "f32").eval()
+            _save(quantize_model(load_model(root / "f32"), quantization_entry("int8", include_embeddings=True)), cfg,
+                  root / "f32", root / "int8")
+            export_gguf(ExportOptions(run_dir=root / "f32", out=root / "f32.gguf", format="gguf"))
+            export_gguf(ExportOptions(run_dir=root / "int8", out=root / "q8_0.gguf", format="gguf"))
+            engines = [llama_cpp.Llama(str(root / f"{kind}.gguf"), n_ctx=cfg.block_size, n_threads=THREADS,
+                                       n_threads_batch=THREADS, verbose=False) for kind in ("f32", "q8_0")]
+            int8 = load_model(root / "int8").eval()  # as llmcli generate loads it
+            prompt = torch.randint(0, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+            llama_cpp_round([model, int8], engines, prompt, 4)  # warm-up
+            rounds = [llama_cpp_round([model, int8], engines, prompt, args.new) for _ in range(args.repeat)]
+            f32, i8, cpp_f32, cpp_q8 = zip(*rounds, strict=True)
+            for engine in engines:
+                engine.close()
+        rows.append([name, f"{Transformer.param_count(cfg) / 1e6:.2f}M", Spread.of(f32), Spread.of(i8), Spread.of(cpp_f32),
+                     Spread.of(cpp_q8), ratios(f32, cpp_f32), ratios(i8, cpp_q8)])
+    table(f"Decode vs llama.cpp (llama-cpp-python {llama_cpp.__version__}), batch 1, {THREADS} threads, greedy, {args.prompt}-token "
+          f"prompt + {args.new} new tokens, random weights; tok/s median (min-max) of {args.repeat} interleaved "
+          "rounds", ["model", "params", "llmcli f32", "llmcli int8", "llama.cpp f32", "llama.cpp q8_0",
+                     "llmcli/llama.cpp f32", "llmcli int8/q8_0"], rows)
+
+
+def _save(model: Transformer, cfg: ModelConfig, like: Path, directory: Path) -> None:
+    """`model` as a checkpoint with the tokenizer of checkpoint `like`."""
+    from llmcli.checkpoint import write_checkpoint
+    from llmcli.config import Config
+
+    write_checkpoint(directory, model, Config(model=cfg), (like / "tokenizer.json").read_bytes(), {"step": 0})
 
 
 def _write_checkpoint(model: Transformer, cfg: ModelConfig, directory: Path) -> None:

@@ -125,6 +125,12 @@ def adapter_base(directory: Path) -> Path:
 
 def _load_adapted(directory: Path, device: torch.device | str, dtype: torch.dtype | None) -> LanguageModel:
     """Base + adapter merged into a plain float model (a quantized base is dequantized first)."""
+    return lora.merge(load_unmerged(directory, device, dtype))
+
+
+def load_unmerged(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
+    """The float base of adapter checkpoint `directory` with its adapter added, not merged (a
+    quantized base is dequantized first): for writing the adapter on its own."""
     from peft import LoraConfig as PeftLoraConfig
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -137,8 +143,7 @@ def _load_adapted(directory: Path, device: torch.device | str, dtype: torch.dtyp
         config = PeftLoraConfig.from_pretrained(str(directory))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise UserError(f"{directory}: cannot read the adapter ({exc})") from None
-    lora.load_adapter(model, config, state, str(directory / ADAPTER_WEIGHTS))
-    return lora.merge(model)
+    return lora.load_adapter(model, config, state, str(directory / ADAPTER_WEIGHTS))
 
 
 def is_adapter(directory: Path) -> bool:
@@ -371,6 +376,16 @@ def end_token_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
 def _json_file(path: Path) -> dict[str, Any]:
     """An optional JSON object file ({} when absent)."""
     return read_json_object(path) if path.is_file() else {}
+
+
+def check_output_file(out: Path, overwrite: bool, inputs: Mapping[str, Path] = {}, label: str = "--out") -> None:
+    """check_output_dir for a command that writes one file: refuse a path that overlaps an input, a
+    directory, and an existing file unless `overwrite`. `label` names the path in messages."""
+    refuse_overlap(out, inputs)
+    if out.is_dir():
+        raise UserError(f"{label} {out} is a directory; name the file to write")
+    if out.exists() and not overwrite:
+        raise UserError(f"{label} {out} already exists; pass --overwrite to replace it")
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: Mapping[str, Path] = {}) -> None:

@@ -53,7 +53,7 @@ COMMANDS = (
     Command(("train",), TrainOptions, "llmcli.train.loop:train_command"),
     Command(("eval",), EvalOptions, "llmcli.evaluate:eval_command"),
     Command(("generate",), GenerateOptions, "llmcli.generate.run:generate_command"),
-    Command(("export",), ExportOptions, "llmcli.hf.export:export_command"),
+    Command(("export",), ExportOptions, "llmcli.export:export_command"),
     Command(("import",), ImportOptions, "llmcli.hf.importer:import_command"),
     Command(("quantize",), QuantizeOptions, "llmcli.quantize.command:quantize_command"),
     Command(("prune",), PruneOptions, "llmcli.prune.command:prune_command"),

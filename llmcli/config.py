@@ -61,7 +61,9 @@ class DataConfig:
     val_plays: Optional[list[str]] = _opt(None, tasks=LM)
     test_plays: Optional[list[str]] = _opt(None, tasks=LM)
     encoding_errors: Literal["strict", "replace"] = _opt("strict")
-    num_proc: int = _opt(1, min=1)
+    num_proc: Optional[int] = _opt(None, min=1, help="processes that encode the corpus; null = one per core")
+    streaming: bool = _opt(False, help="hub datasets: read as they download, nothing stored (no scan: "
+                                       "split_by=document draws val/test per document)", tasks=LM)
     cache_dir: str = _opt("~/.cache/llmcli", help="prepared token arrays are cached here")
     # text: documents to continue; alpaca: JSON/JSONL records with instruction, input (optional) and
     # output; chat: JSONL records with messages [{role, content}]. The last two are rendered through
@@ -89,6 +91,9 @@ class TokenizerConfig:
     vocab_size: int = _opt(4096, min=1, help="bpe: target vocabulary size; word: the most frequent words kept")
     min_frequency: int = _opt(2, min=1, help="bpe: minimum pair frequency to merge; word: to keep a word")
     path: Optional[str] = _opt(None, help="use this tokenizer.json instead of training one")
+    train_bytes: Optional[int] = _opt(None, min=1,
+                                      help="train on a sample of about this many bytes spread over the training "
+                                           "split (null: all of it)")
 
 
 @dataclass

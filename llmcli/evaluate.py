@@ -44,6 +44,7 @@ from llmcli import ui
 from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, end_token_ids, load_for_inference, read_info
 from llmcli.config import Config
 from llmcli.config_loader import load_config
+from llmcli.data.shards import TokenShards
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
 from llmcli.models.base import Rows
@@ -82,7 +83,7 @@ class _Sequence:
     def __init__(self, tokens: np.ndarray | torch.Tensor | Sequence[int], first: int | None):
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.cpu().numpy()
-        self.tokens = np.asarray(tokens)
+        self.tokens = tokens if isinstance(tokens, TokenShards) else np.asarray(tokens)  # shards: read by slice
         self.first = first
         self.offset = 0 if first is None else 1
 

@@ -6,7 +6,8 @@ decode state, ...) with only the adapter's weights trainable. On a base quantize
 the adapters are QLoRA-style: the frozen integer weights are dequantized per call (see
 `QuantizedWeight.matmul`), the adapter is float32. An adapter travels as peft's own state dict and
 `adapter_config.json` (`adapter_state`, `peft_config_of`, `load_adapter`); `merge` folds it into a
-float base (a quantized one is dequantized first, by the loader) and leaves a plain model.
+float base (a quantized one is dequantized first, by the loader) and leaves a plain model;
+`low_rank_factors` gives the adapter unmerged, as factors in the base weights' own layouts.
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ def load_adapter(model: LanguageModel, config: Any, state: dict[str, torch.Tenso
                         f"unexpected {unexpected[:3]}")
     set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     return model.eval()
+
+
+def low_rank_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (B, A)} for every adapted module, with the update to its weight exactly B @ A
+    in the weight's own layout ([out, in] for a Linear, [tokens, dim] for an embedding) and
+    alpha / r folded into the factors: what a runtime that applies adapters unmerged (llama.cpp) needs."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or ADAPTER not in layer.scaling:
+            continue
+        scale = layer.scaling[ADAPTER]
+        if ADAPTER in layer.lora_A:
+            b, a = layer.lora_B[ADAPTER].weight * scale, layer.lora_A[ADAPTER].weight
+        else:  # an embedding: peft's A is [r, tokens] and B [dim, r], its update (B A)^T * scale
+            b, a = layer.lora_embedding_A[ADAPTER].T, (layer.lora_embedding_B[ADAPTER] * scale).T
+        out[name] = (b.detach().float(), a.detach().float())
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -44,15 +44,19 @@ UNK = "<unk>"
 __all__ = [
     "EOT", "UNK", "train_tokenizer", "unknown_chars", "save_tokenizer", "load_tokenizer",
     "eot_id", "encode", "decode", "min_bpe_vocab_size", "check_config", "unknown_noun", "distinct_pieces",
-    "unknown_pieces",
+    "unknown_pieces", "untrained",
 ]
 
 # A word tokenizer's pieces: words, single punctuation characters and newlines (other space goes).
 WORD_PIECES = r"\n|\w+|[^\w\s]"
 
 
-def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
-    """Train a `cfg.kind` tokenizer on `texts` (the training split only)."""
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str | list[str]]) -> Tokenizer:
+    """Train a `cfg.kind` tokenizer on `texts` (the training split only): strings, or batches
+    (lists) of them, streamed; memory holds the vocabulary's statistics, not the texts.
+
+    For bpe and word, a text cut where `untrained(cfg)`'s pre-tokenizer never joins across (see
+    llmcli/data/encode.py) trains exactly the tokenizer of the whole text."""
     check_config(cfg)
     if cfg.kind == "char":
         return _train_char(texts)
@@ -63,17 +67,40 @@ def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     raise UserError(f"tokenizer.kind: unknown kind {cfg.kind!r} (expected char, bpe or word)")
 
 
-def _train_char(texts: Iterable[str]) -> Tokenizer:
+def untrained(cfg: TokenizerConfig) -> Tokenizer:
+    """A `cfg.kind` tokenizer before training: its model type, pre-tokenizer and decoder."""
+    if cfg.kind == "char":
+        tok = Tokenizer(models.WordLevel({EOT: 0, UNK: 1}, unk_token=UNK))
+        # Every code point is its own piece (`[\s\S]` also matches newlines); Fuse joins them back.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    elif cfg.kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECES), behavior="removed", invert=True)
+        tok.decoder = decoders.Sequence([
+            decoders.WordPiece(prefix="##", cleanup=True),  # a space before each word, none before . , ! ?
+            decoders.Fuse(),
+            decoders.Replace(Regex(r" ?\n ?"), "\n"),
+            decoders.Replace(" :", ":"),
+            decoders.Replace(" ;", ";"),
+        ])
+    return tok
+
+
+def _train_char(texts: Iterable[str | list[str]]) -> Tokenizer:
     seen: set[str] = set()
-    for text in texts:
-        seen.update(text)
+    for item in texts:
+        for text in [item] if isinstance(item, str) else item:
+            seen.update(text)
     vocab = {EOT: 0, UNK: 1}
     for ch in sorted(seen):
         vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    # Every code point is its own piece (`[\s\S]` also matches newlines); Fuse joins them back.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = untrained(TokenizerConfig(kind="char"))
+    tok.model = models.WordLevel(vocab, unk_token=UNK)
     tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     return tok
 
@@ -91,10 +118,8 @@ def check_config(cfg: TokenizerConfig) -> None:
                         f"the minimum is {minimum} (256 bytes + {EOT})")
 
 
-def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str | list[str]]) -> Tokenizer:
+    tok = untrained(cfg)
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -106,16 +131,8 @@ def _train_bpe(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def _train_word(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PIECES), behavior="removed", invert=True)
-    tok.decoder = decoders.Sequence([
-        decoders.WordPiece(prefix="##", cleanup=True),  # a space before each word, none before . , ! ?
-        decoders.Fuse(),
-        decoders.Replace(Regex(r" ?\n ?"), "\n"),
-        decoders.Replace(" :", ":"),
-        decoders.Replace(" ;", ";"),
-    ])
+def _train_word(cfg: TokenizerConfig, texts: Iterable[str | list[str]]) -> Tokenizer:
+    tok = untrained(cfg)
     trainer = trainers.WordLevelTrainer(vocab_size=cfg.vocab_size + 2, min_frequency=cfg.min_frequency,
                                         special_tokens=[EOT, UNK], show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)

@@ -1,20 +1,28 @@
-"""Texts -> token ids, each document followed by the end-of-text id.
+"""Texts -> token ids, each document followed by the end-of-text id, in worker processes.
 
-`_document_encoder` encodes long documents in pieces, and byte-level BPE through a cache of the
-ids of each distinct chunk (`_ChunkEncoder`): both give exactly the ids of encoding each whole
-text, only faster and in bounded memory.
+`stream_pieces` cuts a stream of document parts into pieces where the tokenizer never joins tokens
+across (see PIECE_CHARS), `BlockEncoder` turns a block of pieces into ids (byte-level BPE through a
+cache of the ids of each distinct chunk, `_ChunkEncoder`; our char tokenizer through a table of code
+points), and `Encoders` runs it in `data.num_proc` processes: all give exactly the ids of encoding
+each whole document, only faster and in bounded memory.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import os
 import re
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+import sys
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from llmcli.tokenizer import EOT, UNK, WORD_PIECES
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -23,53 +31,53 @@ if TYPE_CHECKING:
 # (CHUNK_GROUP_CHARS through the chunk cache below): memory stays bounded (an Encoding costs ~100
 # bytes per token) whatever a line's length, and one huge document still uses every core. A piece
 # ends where the tokenizer never joins tokens across, so the ids are exactly those of the whole
-# text: anywhere for our char tokenizer; for byte-level bpe where a non-space character meets one
-# of " \t\n\r" (see _CHUNK below), or, in a stretch without such whitespace, at the end of a
-# pre-token (GPT-2's pattern has no look-behind, and its look-ahead only ends whitespace runs).
-# Other tokenizers (tokenizer.path) get whole documents.
+# text: anywhere for our char tokenizer; for byte-level bpe and our word tokenizer where a non-space
+# character meets one of " \t\n\r" (see _CHUNK below; a word piece never holds whitespace), or, in
+# a stretch without such whitespace, at the end of a pre-token (GPT-2's pattern has no look-behind,
+# and its look-ahead only ends whitespace runs). Other tokenizers (tokenizer.path) get whole documents.
 PIECE_CHARS = 1 << 14
 GROUP_CHARS = 1 << 18
 CHUNK_GROUP_CHARS = 1 << 22
+BLOCK_CHARS = 1 << 22  # characters handed to a worker process at a time
 _SPACE_CUT = re.compile(r"(?<=\S)[ \t\n\r]")
+Part = tuple[str, bool]  # (text, ends its document)
 
 
-def _document_encoder(tok: Tokenizer, eot: int) -> Callable[[list[str]], list[np.ndarray]]:
-    """texts -> the ids of each, followed by `eot`."""
+def stream_pieces(parts: Iterable[Part], rule: str | None, pre_tokenizer: Any = None,
+                  added: list[str] = ()) -> Iterator[Part]:
+    """Document parts -> pieces of about PIECE_CHARS characters cut where `rule` allows (see
+    PIECE_CHARS), never inside an added token (`added`: their texts, e.g. <|endoftext|>). A cut is
+    looked for only where the text after it is known (the document ended, or 2 x PIECE_CHARS follow),
+    so the pieces are those of the whole document whatever its parts."""
+    buffer = ""
+    for text, ends in parts:
+        buffer += text
+        start, pos = 0, PIECE_CHARS
+        while rule is not None and pos < len(buffer) and (ends or pos + 2 * PIECE_CHARS <= len(buffer)):
+            cut = _cut_after(buffer, pos, rule, pre_tokenizer)
+            if cut is None:  # one pre-token fills the window: look further on
+                pos += PIECE_CHARS
+                continue
+            cut = _outside_added(buffer, cut, added)
+            yield buffer[start:cut], False
+            start, pos = cut, cut + PIECE_CHARS
+        buffer = buffer[start:]
+        if ends:
+            yield buffer, True
+            buffer = ""
+    if buffer:
+        yield buffer, True
+
+
+def _pieces(text: str, rule: str | None, pre_tokenizer: Any = None, added: list[str] = ()) -> list[str]:
+    """One whole `text` in pieces (see stream_pieces)."""
+    return [piece for piece, _ in stream_pieces([(text, True)], rule, pre_tokenizer, added)]
+
+
+def cut_rule(tok: Tokenizer) -> tuple[str | None, Any, list[str]]:
+    """(rule, pre-tokenizer, added token texts): what stream_pieces needs to cut texts for `tok`."""
     spec = json.loads(tok.to_str())
-    rule = _cut_rule(spec)
-    added = [t["content"] for t in spec.get("added_tokens") or []]
-    if _by_chunks(spec):
-        encode, group_chars = _ChunkEncoder(tok, eot), CHUNK_GROUP_CHARS
-    else:
-        encode, group_chars = _plain_encoder(tok), GROUP_CHARS
-    end = np.array([eot], dtype=np.uint32)
-
-    def tokenize(texts: list[str]) -> list[np.ndarray]:
-        pieces = [(i, piece) for i, text in enumerate(texts)
-                  for piece in _pieces(text, rule, tok.pre_tokenizer, added)]
-        parts: list[list[np.ndarray]] = [[] for _ in texts]
-        for group in _groups(pieces, group_chars):
-            for (i, _), ids in zip(group, encode([p for _, p in group]), strict=True):
-                parts[i].append(ids)
-        return [np.concatenate([*p, end]) for p in parts]
-
-    return tokenize
-
-
-def _groups(pieces: list[tuple[int, str]], chars: int) -> Iterator[list[tuple[int, str]]]:
-    """Runs of consecutive pieces, each closed once it holds `chars` characters."""
-    start = size = 0
-    for stop, (_, piece) in enumerate(pieces, 1):
-        size += len(piece)
-        if size >= chars or stop == len(pieces):
-            yield pieces[start:stop]
-            start, size = stop, 0
-
-
-def _plain_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
-    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    return lambda texts: [np.asarray(e.ids, dtype=np.uint32)
-                          for e in encode_batch(texts, add_special_tokens=False)]
+    return _cut_rule(spec), tok.pre_tokenizer, [t["content"] for t in spec.get("added_tokens") or []]
 
 
 def _cut_rule(spec: dict[str, Any]) -> str | None:
@@ -79,24 +87,10 @@ def _cut_rule(spec: dict[str, Any]) -> str | None:
         return None
     if pre.get("type") == "ByteLevel":
         return "space" if not pre.get("add_prefix_space") and pre.get("use_regex", True) else None
-    return "any" if pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"} else None
-
-
-def _pieces(text: str, rule: str | None, pre_tokenizer: Any = None, added: list[str] = ()) -> list[str]:
-    """`text` in pieces of about PIECE_CHARS characters, cut where `rule` allows (see PIECE_CHARS)
-    and never inside an added token (`added`: their texts, e.g. <|endoftext|>)."""
-    if rule is None or len(text) <= PIECE_CHARS:
-        return [text]
-    out, start = [], 0
-    while len(text) - start > PIECE_CHARS:
-        cut = _cut_after(text, start + PIECE_CHARS, rule, pre_tokenizer)
-        if cut is None:
-            break
-        cut = _outside_added(text, cut, added)
-        out.append(text[start:cut])
-        start = cut
-    out.append(text[start:])
-    return out
+    if pre.get("type") == "Split" and pre.get("pattern") == {"Regex": r"[\s\S]"}:
+        return "any"
+    words = pre.get("type") == "Split" and pre.get("pattern") == {"Regex": WORD_PIECES} and pre.get("invert")
+    return "space" if words else None
 
 
 def _outside_added(text: str, cut: int, added: list[str]) -> int:
@@ -221,3 +215,235 @@ class _ChunkEncoder:
         ids = [e.ids for e in self.tok.encode_batch_fast(chunks, add_special_tokens=False)]
         return (np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32),
                 np.fromiter(map(len, ids), dtype=np.intp, count=len(ids)))
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks of pieces -> ids, in worker processes
+
+
+@dataclass
+class Encoded:
+    """One block's ids (every document followed by <|endoftext|>) and what it held."""
+
+    ids: np.ndarray
+    characters: int
+    bytes: int
+    documents: int
+    unknown: list[str]  # distinct pieces encoded as <unk> (at most MAX_UNKNOWN)
+
+
+MAX_UNKNOWN = 1000
+
+
+class _CharTable:
+    """Our char tokenizer (one id per code point, <unk> otherwise) as a table lookup: the same ids."""
+
+    def __init__(self, tok: Tokenizer, eot: int):
+        self.eot, self.unk = eot, tok.token_to_id(UNK)
+        self.table = np.full(0x110000, self.unk, dtype=np.uint32)
+        for piece, ident in tok.get_vocab().items():
+            if len(piece) == 1:
+                self.table[ord(piece)] = ident
+
+    def __call__(self, text: str) -> tuple[np.ndarray, set[str]]:
+        parts = text.split(EOT)  # the literal text of <|endoftext|> is its special token
+        out = []
+        for i, part in enumerate(parts):
+            if i:
+                out.append(np.array([self.eot], dtype=np.uint32))
+            out.append(self.table[np.frombuffer(part.encode("utf-32-le"), dtype=np.uint32)])
+        ids = np.concatenate(out)
+        unknown = set()
+        if (ids == self.unk).any():
+            points = np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32)
+            unknown = {chr(c) for c in np.unique(points[self.table[points] == self.unk])[:MAX_UNKNOWN]}
+        return ids, unknown
+
+
+def _is_our_char(spec: dict[str, Any]) -> bool:
+    added = spec.get("added_tokens") or []
+    return (_cut_rule(spec) == "any" and (spec.get("model") or {}).get("type") == "WordLevel"
+            and [t["content"] for t in added] == [EOT] and spec.get("post_processor") is None
+            and spec.get("truncation") is None and spec.get("padding") is None)
+
+
+class BlockEncoder:
+    """Pieces (see stream_pieces) -> `Encoded`; picklable: each worker process builds its own engine."""
+
+    def __init__(self, tokenizer_json: str, eot: int, dtype: str):
+        self.tokenizer_json, self.eot, self.dtype = tokenizer_json, eot, np.dtype(dtype)
+        self._engine: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_engine": None}
+
+    def _start(self) -> None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        spec = json.loads(self.tokenizer_json)
+        self.vocab = tok.get_vocab()
+        unk = getattr(tok.model, "unk_token", None)
+        self.unk = tok.token_to_id(unk) if unk else None
+        self.words = re.compile(WORD_PIECES) if (spec.get("pre_tokenizer") or {}).get("pattern") == \
+            {"Regex": WORD_PIECES} else None
+        self.pre_tokenizer = tok.pre_tokenizer
+        if _is_our_char(spec):
+            self._engine = ("char", _CharTable(tok, self.eot))
+        elif _by_chunks(spec):
+            self._engine = ("chunks", _ChunkEncoder(tok, self.eot))
+        else:
+            encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+            self._engine = ("plain", lambda texts: [np.asarray(e.ids, dtype=np.uint32)
+                                                    for e in encode_batch(texts, add_special_tokens=False)])
+
+    def __call__(self, pieces: list[str], ends: list[bool]) -> Encoded:
+        if self._engine is None:
+            self._start()
+        kind, engine = self._engine
+        unknown: set[str] = set()
+        per_piece: list[np.ndarray] = []
+        if kind == "char":
+            for piece in pieces:
+                ids, missing = engine(piece)
+                per_piece.append(ids)
+                unknown |= missing
+        else:
+            limit = CHUNK_GROUP_CHARS if kind == "chunks" else GROUP_CHARS
+            for group in _groups(pieces, limit):
+                per_piece += engine(group)
+            if self.unk is not None:
+                unknown = self._unknown(pieces, per_piece)
+        out = self._with_ends(per_piece, ends)
+        return Encoded(out.astype(self.dtype, copy=False), sum(map(len, pieces)),
+                       sum(len(p.encode("utf-8")) for p in pieces), sum(ends), sorted(unknown)[:MAX_UNKNOWN])
+
+    def _with_ends(self, per_piece: list[np.ndarray], ends: list[bool]) -> np.ndarray:
+        end = np.array([self.eot], dtype=np.uint32)
+        out = [a for ids, last in zip(per_piece, ends, strict=True) for a in ((ids, end) if last else (ids,))]
+        return np.concatenate(out) if out else np.zeros(0, np.uint32)
+
+    def _unknown(self, pieces: list[str], per_piece: list[np.ndarray]) -> set[str]:
+        found: set[str] = set()
+        for piece, ids in zip(pieces, per_piece, strict=True):
+            if len(found) >= MAX_UNKNOWN or not (ids == self.unk).any():
+                continue
+            words = self.words.findall(piece) if self.words is not None else \
+                [p for p, _ in self.pre_tokenizer.pre_tokenize_str(piece)] if self.pre_tokenizer else list(piece)
+            found.update(w for w in set(words) if w not in self.vocab)
+        return found
+
+
+def _groups(pieces: list[str], chars: int) -> Iterator[list[str]]:
+    """Runs of consecutive pieces, each closed once it holds `chars` characters."""
+    start = size = 0
+    for stop, piece in enumerate(pieces, 1):
+        size += len(piece)
+        if size >= chars or stop == len(pieces):
+            yield pieces[start:stop]
+            start, size = stop, 0
+
+
+@dataclass
+class Block:
+    """Consecutive pieces of one split: `index` counts the split's blocks from 0."""
+
+    split: str
+    index: int
+    pieces: list[str]
+    ends: list[bool]
+
+
+def blocks(routed: Iterable[tuple[str, str, bool]], rule: str | None, pre_tokenizer: Any = None,
+           added: list[str] = ()) -> Iterator[Block]:
+    """(split, text, ends) parts -> each split's pieces in blocks of about BLOCK_CHARS characters."""
+    streams: dict[str, _SplitBlocks] = {}
+    for split, text, ends in routed:
+        stream = streams.get(split) or streams.setdefault(split, _SplitBlocks(split, rule, pre_tokenizer, added))
+        yield from stream.feed(text, ends)
+    for stream in streams.values():
+        yield from stream.flush()
+
+
+class _SplitBlocks:
+    def __init__(self, split: str, rule: str | None, pre_tokenizer: Any, added: list[str]):
+        self.split, self.rule, self.pre_tokenizer, self.added = split, rule, pre_tokenizer, added
+        self.pieces: list[str] = []
+        self.ends: list[bool] = []
+        self.chars = self.index = 0
+        self.carry: list[Part] = []  # the parts of a document whose pieces are not all known yet
+
+    def feed(self, text: str, ends: bool) -> Iterator[Block]:
+        self.carry.append((text, ends))
+        if not ends and sum(len(t) for t, _ in self.carry) < 4 * PIECE_CHARS:
+            return
+        parts, self.carry = self.carry, []
+        pieces = list(stream_pieces(parts, self.rule, self.pre_tokenizer, self.added))
+        if not ends and pieces:  # the last piece may still grow: keep it for the next part
+            tail, _ = pieces.pop()
+            self.carry = [(tail, False)]
+        for piece, last in pieces:
+            self.pieces.append(piece)
+            self.ends.append(last)
+            self.chars += len(piece)
+            if self.chars >= BLOCK_CHARS:
+                yield self._take()
+
+    def flush(self) -> Iterator[Block]:
+        if self.carry:
+            for piece, last in stream_pieces(self.carry, self.rule, self.pre_tokenizer, self.added):
+                self.pieces.append(piece)
+                self.ends.append(last)
+            self.carry = []
+        if self.pieces:
+            yield self._take()
+
+    def _take(self) -> Block:
+        block = Block(self.split, self.index, self.pieces, self.ends)
+        self.pieces, self.ends, self.chars, self.index = [], [], 0, self.index + 1
+        return block
+
+
+_worker_encoder: BlockEncoder | None = None
+
+
+def _start_worker(encoder: BlockEncoder) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no Rust thread pool each
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(pieces: list[str], ends: list[bool]) -> Encoded:
+    assert _worker_encoder is not None
+    return _worker_encoder(pieces, ends)
+
+
+class Encoders:
+    """`encoder` over a stream of blocks in `procs` worker processes (in this one when procs is 1 or
+    the stream is a single block); results in order, at most 2 blocks per process in flight."""
+
+    def __init__(self, encoder: BlockEncoder, procs: int):
+        self.encoder, self.procs = encoder, procs
+
+    def map(self, stream: Iterable[Block], skip: Callable[[Block], bool] = lambda b: False
+            ) -> Iterator[tuple[Block, Encoded | None]]:
+        """(block, its Encoded) for each block; (block, None) for those `skip` says are done already."""
+        todo = iter(stream)
+        head = list(itertools.islice(todo, 2))
+        if self.procs <= 1 or len(head) < 2:
+            for block in itertools.chain(head, todo):
+                yield block, None if skip(block) else self.encoder(block.pieces, block.ends)
+            return
+        # fork where it is safe (Linux): no re-import of the caller's __main__, workers start at once
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with context.Pool(self.procs, initializer=_start_worker, initargs=(self.encoder,)) as pool:
+            pending: deque = deque()
+            for block in itertools.chain(head, todo):
+                job = None if skip(block) else pool.apply_async(_encode_in_worker, (block.pieces, block.ends))
+                pending.append((block, job))
+                while len(pending) > 2 * self.procs or (pending and pending[0][1] is None):
+                    done, result = pending.popleft()
+                    yield done, None if result is None else result.get()
+            while pending:
+                done, result = pending.popleft()
+                yield done, None if result is None else result.get()

@@ -17,7 +17,6 @@ Examples are split by `data.val_fraction` / `test_fraction`, whole.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -27,8 +26,9 @@ import numpy as np
 
 from llmcli.chat_template import ChatTemplate, JinjaTemplate, load_chat_template
 from llmcli.config import Config
+from llmcli.data.shards import write_stream
 from llmcli.data.sources import resolve_files
-from llmcli.data.split import SPLITS, split_documents
+from llmcli.data.split import SPLITS, split_indices
 from llmcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def load_examples(cfg: Config) -> datasets.DatasetDict:
 
     template = chat_template_for(cfg)
     examples = read_examples(cfg)
-    order = split_documents(list(range(len(examples))), dataclasses.replace(cfg.data, split_by="document"))
+    order = split_indices(len(examples), cfg.data)
     features = datasets.Features({"text": datasets.Value("string"), "segments": datasets.List(
         {"text": datasets.Value("string"), "loss": datasets.Value("bool")})})
     out = {}
@@ -170,8 +170,9 @@ def load_examples(cfg: Config) -> datasets.DatasetDict:
 
 
 def write_examples(ds: datasets.Dataset, tok: Any, eot: int, dtype: np.dtype, directory: Path, split: str,
-                   mask_prompt: bool) -> dict[str, int]:
-    """`<split>.bin` (ids), `<split>.mask.bin` (1 = carries loss) and `<split>.starts.npy`; the stats."""
+                   mask_prompt: bool) -> tuple[dict[str, int], dict[str, list[list]]]:
+    """The shards of `<split>` (ids) and `<split>-mask` (1 = carries loss), `<split>-starts.npy`; the
+    stats and the streams' index entries."""
     ids, mask, starts = [], [], []
     position = 0
     for row in ds["segments"]:
@@ -183,9 +184,10 @@ def write_examples(ds: datasets.Dataset, tok: Any, eot: int, dtype: np.dtype, di
         ids.append(eot)
         mask.append(True)
         position = len(ids)
-    np.asarray(ids, dtype=dtype).tofile(directory / f"{split}.bin")
-    np.asarray(mask, dtype=np.uint8).tofile(directory / f"{split}.mask.bin")
-    np.save(directory / f"{split}.starts.npy", np.asarray(starts, dtype=np.int64))
+    streams = {split: write_stream(directory, split, np.asarray(ids, dtype=dtype), dtype),
+               f"{split}-mask": write_stream(directory, f"{split}-mask", np.asarray(mask, dtype=np.uint8),
+                                             np.dtype(np.uint8))}
+    np.save(directory / f"{split}-starts.npy", np.asarray(starts, dtype=np.int64))
     texts = ds["text"]
-    return {"documents": len(ds), "characters": sum(map(len, texts)),
-            "bytes": sum(len(t.encode("utf-8")) for t in texts), "tokens": len(ids), "loss_tokens": int(sum(mask))}
+    return {"documents": len(ds), "characters": sum(map(len, texts)), "bytes": sum(len(t.encode("utf-8")) for t in texts),
+            "tokens": len(ids), "loss_tokens": int(sum(mask))}, streams

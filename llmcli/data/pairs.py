@@ -28,7 +28,8 @@ from rich.console import Console
 
 from llmcli.config import DataConfig
 from llmcli.data.cmudict import cmudict_pairs
-from llmcli.data.sources import PAIR_FORMATS, _decode, _one_line, cache_root, resolve_files, source_kind
+from llmcli.data.readers import read_text
+from llmcli.data.sources import PAIR_FORMATS, _one_line, cache_root, resolve_files, source_kind
 from llmcli.data.split import SPLIT_SEED, SPLITS
 from llmcli.errors import UserError
 
@@ -92,7 +93,7 @@ def _local_pairs(cfg: DataConfig, console: Console) -> list[Pair]:
         data_file = str(path)
         if builder != "parquet":  # text formats: check (or repair) the encoding first
             raw = path.read_bytes()
-            text = _decode(path, raw, cfg.encoding_errors, console)
+            text = read_text(path, cfg.encoding_errors, console)
             if text.encode("utf-8") != raw:
                 copy = cache_root(cfg) / "hf-datasets" / f"utf8-{path.name}"
                 copy.parent.mkdir(parents=True, exist_ok=True)

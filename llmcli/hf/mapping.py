@@ -4,8 +4,9 @@ A config exports as GPT-2 when it has layernorm, learned positions, gelu, biases
 n_head (tied or untied head), as Llama when it has rmsnorm, rope, swiglu and no biases (grouped-query
 attention and a tied head are fine); other mixes have no `transformers` counterpart and are refused,
 naming the fields. Importing refuses what our `Transformer` does not reproduce (rope scaling, sliding
-windows, attention or MLP biases in Llama, ...), naming the setting. `_tensor_pairs` is the one table
-of how our parameter names correspond to theirs, read in both directions.
+windows, attention or MLP biases in Llama, ...), naming the setting. `tensor_pairs` is the one table
+of how our parameter names correspond to theirs, read in both directions (and on to llama.cpp's
+names through gguf's own table of HF names: llmcli/llamacpp/tensors.py).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def export_family(config: ModelConfig) -> str:
-    """"gpt2" or "llama": the `transformers` model with exactly this config's maths; else a UserError."""
+def export_family(config: ModelConfig, target: str = "transformers") -> str:
+    """"gpt2" or "llama": the model family (of `target`, named in refusals) with exactly this config's
+    maths; else a UserError."""
     if config.layer_heads or config.layer_ff:
-        raise UserError("a pruned model (per-layer model.layer_heads / model.layer_ff) has no transformers "
+        raise UserError(f"a pruned model (per-layer model.layer_heads / model.layer_ff) has no {target} "
                         "config: GPT-2 and Llama give every layer the same heads and MLP width")
     if config.qk_norm or config.logit_softcap is not None:
         raise UserError("model.qk_norm / model.logit_softcap have no place in a GPT-2 or Llama config; such a "
@@ -72,7 +74,7 @@ def export_family(config: ModelConfig) -> str:
 # Tensor names: ours <-> theirs
 
 
-def _tensor_pairs(config: ModelConfig, family: str) -> Iterator[tuple[tuple[str, ...], str, str]]:
+def tensor_pairs(config: ModelConfig, family: str) -> Iterator[tuple[tuple[str, ...], str, str]]:
     """(our names, HF name, how): "same" (identical layout), "t" (Conv1D: transposed) or
     "qkv_w"/"qkv_b" (GPT-2's fused c_attn = q, k, v side by side, weight transposed)."""
     if family == GPT2:
@@ -110,7 +112,7 @@ def _tensor_pairs(config: ModelConfig, family: str) -> Iterator[tuple[tuple[str,
 
 def hf_tensor_names(config: ModelConfig, family: str) -> dict[str, str]:
     """Our parameter name -> the HF tensor it comes from."""
-    return {our: hf for ours, hf, _ in _tensor_pairs(config, family) for our in ours}
+    return {our: hf for ours, hf, _ in tensor_pairs(config, family) for our in ours}
 
 
 def _add_prefix(hf_state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
@@ -136,7 +138,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig,
     """
     family = family or export_family(config)
     hf_state = _add_prefix(hf_state, family)
-    pairs = list(_tensor_pairs(config, family))
+    pairs = list(tensor_pairs(config, family))
     missing = [hf for _, hf, _ in pairs if hf not in hf_state]
     if missing:
         raise UserError(f"{source} is missing tensors: {_name_list(missing)}")
@@ -173,7 +175,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig,
     """
     family = family or export_family(config)
     out: dict[str, torch.Tensor] = {}
-    for ours, hf, how in _tensor_pairs(config, family):
+    for ours, hf, how in tensor_pairs(config, family):
         if how == "same":
             tensor = state[ours[0]]
         elif how == "t":

@@ -10,6 +10,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * where it has attention, shows it (`attention_maps`: the weights of one real forward pass, for
   `llmcli attention`); the default refuses, naming the family;
 * names its repeated blocks for sharded training (`shard_units`);
+* says whether it exports to `transformers` (`exports_to_hf`) and why llama.cpp cannot run it
+  (`gguf_refusal`, None where it can);
 * names what LoRA may adapt in its own terms (`lora_targets`);
 * says which units structured pruning may remove (`prune_groups`: attention heads, MLP units,
   recurrent hidden units) and gives the smaller dense model that keeps some of them (`pruned`,
@@ -183,6 +185,9 @@ class LanguageModel(nn.Module):
     partition_refusal: str | None = None
     # Whether `llmcli export --format hf` has a `transformers` class to write this family as.
     exports_to_hf: bool = False
+    # Why llama.cpp (`llmcli export --format gguf`) cannot run this family, naming what can; None
+    # for the families it runs.
+    gguf_refusal: str | None = "llama.cpp runs decoder-only transformer language models only"
     # Whether the decode state has truncate(slot, length) (speculative decoding needs it).
     rewinds_decode_state: bool = False
     # Whether new_paged_decode_state gives a block-paged KV cache (memory follows actual lengths).

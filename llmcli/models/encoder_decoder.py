@@ -177,6 +177,8 @@ class EncoderDecoder(Seq2SeqModel):
 
     task = "seq2seq"
     exports_to_hf = True  # as MarianMTModel (llmcli/hf/marian.py)
+    gguf_refusal = ("llama.cpp has no Marian-style encoder-decoder; llmcli export --format hf writes it as a "
+                    "MarianMTModel that transformers (and CTranslate2) run, and llmcli generate / serve run it as it is")
     pages_decode_state = True  # the decoder's self-attention cache; the source memory stays per slot
 
     def __init__(self, config: ModelConfig):

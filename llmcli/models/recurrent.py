@@ -103,6 +103,9 @@ class RecurrentState:
 class Recurrent(LanguageModel):
     """Embedding → dropout → n_layer recurrent layers (dropout between) → dropout → LM head."""
 
+    gguf_refusal = ("llama.cpp has no LSTM, GRU or plain RNN language model; llmcli generate and llmcli serve run "
+                    "it (quantized with llmcli quantize for a smaller, faster CPU model)")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         _check_config(config)

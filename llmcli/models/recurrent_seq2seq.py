@@ -79,6 +79,7 @@ class RecurrentSeq2Seq(Seq2SeqModel):
     """Source embedding -> recurrent encoder; target embedding -> recurrent decoder -> attention -> head."""
 
     task = "seq2seq"
+    gguf_refusal = "llama.cpp has no recurrent encoder-decoder; llmcli generate and llmcli serve run it"
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -197,6 +197,7 @@ class Transformer(LanguageModel):
     """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head."""
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
+    gguf_refusal = None  # llama.cpp's gpt2 and llama architectures (llmcli/llamacpp/)
     rewinds_decode_state = True  # KVCache.truncate
     pages_decode_state = True  # PagedKVCache
 

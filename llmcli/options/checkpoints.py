@@ -19,32 +19,61 @@ from llmcli.options.fields import (
     threads_option,
 )
 
+EXPORT_FORMATS = ("hf", "gguf")
+HF_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_DTYPES = (*HF_DTYPES, "q8_0", "q4_0", "q4_1")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ExportOptions(Options):
-    """Write a checkpoint as a Hugging Face model folder (GPT2LMHeadModel or LlamaForCausalLM).
+    """Write a checkpoint for another runtime: a Hugging Face model folder (GPT2LMHeadModel,
+    LlamaForCausalLM or MarianMTModel) or one GGUF file for llama.cpp, ollama and LM Studio.
 
-    The folder loads with transformers' AutoModelForCausalLM and AutoTokenizer.from_pretrained.
+    --format hf: the folder loads with transformers' AutoModelForCausalLM and AutoTokenizer.from_pretrained.
+    --format gguf: a decoder-only transformer with its tokenizer, chat template and end tokens in one
+    file that llama-cli -m FILE.gguf runs; --ollama also writes a Modelfile beside it. A LoRA run
+    exports merged into its base, or with --adapter-only as a GGUF LoRA adapter (llama-cli --lora).
 
     Examples:
 
       llmcli export runs/tiny --format hf --out exported/tiny
 
       llmcli export runs/llama/best --out exported/llama --dtype bfloat16 --overwrite
+
+      llmcli export runs/demo/best --format gguf --out exported/demo.gguf --ollama
+
+      llmcli export runs/gpt2-int8 --format gguf --out exported/gpt2-q8_0.gguf
+
+      llmcli export runs/chat-lora --format gguf --adapter-only --out exported/chat-lora.gguf
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory (a run dir exports its final "
                                                      "weights; name its best/ for the best ones).")
-    out: Path = option(REQUIRED, "--out", "-o", help="Folder to write.")
-    format: str = option("hf", "--format", help="Output format: hf (Hugging Face transformers).")
-    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out folder.")
+    out: Path = option(REQUIRED, "--out", "-o", help="Folder (hf) or .gguf file (gguf) to write.")
+    format: str = option("hf", "--format", help="Output format: hf (Hugging Face transformers) or gguf "
+                                                "(llama.cpp, ollama).",
+                         check=(lambda v: v in EXPORT_FORMATS, f"one of {', '.join(EXPORT_FORMATS)}"))
+    overwrite: bool = option(False, "--overwrite", help="Replace an existing --out.")
     dequantize: bool = option(False, "--dequantize", help="Export a quantized checkpoint as float weights.")
-    dtype: str = option("auto", "--dtype", help="Weights to write: auto (as stored), float32, bfloat16 or "
-                                                "float16.")
+    dtype: str = option("auto", "--dtype", help="Weights to write: auto (as stored; gguf keeps int8 as q8_0 and "
+                                                "int4 as q4_1), float32, bfloat16, float16; gguf also q8_0, "
+                                                "q4_0, q4_1.")
+    adapter_only: bool = option(False, "--adapter-only", help="gguf: write a LoRA run's adapter alone, as a GGUF "
+                                                              "LoRA adapter for its base's GGUF.")
+    ollama: bool = option(False, "--ollama", help="gguf: also write an ollama Modelfile beside the .gguf.")
 
     def check(self) -> None:
-        if self.format != "hf":
-            raise FieldError("format", f"must be hf (Hugging Face transformers); got {self.format!r}")
+        dtypes = GGUF_DTYPES if self.format == "gguf" else HF_DTYPES
+        if self.dtype not in dtypes:
+            raise FieldError("dtype", f"must be one of {', '.join(dtypes)} for --format {self.format}; "
+                                      f"got {self.dtype!r}")
+        if self.format != "gguf":
+            for name in ("adapter_only", "ollama"):
+                if getattr(self, name):
+                    raise FieldError(name, "is for --format gguf")
+        if self.adapter_only and self.ollama:
+            raise FieldError("ollama", "needs a model, not an adapter alone (ollama's ADAPTER line takes the "
+                                       "adapter beside its base model's GGUF)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,8 @@ from llmcli.options.fields import REQUIRED, ConfigOptions, option, threads_optio
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareOptions(ConfigOptions):
-    """Load a corpus, train or load its tokenizer, and cache one token array per split.
+    """Stream a corpus, train or load its tokenizer, and cache each split as token shards
+    (an interrupted run resumes; see docs/corpora.md).
 
     Examples:
 
@@ -20,9 +21,11 @@ class PrepareOptions(ConfigOptions):
       llmcli data prepare -c shakespeare-bpe
 
       llmcli data prepare data.source=notes/ tokenizer.kind=bpe tokenizer.vocab_size=2048
+
+      llmcli data prepare data.source='logs/*.jsonl.zst' tokenizer.kind=bpe tokenizer.train_bytes=2000000000
     """
 
-    force: bool = option(False, "--force", help="Re-tokenize even if a cached copy exists.")
+    force: bool = option(False, "--force", help="Re-tokenize from scratch even if a cached (or interrupted) copy exists.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -189,5 +189,5 @@ def _windows(prepared: Any, split: str, cfg: Config, seed: int,
         return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
     if len(tokens) <= block + 1:
         raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
-                        f"has {len(tokens)}")
+                        f"of {cfg.data.source} has {len(tokens)} (in {prepared.dir})")
     return RandomWindows(tokens, block, cfg.train.batch_size, seed)

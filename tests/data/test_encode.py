@@ -1,10 +1,28 @@
 import json
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from llmcli.data.prepare import prepare_data
 from llmcli.tokenizer import load_tokenizer
+
+
+def document_encoder(tok, eot):
+    """texts -> the ids of each (a list), followed by `eot`: cut into pieces and encoded as data prepare does."""
+    import llmcli.data.encode as encode_mod
+
+    rule, pre, added = encode_mod.cut_rule(tok)
+    encoder = encode_mod.BlockEncoder(tok.to_str(), eot, "uint32")
+
+    def tokenize(texts):
+        out = []
+        for text in texts:
+            pieces = list(encode_mod.stream_pieces([(text, True)], rule, pre, added))
+            out.append(encoder([p for p, _ in pieces], [e for _, e in pieces]).ids.tolist())
+        return out
+
+    return tokenize
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -23,7 +41,7 @@ def test_long_documents_are_encoded_in_pieces_with_identical_ids(tmp_path, monke
                                 "tokenizer.vocab_size=320", "tokenizer.min_frequency=1"),
                             console=Console(quiet=True))
     tok = load_tokenizer(prepared.tokenizer_path)
-    assert prepared.tokens("train").tolist() == encode(tok, doc) + [prepared.eot_id]
+    assert np.asarray(prepared.tokens("train")).tolist() == encode(tok, doc) + [prepared.eot_id]
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -44,7 +62,7 @@ def test_one_long_line_is_encoded_in_pieces_with_identical_ids(tmp_path, monkeyp
     tok = load_tokenizer(prepared.tokenizer_path)
     rule = encode_mod._cut_rule(json.loads(tok.to_str()))
     assert len(encode_mod._pieces(line, rule, tok.pre_tokenizer, ["<|endoftext|>"])) > 20
-    assert prepared.tokens("train").tolist() == encode(tok, line) + [prepared.eot_id]
+    assert np.asarray(prepared.tokens("train")).tolist() == encode(tok, line) + [prepared.eot_id]
 
 
 @pytest.mark.slow
@@ -109,9 +127,9 @@ def test_bpe_by_chunks_gives_the_ids_of_plain_encode(monkeypatch):
         assert "".join(chunks) == text
         assert pre_tokens(tok, *chunks) == pre_tokens(tok, text)
     want = [encode(tok, text) + [eot_id(tok)] for text in docs]
-    tokenize = encode_mod._document_encoder(tok, eot_id(tok))
+    tokenize = document_encoder(tok, eot_id(tok))
     for _ in range(2):  # the second time mostly from the cache
-        assert [ids.tolist() for ids in tokenize(docs)] == want
+        assert tokenize(docs) == want
 
 
 def test_prepared_plays_have_the_ids_of_plain_encode(tmp_path, shakespeare, cfg, texts):
@@ -124,7 +142,7 @@ def test_prepared_plays_have_the_ids_of_plain_encode(tmp_path, shakespeare, cfg,
     tok = load_tokenizer(prepared.tokenizer_path)
     for split in ("val", "test"):  # four whole plays
         want = [i for play in texts(shakespeare, split) for i in encode(tok, play) + [prepared.eot_id]]
-        assert prepared.tokens(split).tolist() == want
+        assert np.asarray(prepared.tokens(split)).tolist() == want
 
 
 @pytest.mark.parametrize("change, by_chunks", [
@@ -152,7 +170,7 @@ def test_other_bpe_tokenizers_keep_the_ids_of_plain_encode(tmp_path, change, by_
     (tmp_path / "doc.txt").write_text(doc, encoding="utf-8", newline="")
     prepared = prepare_data(cfg(f"data.source={tmp_path / 'doc.txt'}", "data.val_fraction=0",
                                 f"tokenizer.path={tmp_path / 'tok.json'}"), console=Console(quiet=True))
-    assert prepared.tokens("train").tolist() == encode(tok, doc) + [prepared.eot_id]
+    assert np.asarray(prepared.tokens("train")).tolist() == encode(tok, doc) + [prepared.eot_id]
 
 
 def test_chunks_are_joined_only_by_a_separator_that_cannot_overlap():
@@ -169,5 +187,4 @@ def test_chunks_are_joined_only_by_a_separator_that_cannot_overlap():
         show_progress=False))
     eot = tok.token_to_id("aXa")  # " aX" + "aXa" would match "aXa" one character early
     assert encode_mod._ChunkEncoder(tok, eot).separator is None
-    tokenize = encode_mod._document_encoder(tok, eot)
-    assert [ids.tolist() for ids in tokenize(docs)] == [encode(tok, text) + [eot] for text in docs]
+    assert document_encoder(tok, eot)(docs) == [encode(tok, text) + [eot] for text in docs]

@@ -50,7 +50,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, cfg, char_tokenizer):
     prepared = prepare_data(cfg(f"data.source={source}", "data.format=alpaca", f"tokenizer.path={tok_path}",
                                 "data.val_fraction=0.2"))
     tokens, (mask, starts) = prepared.tokens("train"), prepared.examples("train")
-    assert len(starts) == 16 and prepared.stats["train"]["loss_tokens"] == int(mask.sum())
+    assert len(starts) == 16 and prepared.stats["train"]["loss_tokens"] == int(np.asarray(mask).sum())
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(tokens)
         text = char_tokenizer.decode(tokens[start:end].tolist(), skip_special_tokens=False)
@@ -74,7 +74,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, cfg, char_tokenizer):
 
     plain = prepare_data(cfg(f"data.source={source}", "data.format=alpaca", f"tokenizer.path={tok_path}",
                              "data.val_fraction=0.2", "data.mask_prompt=false"))
-    assert plain.dir != prepared.dir and plain.examples("train")[0].all()
+    assert plain.dir != prepared.dir and np.asarray(plain.examples("train")[0]).all()
 
 
 def test_chat_records_rendered_through_the_checkpoint_template(tmp_path, cfg, llama_tokenizer):

@@ -6,7 +6,6 @@ import pytest
 from rich.console import Console
 
 from llmcli.data.prepare import prepare_data, print_summary, train_tokenizer_for_config
-from llmcli.data.sources import load_corpus
 from llmcli.errors import UserError
 from llmcli.tokenizer import EOT, decode, load_tokenizer
 
@@ -17,7 +16,7 @@ def test_prepare_writes_arrays_and_reuses_them(txt, cache_dir, cfg):
     assert not first.reused and first.dir.parent == cache_dir
     assert first.dtype == np.uint16 and first.eot_id == 0
     names = sorted(p.name for p in first.dir.iterdir())
-    assert names == ["config.yaml", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert names == ["config.yaml", "meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()}
 
     second = prepare_data(c, console=Console(quiet=True))
@@ -29,7 +28,7 @@ def test_prepare_writes_arrays_and_reuses_them(txt, cache_dir, cfg):
     assert np.array_equal(forced.tokens("train"), first.tokens("train"))
 
 
-def test_prepared_arrays_decode_to_the_documents(tmp_path, cfg, texts):
+def test_prepared_arrays_decode_to_the_documents(tmp_path, cfg, texts, load_corpus):
     folder = tmp_path / "docs"
     folder.mkdir()
     docs = [f"Document {'x' * (i + 1)}.\n" + "words and more words\n" * (i + 1) for i in range(6)]
@@ -44,7 +43,8 @@ def test_prepared_arrays_decode_to_the_documents(tmp_path, cfg, texts):
     assert meta["splits"] == prepared.stats and meta["dtype"] == "uint16"
     for split in ("train", "val", "test"):
         arr = prepared.tokens(split)
-        assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
+        assert all(isinstance(part, np.memmap) for part in arr.parts) and arr.dtype == np.uint16
+        arr = np.asarray(arr)
         stats = prepared.stats[split]
         assert len(arr) == stats["tokens"]
         assert stats["documents"] == len(corpus[split]) == int((arr == prepared.eot_id).sum())
@@ -54,7 +54,7 @@ def test_prepared_arrays_decode_to_the_documents(tmp_path, cfg, texts):
         assert stats["bytes"] == sum(len(t.encode()) for t in split_texts)
         assert decode(tok, arr) == "".join(t + EOT for t in split_texts)
     assert sum(s["tokens"] for s in prepared.stats.values()) == sum(
-        os.path.getsize(prepared.dir / f"{s}.bin") // 2 for s in prepared.stats)
+        os.path.getsize(prepared.dir / f"{s}-00000.bin") // 2 for s in prepared.stats)
 
 
 def test_prepare_bpe_and_num_proc(txt, cfg):
@@ -97,7 +97,7 @@ def test_tokenizer_path_and_uint32(tmp_path, txt, cfg, lines):
     save_tokenizer(tok, path)
     prepared = prepare_data(cfg(f"data.source={txt}", f"tokenizer.path={path}"), console=Console(quiet=True))
     assert prepared.dtype == np.uint32 and prepared.vocab_size == len(vocab)
-    arr = prepared.tokens("train")
+    arr = np.asarray(prepared.tokens("train"))
     assert arr.max() >= 70_000 and arr[-1] == 1
     with pytest.raises(UserError, match="tokenizer file not found: .*nope.json"):
         prepare_data(cfg(f"data.source={txt}", f"tokenizer.path={tmp_path / 'nope.json'}"))

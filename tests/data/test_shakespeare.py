@@ -9,7 +9,6 @@ from llmcli.data.shakespeare import (
     shakespeare_plays,
     shakespeare_split_plays,
 )
-from llmcli.data.sources import load_corpus
 from llmcli.errors import UserError
 
 
@@ -68,14 +67,14 @@ def test_shakespeare_text_is_plain(shakespeare, texts):
     assert {"HAMLET", "HORATIO", "OPHELIA", "First Clown"} <= set(speakers)
 
 
-def test_play_lists_override_and_names_are_normalized(cfg, texts):
+def test_play_lists_override_and_names_are_normalized(cfg, texts, load_corpus):
     corpus = load_corpus(cfg("data.val_plays=[A Midsummer Night's Dream]", "data.test_plays=[]").data)
     assert list(corpus) == ["train", "val"]
     assert texts(corpus, "val")[0].startswith("A Midsummer Night's Dream\n\nACT I\n")
     assert len(corpus["train"]) == 37
 
 
-def test_unknown_or_overlapping_plays(cfg):
+def test_unknown_or_overlapping_plays(cfg, load_corpus):
     with pytest.raises(UserError, match=r"data.val_plays: unknown play 'hamlett'; valid names: .*hamlet"):
         load_corpus(cfg("data.val_plays=[hamlett]").data)
     with pytest.raises(UserError, match="both contain hamlet"):

@@ -4,11 +4,10 @@ import re
 import pytest
 from rich.console import Console
 
-from llmcli.data.sources import load_corpus
 from llmcli.errors import UserError
 
 
-def test_folder_of_txt(tmp_path, cfg, texts):
+def test_folder_of_txt(tmp_path, cfg, texts, load_corpus):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / ".hidden").mkdir()
@@ -34,7 +33,7 @@ def test_folder_of_txt(tmp_path, cfg, texts):
     assert len(glob["train"]) + len(glob["val"]) == 10
 
 
-def test_jsonl_csv_parquet_with_text_field(tmp_path, cfg, texts):
+def test_jsonl_csv_parquet_with_text_field(tmp_path, cfg, texts, load_corpus):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -56,14 +55,14 @@ def test_jsonl_csv_parquet_with_text_field(tmp_path, cfg, texts):
         load_corpus(cfg(f"data.source={csv}", "data.text_field=id").data)
 
 
-def test_mixed_folder(tmp_path, cfg, texts):
+def test_mixed_folder(tmp_path, cfg, texts, load_corpus):
     (tmp_path / "a.txt").write_text("plain text document\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json document\n"}) + "\n")
     corpus = load_corpus(cfg(f"data.source={tmp_path}", "data.val_fraction=0").data)
     assert texts(corpus, "train") == ["plain text document\n", "json document\n"]
 
 
-def test_non_utf8(tmp_path, cfg, texts, quiet):
+def test_non_utf8(tmp_path, cfg, texts, quiet, load_corpus):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"good text\n" * 5 + b"caf\xe9 \xff\xfe end\n" + b"more text\n" * 5)
     with pytest.raises(UserError, match=r"bad.txt: not valid UTF-8 at byte 53 \(line 6\); set data.encoding_errors=replace"):
@@ -84,7 +83,7 @@ def test_non_utf8(tmp_path, cfg, texts, quiet):
     assert "caf\ufffd" in [t for s in corpus for t in texts(corpus, s)]
 
 
-def test_saved_datasets(tmp_path, cfg, texts):
+def test_saved_datasets(tmp_path, cfg, texts, load_corpus):
     import datasets
 
     own = datasets.DatasetDict({
@@ -113,7 +112,7 @@ def test_saved_datasets(tmp_path, cfg, texts):
     (lambda p: (p.mkdir(), (p / "a.txt").write_text(" "), (p / "b.txt").write_text("\n")),
      "has only empty documents"),
 ])
-def test_missing_and_empty_sources(tmp_path, setup, message, cfg):
+def test_missing_and_empty_sources(tmp_path, setup, message, cfg, load_corpus):
     path = tmp_path / "src.txt"
     setup(path)
     with pytest.raises(UserError, match=message) as info:
@@ -121,12 +120,12 @@ def test_missing_and_empty_sources(tmp_path, setup, message, cfg):
     assert "src.txt" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_glob_without_matches(tmp_path, cfg):
+def test_glob_without_matches(tmp_path, cfg, load_corpus):
     with pytest.raises(UserError, match="no files match"):
         load_corpus(cfg(f"data.source={tmp_path}/*.txt").data)
 
 
-def test_hub_failure_is_one_line(monkeypatch, cfg):
+def test_hub_failure_is_one_line(monkeypatch, cfg, load_corpus):
     import datasets
 
     def offline(*args, **kwargs):
@@ -137,7 +136,7 @@ def test_hub_failure_is_one_line(monkeypatch, cfg):
         load_corpus(cfg("data.source=hf:someone/nothing").data)
 
 
-def test_hub_uses_the_same_split_logic(monkeypatch, cfg):
+def test_hub_uses_the_same_split_logic(monkeypatch, cfg, load_corpus):
     import datasets
 
     def fake(name, config=None):
@@ -150,7 +149,7 @@ def test_hub_uses_the_same_split_logic(monkeypatch, cfg):
     assert {s: len(corpus[s]) for s in corpus} == {"train": 18, "val": 2, "test": 1}
 
 
-def test_jsonl_files_with_different_other_columns_read_their_text_field(tmp_path, cfg, texts):
+def test_jsonl_files_with_different_other_columns_read_their_text_field(tmp_path, cfg, texts, load_corpus):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"first {i} " * 5}) + "\n" for i in range(6)))

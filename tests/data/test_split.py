@@ -1,10 +1,9 @@
 import pytest
 
-from llmcli.data.sources import load_corpus
 from llmcli.errors import UserError
 
 
-def test_txt_tail_split_is_contiguous(txt, cfg, texts, lines):
+def test_txt_tail_split_is_contiguous(txt, cfg, texts, lines, load_corpus):
     corpus = load_corpus(cfg(f"data.source={txt}").data)
     assert list(corpus) == ["train", "val"]
     train, val = texts(corpus, "train"), texts(corpus, "val")
@@ -13,7 +12,7 @@ def test_txt_tail_split_is_contiguous(txt, cfg, texts, lines):
     assert abs(len(val[0]) / len(lines) - 0.1) < 0.01
 
 
-def test_tail_split_test_sits_before_val(txt, cfg, texts, lines):
+def test_tail_split_test_sits_before_val(txt, cfg, texts, lines, load_corpus):
     base = load_corpus(cfg(f"data.source={txt}").data)
     corpus = load_corpus(cfg(f"data.source={txt}", "data.test_fraction=0.2").data)
     train, val, test = (texts(corpus, s)[0] for s in ("train", "val", "test"))
@@ -22,6 +21,6 @@ def test_tail_split_test_sits_before_val(txt, cfg, texts, lines):
     assert abs(len(test) / len(lines) - 0.2) < 0.01
 
 
-def test_split_by_document_needs_documents(txt, cfg):
+def test_split_by_document_needs_documents(txt, cfg, load_corpus):
     with pytest.raises(UserError, match="too few"):
         load_corpus(cfg(f"data.source={txt}", "data.split_by=document").data)

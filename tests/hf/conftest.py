@@ -73,24 +73,6 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session")
-def perturb() -> Callable[..., torch.nn.Module]:
-    """perturb(module, seed=0): large random weights (norms and biases too) so the mapping is really
-    tested and greedy decoding has clear winners instead of near-ties; the module in eval mode."""
-
-    def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-                else:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        return module.eval()
-
-    return perturb
-
-
 @pytest.fixture
 def make_model(tiny_model, perturb) -> Callable[..., Transformer]:
     """make_model(preset, seed=0, **config): a perturbed 2-layer, 32-wide model, VOCAB tokens, context 64."""

@@ -158,7 +158,7 @@ def test_cli_export_and_import(tmp_path, bpe_json, make_model, save_run, state_e
 
     one_line_error(cli("export", run, "--out", tmp_path / "hf"), "already exists", "--overwrite", alone=True)
     one_line_error(cli("import", tmp_path / "hf", "--out", tmp_path / "back"), "already exists", alone=True)
-    one_line_error(cli("export", run, "--format", "onnx", "--out", tmp_path / "x"), "--format must be hf",
+    one_line_error(cli("export", run, "--format", "onnx", "--out", tmp_path / "x"), "--format must be one of hf, gguf",
                    alone=True)
     one_line_error(cli("export", tmp_path / "nope", "--out", tmp_path / "x"), "checkpoint not found", alone=True)
     one_line_error(cli("export", run, "--out", tmp_path / "x", "--dtype", "int4"), "--dtype must be one of",

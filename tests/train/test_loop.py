@@ -376,3 +376,44 @@ def test_out_of_memory_is_one_line(corpus, tmp_path, cli, one_line_error, monkey
 
     monkeypatch.setattr(finetune, "build_model", fails)
     one_line_error(cli("train", "--out", tmp_path / "r", *tiny(corpus)), "out of memory", "can't allocate")
+
+
+def test_random_windows_read_across_shards_as_from_one_array(tmp_path):
+    """Windows drawn from token shards are those of the concatenated array, and each micro-batch index
+    (each process of a multi-process run draws its own) gets its own windows."""
+    from llmcli.data.shards import read_stream, write_stream
+    from llmcli.train.schedule import RandomWindows
+
+    tokens = np.random.default_rng(0).integers(0, 1000, 10_000).astype(np.uint16)
+    entries = [*write_stream(tmp_path, "a", tokens[:3001], np.uint16), *write_stream(tmp_path, "b", tokens[3001:], np.uint16)]
+    shards = read_stream(tmp_path, entries, np.uint16)
+    flat, sharded = RandomWindows(tokens, 64, 32, seed=5), RandomWindows(shards, 64, 32, seed=5)
+    for step in range(5):
+        for index in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(flat.batch(step, index), sharded.batch(step, index), strict=True))
+        rank0, rank1 = sharded.batch(step, 0)[0], sharded.batch(step, 1)[0]
+        assert not torch.equal(rank0, rank1)
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_draw_their_own_windows_and_resume_exactly(corpus, tmp_path, torchrun, monkeypatch):
+    """2 processes on a corpus in many shards == 1 process with grad_accum=2 (each process draws its own
+    micro-batch of one sequence), and stopping at step 3 then --resume gives the same run."""
+    import llmcli.data.encode as encode_mod
+    import llmcli.data.shards as shards_mod
+    from llmcli.data.prepare import prepare_data
+
+    monkeypatch.setattr(shards_mod, "SHARD_TOKENS", 4000)  # shards close at blocks of 2000 characters
+    monkeypatch.setattr(encode_mod, "BLOCK_CHARS", 2000)
+    monkeypatch.setattr(encode_mod, "PIECE_CHARS", 500)
+    base = tiny(corpus, "train.max_steps=6", "train.eval_interval=3", "train.lr_decay_steps=6")
+    assert len(prepare_data(load_config(None, base)).meta["shards"]["train"]) >= 8  # the cache the runs reuse
+    train(RunPlan(load_config(None, [*base, "train.grad_accum=2"]), tmp_path / "one"))
+    for args in (["--out", tmp_path / "two", *base], ["--out", tmp_path / "resumed", *base, "train.max_steps=3"],
+                 ["--resume", tmp_path / "resumed", "train.max_steps=6"]):
+        proc = torchrun("train", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = {run: [r["train_loss"] for r in metrics(tmp_path / run) if "train_loss" in r]
+              for run in ("one", "two", "resumed")}
+    assert len(losses["two"]) == 6 and losses["resumed"] == losses["two"]
+    assert np.allclose(losses["one"], losses["two"], rtol=1e-4, atol=1e-5), losses
