@@ -170,8 +170,8 @@ def training_data(prepared: Any, cfg: Config, per_step: int) -> TrainingData:
     """The batches of `prepared` (prepare.PreparedData or prepare_pairs.PreparedPairs) for `cfg`."""
     t, m = cfg.train, cfg.model
     if cfg.data.task != "seq2seq":
-        train, val = (WindowBatches(_windows(prepared, split, cfg, seed, per_step), per_step)
-                      for split, seed in (("train", t.seed), ("val", t.seed + 1)))
+        train = WindowBatches(_windows(prepared, "train", cfg, t.seed, per_step if t.stateful else 0), per_step)
+        val = WindowBatches(_windows(prepared, "val", cfg, t.seed + 1, 0), per_step)
         return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), None)
     limits = dict(source_limit=m.source_context, target_limit=m.block_size)
     train = PairBatches(prepared.arrays("train"), t.batch_size, t.seed, per_step, prepared.eot_id,
@@ -184,10 +184,19 @@ def training_data(prepared: Any, cfg: Config, per_step: int) -> TrainingData:
 
 def _windows(prepared: Any, split: str, cfg: Config, seed: int,
              per_step: int) -> RandomWindows | StreamWindows | ExampleWindows:
+    """The split's windows: consecutive ones of per_step x batch_size streams where `per_step` is not 0
+    (train.stateful, the training split), else random ones (or one per example)."""
     tokens, block = prepared.tokens(split), cfg.model.block_size
     if (examples := prepared.examples(split)) is not None:
         return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
     if len(tokens) <= block + 1:
         raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
                         f"of {cfg.data.source} has {len(tokens)} (in {prepared.dir})")
+    if per_step:
+        streams = per_step * cfg.train.batch_size
+        if len(tokens) // streams < 2 * block + 1:
+            raise UserError(f"train.stateful: the {split} split's {len(tokens)} tokens cut into {streams} streams "
+                            f"(train.batch_size x grad_accum x processes) leave fewer than 2 windows of "
+                            f"model.block_size={block} per stream")
+        return StreamWindows(tokens, block, cfg.train.batch_size, streams, seed)
     return RandomWindows(tokens, block, cfg.train.batch_size, seed)

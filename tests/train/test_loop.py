@@ -116,10 +116,22 @@ def test_ema_weights_are_what_is_evaluated_and_saved(corpus, tmp_path):
 
 def test_stateful_training_carries_the_state(corpus, tmp_path):
     run = tmp_path / "run"
-    train(RunPlan(load_config(None, tiny(corpus, "train.stateful=true", arch="lstm")), run))
+    cfg = load_config(None, tiny(corpus, "train.stateful=true", arch="lstm"))
+    train(RunPlan(cfg, run))
     carried = load_file(run / "state" / "carry-0.safetensors")
     assert set(carried) == {"state.0", "state.1"} and carried["state.0"].shape == (2, 4, 32)
     assert carried["state.0"].abs().sum() > 0
+    # every stream read 12 consecutive windows of 32 tokens, its state carried through all of them
+    from safetensors import safe_open
+
+    from llmcli.data.tasks import prepare_for_task
+
+    with safe_open(str(run / "state" / "carry-0.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["positions"]) == [12 * 32] * 4
+    windows = loop_mod.training_data(prepare_for_task(cfg), cfg, 1).train.windows
+    _, first_labels = windows.batch(0, 0)
+    second, _ = windows.batch(1, 0)
+    assert windows.continues(1) and torch.equal(second[:, 0], first_labels[:, -1])
 
 
 def _resume_is_bit_identical(corpus, tmp_path, cli, arch, *options):

@@ -55,3 +55,21 @@ def test_random_windows_are_deterministic_and_shifted():
     x3, _ = windows.batch(6, 1)
     assert torch.equal(x, x2) and not torch.equal(x, x3)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.long and x.shape == (4, 16)
+
+
+def test_stream_windows_read_across_token_shards(tmp_path):
+    """A corpus prepared into several shards streams exactly as the same tokens in one array."""
+    from llmcli.data.shards import TokenShards
+
+    tokens = np.arange(4000, dtype=np.uint16)
+    sizes = [1300, 1400, 1300]  # streams of 1000 tokens: most of them cross a shard boundary
+    paths = []
+    for i, part in enumerate(np.split(tokens, np.cumsum(sizes)[:-1])):
+        paths.append(tmp_path / f"train-{i:05d}.bin")
+        part.tofile(paths[-1])
+    sharded = StreamWindows(TokenShards(paths, np.uint16, sizes), block_size=10, batch_size=2, streams=4, seed=0)
+    whole = StreamWindows(tokens, block_size=10, batch_size=2, streams=4, seed=0)
+    for step in (0, 1, 50, 97, 98, 200):
+        for index in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(sharded.batch(step, index), whole.batch(step, index),
+                                                          strict=True))
