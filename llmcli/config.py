@@ -153,16 +153,26 @@ class ModelConfig:
                                                                          "or learned",
                                                          families=TRANSFORMER + ENCODER_DECODER)
     rope_theta: float = _opt(10000.0, min=0.0, min_exclusive=True, families=TRANSFORMER)
-    act: Literal["gelu", "swiglu", "relu"] = _opt("gelu", help="transformer: gelu (GPT-2's tanh form), swiglu or "
-                                                               "relu; encoder-decoder: relu (default) or gelu "
-                                                               "(the exact erf form)",
-                                                  families=TRANSFORMER + ENCODER_DECODER)
+    act: Literal["gelu", "swiglu", "relu", "relu2"] = _opt("gelu", help="transformer: gelu (GPT-2's tanh form), "
+                                                                         "swiglu, relu or relu2 (relu squared); "
+                                                                         "encoder-decoder: relu (default) or gelu "
+                                                                         "(the exact erf form)",
+                                                            families=TRANSFORMER + ENCODER_DECODER)
+    qk_norm: bool = _opt(False, help="RMS-normalise each head's queries and keys before attention",
+                         families=TRANSFORMER)
+    logit_softcap: Optional[float] = _opt(None, min=0.0, min_exclusive=True,
+                                          help="logits become c * tanh(logits / c); null = off", families=TRANSFORMER)
+    embed_dropout: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: drop whole rows of the embedding table "
+                                                             "(every use of a word) while training",
+                                families=RECURRENT)
+    weight_drop: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: DropConnect on the hidden-to-hidden "
+                                                           "matrices while training (AWD-LSTM)", families=RECURRENT)
     bidirectional: bool = _opt(True, help="recurrent seq2seq: the encoder reads the source both ways",
                                families=RECURRENT_SEQ2SEQ)
     share_embeddings: bool = _opt(False, help="seq2seq: one embedding table for source and target (needs "
                                               "source_tokenizer.kind=shared)", families=SEQ2SEQ)
-    tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: needs "
-                                           "d_hidden = d_model)")
+    tie_embeddings: bool = _opt(True, help="the LM head reuses the (target) embedding matrix (recurrent: a "
+                                           "d_hidden other than d_model adds a projection to d_model)")
     # A structurally pruned transformer or encoder-decoder (llmcli prune): per-layer sizes, null =
     # every layer has the full n_head / ff_dim. n_head keeps defining the head size (d_model / n_head).
     layer_heads: Optional[list[int]] = _opt(None, min=1, help="query heads kept in each layer (a multiple of "
@@ -331,6 +341,21 @@ class TrainConfig(StrategyConfig):
     log_with: list[str] = _opt([], help="experiment trackers via Accelerate: tensorboard, wandb, mlflow, ...")
     label_smoothing: float = _opt(0.0, min=0.0, max=0.5, help="spread this much of each target's probability "
                                                               "over the vocabulary (0 = off)")
+    optimizer: Literal["adamw", "muon"] = _opt("adamw", help="muon: torch.optim.Muon for the hidden weight matrices, "
+                                                             "AdamW (lr) for embeddings, head, biases and gains")
+    muon_lr: float = _opt(0.02, min=0.0, min_exclusive=True, help="optimizer=muon: the matrices' peak learning "
+                                                                   "rate (scheduled like lr)")
+    schedule: Literal["cosine", "wsd"] = _opt("cosine", help="after warmup: cosine decay to min_lr, or wsd (hold "
+                                                             "lr, then decay linearly over decay_fraction)")
+    decay_fraction: float = _opt(0.2, min=0.0, max=1.0, min_exclusive=True,
+                                 help="schedule=wsd: the last fraction of the steps or budget that decays")
+    ema_decay: float = _opt(0.0, min=0.0, max=1.0, help="evaluate and save an exponential moving average of the "
+                                                        "weights with this decay per step (0 = off)")
+    stateful: bool = _opt(False, help="recurrent LMs: batch_size streams read in order, the hidden state carried "
+                                      "from one window to the next (truncated backpropagation through time)")
+    batch_tokens: Optional[int] = _opt(None, min=1, help="seq2seq: batches of length-sorted pairs filled up to "
+                                                         "this many source + target tokens (padding included); "
+                                                         "null = batch_size pairs")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -305,10 +305,6 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
     if m.applies("pos") and m.pos == "rope" and m.head_dim % 2:
         fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
-    if m.arch in RECURRENT and m.tie_embeddings and m.hidden_size != m.d_model:  # a seq2seq head reads d_model
-        fail("model.tie_embeddings", f"a tied LM head needs d_hidden = d_model (got d_hidden={m.hidden_size}, "
-                                     f"d_model={m.d_model}); set model.tie_embeddings=false or make them equal",
-             "model.tie_embeddings" if "model.tie_embeddings" in origin else "model.d_hidden")
     if t.max_steps is not None and t.max_epochs is not None:
         fail("train.max_epochs", f"give train.max_epochs or train.max_steps, not both (max_steps={t.max_steps} "
                                  f"from {origin.get('train.max_steps', 'config')}; max_steps=null counts epochs)")
@@ -321,6 +317,7 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
     if d.val_fraction + d.test_fraction >= 1.0:
         fail("data.val_fraction", "val_fraction + test_fraction must be below 1")
     _check_strategy(t, fail)
+    _check_learning_options(cfg, fail)
     _check_seq2seq_fields(cfg, fail, origin)
     _check_layer_sizes(m, fail)
 
@@ -364,6 +361,23 @@ def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> Non
     if m.applies("share_embeddings") and m.share_embeddings and cfg.source_tokenizer.kind != "shared":
         fail("model.share_embeddings", f"one embedding table for both sides needs one tokenizer: set "
                                        f"source_tokenizer.kind=shared (it is {cfg.source_tokenizer.kind})")
+
+
+def _check_learning_options(cfg: Config, fail: Any) -> None:
+    """Options that apply to some families, tasks or strategies only."""
+    m, t = cfg.model, cfg.train
+    for key, value in (("optimizer", t.optimizer != "adamw"), ("ema_decay", t.ema_decay > 0)):
+        if value and t.strategy != "ddp":
+            fail(f"train.{key}", f"needs train.strategy=ddp (it keeps whole weight matrices on every process); "
+                                 f"got {t.strategy}")
+    if t.stateful and m.arch not in RECURRENT:
+        fail("train.stateful", f"carries a recurrent hidden state; model.arch={m.arch} has none")
+    if t.stateful and cfg.data.format != "text":
+        fail("train.stateful", f"reads the text in order; data.format={cfg.data.format} trains one example per window")
+    if t.batch_tokens is not None and m.task != "seq2seq":
+        fail("train.batch_tokens", "fills batches of (source, target) pairs: set it with data.task=seq2seq")
+    if m.arch in ENCODER_DECODER and m.act == "relu2":
+        fail("model.act", "model.arch=encoder-decoder uses relu or gelu, not relu2")
 
 
 def _check_strategy(t: TrainConfig, fail: Any) -> None:

@@ -124,9 +124,8 @@ def test_saved_config_reloads_identically(tmp_path):
     (["model.arch=gru", "model.preset=llama"], "model.preset: does not apply to model.arch=gru"),
     (["model.arch=rnn", "model.pos=rope"], "model.pos: does not apply to model.arch=rnn"),
     (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru, rnn, gru-seq2seq and lstm-seq2seq)"),
-    (["model.arch=lstm", "model.d_hidden=64"],
-     ("model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden=64, d_model=128); "
-      "set model.tie_embeddings=false or make them equal (from override 'model.d_hidden=64')")),
+    (["model.arch=gru", "model.qk_norm=true"], "model.qk_norm: does not apply to model.arch=gru (only to transformer)"),
+    (["model.weight_drop=0.2"], "model.weight_drop: does not apply to model.arch=transformer (only to lstm, gru and rnn)"),
     (["model.arch=mamba"], "model.arch: must be one of transformer, lstm, gru, rnn"),
 ])
 def test_settings_of_another_family_are_refused(overrides, message):
@@ -140,7 +139,7 @@ def test_a_recurrent_config_keeps_only_its_own_settings(tmp_path):
     assert cfg.model.hidden_size == 650  # 650 % n_head is not checked: heads mean nothing to an LSTM
     saved = cfg.model.to_dict()
     assert set(saved) == {"arch", "n_layer", "d_model", "d_hidden", "vocab_size", "block_size", "dropout", "bias",
-                          "tie_embeddings"}
+                          "tie_embeddings", "embed_dropout", "weight_drop"}
     cfg.save(tmp_path / "c.yaml")
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"] == saved
     assert load_config(tmp_path / "c.yaml") == cfg

@@ -50,6 +50,9 @@ def export_family(config: ModelConfig, target: str = "transformers") -> str:
     if config.layer_heads or config.layer_ff:
         raise UserError(f"a pruned model (per-layer model.layer_heads / model.layer_ff) has no {target} "
                         "config: GPT-2 and Llama give every layer the same heads and MLP width")
+    if config.qk_norm or config.logit_softcap is not None:
+        raise UserError("model.qk_norm / model.logit_softcap have no place in a GPT-2 or Llama config; such a "
+                        "model cannot be exported with --format hf")
     needs = {
         GPT2: {"norm": "layernorm", "pos": "learned", "act": "gelu", "bias": True},
         LLAMA: {"norm": "rmsnorm", "pos": "rope", "act": "swiglu", "bias": False},

@@ -361,6 +361,13 @@ class LanguageModel(nn.Module):
             total -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
         return total
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The weight matrices between the embeddings and the head (what Muon updates): every 2-D
+        trainable parameter except embedding tables and the LM head."""
+        outside = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        outside.add(id(self.get_parameter("lm_head.weight")))
+        return [p for p in self.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in outside]
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups: decay matrices and embeddings (>= 2-D), not biases or norm weights."""
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,10 +1,14 @@
 """Recurrent language models: token embedding → torch's nn.LSTM, nn.GRU or nn.RNN (tanh) → LM head.
 
 The model of the classic word-language-model example: dropout on the embeddings, between the
-recurrent layers and on their outputs, an optional tied head (the embedding matrix, which needs
-d_hidden = d_model). Training runs on windows of `block_size` tokens from a zero state (truncated
-backpropagation through time); there is no context limit, so `context_length` is None and
-decoding and scoring carry the hidden state as far as the text goes.
+recurrent layers and on their outputs, an optional tied head (the embedding matrix; with d_hidden
+other than d_model a linear projection maps the hidden state to d_model first). Two of AWD-LSTM's
+regularisers are options: `embed_dropout` drops whole rows of the embedding table (every use of a
+word in the batch), `weight_drop` drops entries of the hidden-to-hidden matrices (DropConnect, one
+mask per forward). Training runs on windows of `block_size` tokens (truncated backpropagation
+through time), from a zero state or, with train.stateful, from where the previous window of the
+same stream stopped; there is no context limit, so `context_length` is None and decoding and
+scoring carry the hidden state as far as the text goes.
 
 For decoding, `RecurrentState` keeps one hidden state (and, for an LSTM, one cell state) per slot.
 A prefill runs each prompt through the fused recurrent kernel once (right-padded prompts as a
@@ -15,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
@@ -55,7 +62,8 @@ class RecurrentState:
         return torch.tensor(rows.slots, device=self.tensors[0].device)
 
     def read(self, rows: Rows) -> tuple[torch.Tensor, ...]:
-        """The rows' states [n_layer, B, hidden] (zero for rows that start a sequence)."""
+        """The rows' states [n_layer, B, hidden] (zero for rows that start a sequence): copies, so that
+        a training step's backward pass never sees them overwritten."""
         if not rows.slots:
             raise ValueError("forward with a decode state needs rows: one slot, start and length per row")
         if min(rows.slots) < 0 or max(rows.slots) >= self.max_slots:
@@ -69,17 +77,16 @@ class RecurrentState:
             shape = (self.tensors[0].shape[0], len(rows.slots), self.tensors[0].shape[2])
             return tuple(t.new_zeros(shape) for t in self.tensors)
         index = self._index(rows)
-        states = tuple(t[:, index] for t in self.tensors)
-        if fresh:
-            states = tuple(s.clone() for s in states)
-            for s in states:
-                s[:, fresh] = 0
+        states = tuple(t[:, index].clone() for t in self.tensors)
+        for s in states if fresh else ():
+            s[:, fresh] = 0
         return states
 
     def write(self, rows: Rows, states: tuple[torch.Tensor, ...]) -> None:
+        """Store the rows' new states (detached: the carried state of training holds no graph)."""
         index = self._index(rows)
         for t, s in zip(self.tensors, states, strict=True):
-            t[:, index] = s.to(t.dtype)
+            t[:, index] = s.detach().to(t.dtype)
         for slot, start, length in zip(rows.slots, rows.starts, rows.lengths, strict=True):
             self.positions[slot] = start + length
 
@@ -108,7 +115,10 @@ class Recurrent(LanguageModel):
         self.dropout = nn.Dropout(config.dropout)
         self.rnn = RNN_CLASSES[config.arch](config.d_model, hidden, num_layers=config.n_layer, bias=config.bias,
                                             batch_first=True, dropout=config.dropout if config.n_layer > 1 else 0.0)
-        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=config.bias)
+        # A tied head reads d_model: a wider hidden state is projected down to it first.
+        projected = config.tie_embeddings and hidden != config.d_model
+        self.proj = nn.Linear(hidden, config.d_model, bias=False) if projected else None
+        self.lm_head = nn.Linear(config.d_model if projected else hidden, config.vocab_size, bias=config.bias)
         # The word-language-model example's initialisation; the recurrent layers keep torch's.
         nn.init.uniform_(self.tok_embed.weight, -0.1, 0.1)
         nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
@@ -132,20 +142,21 @@ class Recurrent(LanguageModel):
         for layer in range(c.n_layer):
             rows = [f"rnn.weight_ih_l{layer}", f"rnn.weight_hh_l{layer}"]
             rows += [f"rnn.bias_ih_l{layer}", f"rnn.bias_hh_l{layer}"] if c.bias else []
-            reader = f"rnn.weight_ih_l{layer + 1}" if layer + 1 < c.n_layer else "lm_head.weight"
+            top = "proj.weight" if self.proj is not None else "lm_head.weight"
+            reader = f"rnn.weight_ih_l{layer + 1}" if layer + 1 < c.n_layer else top
             slices = [UnitSlice(name, 0, blocks=gates) for name in rows]
             slices += [UnitSlice(f"rnn.weight_hh_l{layer}", 1), UnitSlice(reader, 1)]
             groups.append(PruneGroup("hidden", layer, c.hidden_size, tuple(slices), uniform=True))
         return groups
 
     def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
-        """d_hidden = the units every layer keeps; a tied head becomes untied (it now reads fewer
-        units than the embedding has)."""
+        """d_hidden = the units every layer keeps; a tied head without a projection becomes untied (it
+        now reads fewer units than the embedding has)."""
         sizes = set(kept.get("hidden", [self.config.hidden_size]))
         if len(sizes) != 1:
             raise ValueError(f"every recurrent layer keeps the same number of hidden units; got {sorted(sizes)}")
         (hidden,) = sizes
-        tied = self.config.tie_embeddings and hidden == self.config.d_model
+        tied = self.config.tie_embeddings and (self.proj is not None or hidden == self.config.d_model)
         return dataclasses.replace(self.config, d_hidden=hidden, tie_embeddings=tied)
 
     def layer_stacks(self) -> list[LayerStack]:
@@ -171,7 +182,8 @@ class Recurrent(LanguageModel):
         V, d, H, bias = config.vocab_size or 0, config.d_model, config.hidden_size, int(config.bias)
         gates = GATES[config.arch]
         layers = gates * H * (d - H + config.n_layer * (2 * H + 2 * bias))  # layer 0 reads d, the rest H
-        return V * d + layers + (0 if config.tie_embeddings else H * V) + bias * V
+        head = (H * d if H != d else 0) if config.tie_embeddings else H * V  # a tied head's projection
+        return V * d + layers + head + bias * V
 
     @classmethod
     def activation_bytes(cls, config: ModelConfig, tokens: int) -> int:
@@ -201,7 +213,7 @@ class Recurrent(LanguageModel):
         tokens advance the slot, and its logits beyond them are padding.
         """
         B, T = idx.shape
-        x = self.dropout(self.tok_embed(idx))
+        x = self.dropout(self._embed(idx))
         if state is None:
             out, _ = self._run(x, None, None)
         else:
@@ -209,7 +221,18 @@ class Recurrent(LanguageModel):
                 raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
             out, states = self._run(x, state.read(rows), rows.lengths)
             state.write(rows, states)
-        return self.lm_head(self.dropout(out)).float()
+        out = self.dropout(out)
+        return self.lm_head(out if self.proj is None else self.proj(out)).float()
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; while training with embed_dropout, whole rows of the table dropped
+        (and the rest scaled up), one draw per forward."""
+        p = self.config.embed_dropout
+        if not (self.training and p > 0):
+            return self.tok_embed(idx)
+        weight = self.tok_embed.weight
+        keep = torch.empty(weight.shape[0], 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - p) / (1 - p)
+        return F.embedding(idx, weight * keep)
 
     def _run(self, x: torch.Tensor, states: tuple[torch.Tensor, ...] | None,
              lengths: tuple[int, ...] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -220,16 +243,28 @@ class Recurrent(LanguageModel):
         inputs = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False) \
             if padded else x
         with _native_kernels() if T < ONEDNN_MIN_STEPS else contextlib.nullcontext():
-            out, final = self.rnn(inputs, hx)
+            out, final = self._recur(inputs, hx)
         if padded:
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
         return out, final if isinstance(final, tuple) else (final,)
 
+    def _recur(self, inputs: Any, hx: Any) -> tuple[Any, Any]:
+        """The recurrent layers; while training with weight_drop, through hidden-to-hidden matrices
+        with entries dropped (DropConnect: one mask per matrix and forward, the rest scaled up)."""
+        p = self.config.weight_drop
+        if not (self.training and p > 0):
+            return self.rnn(inputs, hx)
+        dropped = {name: F.dropout(w, p) for name, w in self.rnn.named_parameters() if name.startswith("weight_hh")}
+        with warnings.catch_warnings():  # the dropped matrices are not one contiguous block: expected
+            warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk.*")
+            return torch.func.functional_call(self.rnn, dropped, (inputs, hx))
+
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 * (recurrent weight matrices + LM head); the gates'
-        elementwise work is left out."""
+        """Training FLOPs per token: 6 * (recurrent weight matrices + projection + LM head); the
+        gates' elementwise work is left out."""
         matmul = sum(p.numel() for name, p in self.rnn.named_parameters() if name.startswith("weight"))
-        return 6 * (matmul + self.lm_head.weight.numel())
+        projection = self.proj.weight.numel() if self.proj is not None else 0
+        return 6 * (matmul + projection + self.lm_head.weight.numel())
 
 
 @contextlib.contextmanager
@@ -249,6 +284,3 @@ def _check_config(config: ModelConfig) -> None:
         raise UserError("model.vocab_size is not set (it normally comes from the tokenizer)")
     if config.arch not in RNN_CLASSES:
         raise UserError(f"model.arch={config.arch} is not a recurrent family ({', '.join(RNN_CLASSES)})")
-    if config.tie_embeddings and config.hidden_size != config.d_model:
-        raise UserError(f"model.tie_embeddings: a tied LM head needs d_hidden = d_model (got d_hidden="
-                        f"{config.hidden_size}, d_model={config.d_model})")

@@ -114,6 +114,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -124,6 +125,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # each head's query and key scaled to unit RMS (no gain)
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
@@ -150,11 +153,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)). Or down(relu(up(x)))."""
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)). Or down(relu(up(x))), or
+    down(relu(up(x))^2) (relu2, modded-nanogpt's)."""
 
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.swiglu, self.relu = config.act == "swiglu", config.act == "relu"
+        self.swiglu, self.relu, self.relu2 = config.act == "swiglu", config.act == "relu", config.act == "relu2"
         ff = config.ff_in(layer)
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, ff, bias=config.bias)
@@ -167,6 +171,8 @@ class MLP(nn.Module):
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         elif self.relu:
             hidden = F.relu(self.up_proj(x))
+        elif self.relu2:
+            hidden = F.relu(self.up_proj(x)).square()
         else:
             hidden = F.gelu(self.up_proj(x), approximate="tanh")  # HF's "gelu_new"
         return self.dropout(self.down_proj(hidden))
@@ -362,7 +368,11 @@ class Transformer(LanguageModel):
         x = self.embed_dropout(x)
         for block in self.blocks:
             x = block(x, rope, cache, record)
-        return self.lm_head(self.final_norm(x)).float()
+        logits = self.lm_head(self.final_norm(x)).float()
+        if self.config.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != positions.device:

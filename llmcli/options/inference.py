@@ -41,8 +41,10 @@ def parse_size(text: str) -> int | None:
 
 def _given_key(flag: str | None) -> str | None:
     """--api-key, else LLMCLI_API_KEY even when it is set but empty (click reads that as unset): an
-    empty key is refused, never taken for "no key"."""
-    return flag if flag is not None else os.environ.get(API_KEY_ENV)
+    empty key is refused, never taken for "no key". Edge spaces are dropped, as HTTP drops them from
+    the client's header (a key read from a file keeps its newline)."""
+    key = flag if flag is not None else os.environ.get(API_KEY_ENV)
+    return None if key is None else key.strip()
 
 
 @dataclass(frozen=True, kw_only=True)

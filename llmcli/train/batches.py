@@ -5,12 +5,14 @@ A micro-batch is `(inputs, labels)`: `model(**inputs)` gives logits [B, T, vocab
 micro-batch index), as schedule.py explains, so resumed runs and several processes see exactly the
 batches of one uninterrupted process.
 
-* `WindowBatches` (data.task=lm): random windows of block_size tokens (schedule.RandomWindows), or
-  windows that start at an example (finetune.ExampleWindows, data.format alpaca/chat).
+* `WindowBatches` (data.task=lm): random windows of block_size tokens (schedule.RandomWindows),
+  consecutive windows of parallel streams (schedule.StreamWindows, train.stateful), or windows that
+  start at an example (finetune.ExampleWindows, data.format alpaca/chat).
 * `PairBatches` (data.task=seq2seq): padded pairs bucketed by length. Each epoch sorts the pairs by
   (source length, target length) with random ties, cuts the order into batches of batch_size pairs
   and shuffles the batches, all from (seed, epoch); so every pair is seen once per epoch and a
-  batch pads little. Decoder inputs are `<|endoftext|>` + target, labels target + `<|endoftext|>`.
+  batch pads little. With train.batch_tokens the order is cut into batches of as many pairs as fit
+  that many source + target tokens (padding included) instead. Decoder inputs are `<|endoftext|>` + target, labels target + `<|endoftext|>`.
   Pairs longer than the model takes are left out of training, with a warning.
 """
 
@@ -26,16 +28,16 @@ import torch
 from llmcli.config import Config
 from llmcli.errors import UserError
 from llmcli.train.finetune import IGNORE, ExampleWindows
-from llmcli.train.schedule import RandomWindows, steps_per_epoch
+from llmcli.train.schedule import RandomWindows, StreamWindows, steps_per_epoch
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 class WindowBatches:
-    """Language-model windows (RandomWindows, or finetune.ExampleWindows for alpaca/chat data) as
-    (inputs, labels)."""
+    """Language-model windows (RandomWindows, StreamWindows, or finetune.ExampleWindows for alpaca/chat
+    data) as (inputs, labels)."""
 
-    def __init__(self, windows: RandomWindows | ExampleWindows, per_step: int):
+    def __init__(self, windows: RandomWindows | StreamWindows | ExampleWindows, per_step: int):
         self.windows, self.per_step = windows, per_step
         self.tokens_per_batch = windows.batch_size * windows.block_size
 
@@ -49,6 +51,10 @@ class WindowBatches:
 
     def tokens(self, step: int, index: int) -> int:
         return self.tokens_per_batch
+
+    def continues(self, step: int) -> bool:
+        """Whether step `step` reads on where step - 1 stopped (StreamWindows), its states carried over."""
+        return isinstance(self.windows, StreamWindows) and self.windows.continues(step)
 
     @property
     def tokens_per_step(self) -> float:
@@ -64,8 +70,9 @@ class PairBatches:
     make one optimizer step (grad_accum x processes)."""
 
     def __init__(self, arrays: Any, batch_size: int, seed: int, per_step: int, eot: int, *,
-                 source_limit: int, target_limit: int, eval_batches: int = 0):
+                 source_limit: int, target_limit: int, eval_batches: int = 0, batch_tokens: int | None = None):
         self.arrays, self.batch_size, self.seed, self.per_step, self.eot = arrays, batch_size, seed, per_step, eot
+        self.batch_tokens = batch_tokens
         src, tgt = arrays.source_lengths, arrays.target_lengths
         fits = (src <= source_limit) & (tgt + 1 <= target_limit)
         self.kept = np.flatnonzero(fits)
@@ -74,7 +81,11 @@ class PairBatches:
             raise UserError(f"no pair fits the model: sources need <= {source_limit} tokens with their end token "
                             f"(model.source_block_size), targets <= {target_limit - 1} (model.block_size - 1)")
         self.src_len, self.tgt_len = src[self.kept], tgt[self.kept]
-        self.n_batches = math.ceil(len(self.kept) / batch_size)
+        if batch_tokens is not None and batch_tokens < source_limit + target_limit:
+            raise UserError(f"train.batch_tokens={batch_tokens} cannot hold the longest pair the model takes "
+                            f"({source_limit} source + {target_limit} target tokens)")
+        self.n_batches = len(self._sorted_chunks(np.arange(len(self.kept)), np.random.default_rng(0))) \
+            if batch_tokens else math.ceil(len(self.kept) / batch_size)
         self._epoch: tuple[int, list[np.ndarray]] | None = None
         self._eval = self._eval_batches(eval_batches) if eval_batches else []
 
@@ -82,7 +93,16 @@ class PairBatches:
         """`order` (positions in self.kept) sorted by length with random ties, in batches."""
         ties = rng.random(len(order))
         order = order[np.lexsort((ties, self.tgt_len[order], self.src_len[order]))]
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.batch_tokens is None:
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # Sorted by source length, a batch's widest source is its last; targets may vary.
+        chunks, first, widest_target = [], 0, 0
+        for i, pair in enumerate(order):
+            widest_target = max(widest_target, self.tgt_len[pair] + 1)
+            if (i + 1 - first) * (self.src_len[pair] + widest_target) > self.batch_tokens:
+                chunks.append(order[first:i])
+                first, widest_target = i, self.tgt_len[pair] + 1
+        return [*chunks, order[first:]]
 
     def _batches_of_epoch(self, epoch: int) -> list[np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -111,7 +131,7 @@ class PairBatches:
 
     @property
     def tokens_per_step(self) -> float:
-        return float(self.tgt_len.mean() + 1) * self.batch_size * self.per_step
+        return float(self.tgt_len.sum() + len(self.tgt_len)) / self.n_batches * self.per_step
 
     @property
     def epoch_steps(self) -> int:
@@ -150,22 +170,33 @@ def training_data(prepared: Any, cfg: Config, per_step: int) -> TrainingData:
     """The batches of `prepared` (prepare.PreparedData or prepare_pairs.PreparedPairs) for `cfg`."""
     t, m = cfg.train, cfg.model
     if cfg.data.task != "seq2seq":
-        train, val = (WindowBatches(_windows(prepared, split, cfg, seed), per_step)
-                      for split, seed in (("train", t.seed), ("val", t.seed + 1)))
+        train = WindowBatches(_windows(prepared, "train", cfg, t.seed, per_step if t.stateful else 0), per_step)
+        val = WindowBatches(_windows(prepared, "val", cfg, t.seed + 1, 0), per_step)
         return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), None)
     limits = dict(source_limit=m.source_context, target_limit=m.block_size)
-    train = PairBatches(prepared.arrays("train"), t.batch_size, t.seed, per_step, prepared.eot_id, **limits)
+    train = PairBatches(prepared.arrays("train"), t.batch_size, t.seed, per_step, prepared.eot_id,
+                        batch_tokens=t.batch_tokens, **limits)
     val = PairBatches(prepared.arrays("val"), t.batch_size, t.seed + 1, per_step, prepared.eot_id,
                       eval_batches=t.eval_batches, **limits)
     source = prepared.source_tokenizer_path
     return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), source.read_bytes() if source else None)
 
 
-def _windows(prepared: Any, split: str, cfg: Config, seed: int) -> RandomWindows | ExampleWindows:
+def _windows(prepared: Any, split: str, cfg: Config, seed: int,
+             per_step: int) -> RandomWindows | StreamWindows | ExampleWindows:
+    """The split's windows: consecutive ones of per_step x batch_size streams where `per_step` is not 0
+    (train.stateful, the training split), else random ones (or one per example)."""
     tokens, block = prepared.tokens(split), cfg.model.block_size
     if (examples := prepared.examples(split)) is not None:
         return ExampleWindows(tokens, *examples, block, cfg.train.batch_size, seed, prepared.eot_id, split)
     if len(tokens) <= block + 1:
         raise UserError(f"model.block_size={block} needs more than {block + 1} tokens, but the {split} split "
                         f"of {cfg.data.source} has {len(tokens)} (in {prepared.dir})")
+    if per_step:
+        streams = per_step * cfg.train.batch_size
+        if len(tokens) // streams < 2 * block + 1:
+            raise UserError(f"train.stateful: the {split} split's {len(tokens)} tokens cut into {streams} streams "
+                            f"(train.batch_size x grad_accum x processes) leave fewer than 2 windows of "
+                            f"model.block_size={block} per stream")
+        return StreamWindows(tokens, block, cfg.train.batch_size, streams, seed)
     return RandomWindows(tokens, block, cfg.train.batch_size, seed)

@@ -22,7 +22,8 @@ from llmcli.config import TrainConfig
 
 
 def lr_at(step: int, t: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to min_lr (over steps, or over the time budget)."""
+    """Linear warmup, then cosine decay to min_lr, or warmup-stable-decay (train.schedule=wsd: lr
+    until the last decay_fraction, then linear to min_lr); over steps, or over the time budget."""
     # 1) linear warmup
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -33,6 +34,10 @@ def lr_at(step: int, t: TrainConfig, elapsed: float = 0.0) -> float:
     else:
         progress = elapsed / (t.max_minutes * 60)
     progress = min(max(progress, 0.0), 1.0)
+    if t.schedule == "wsd":
+        # 3) hold lr, then decay linearly to min_lr over the last decay_fraction
+        decayed = max(0.0, progress - (1.0 - t.decay_fraction)) / t.decay_fraction
+        return t.lr + decayed * (t.min_lr - t.lr)
     # 3) cosine decay down to min_lr
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
@@ -65,6 +70,37 @@ class RandomWindows:
 
     def _windows(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+
+class StreamWindows:
+    """Consecutive windows of parallel streams (train.stateful: truncated backpropagation through
+    time with the hidden state carried). The tokens are cut into `streams` equal contiguous parts;
+    micro-batch `index` of a step reads rows index*batch_size ... of them, each the next block_size
+    tokens of its stream. After a pass over the streams the next pass starts again from their
+    beginnings, shifted by a random offset below block_size (from seed and pass), so windows do not
+    always cut the text at the same places; `continues(step)` is False at each pass's first step."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, streams: int, seed: int):
+        self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
+        self.length = len(tokens) // streams
+        self.steps_per_pass = (self.length - 1) // block_size - 1
+        if self.steps_per_pass < 1:
+            raise ValueError(f"train.stateful: {len(tokens)} tokens cut into {streams} streams leave fewer than "
+                             f"2 windows of {block_size} per stream")
+
+    def continues(self, step: int) -> bool:
+        """Whether step `step` reads on where step - 1 stopped (its streams' states carry over)."""
+        return step % self.steps_per_pass != 0
+
+    def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `index` of optimizer step `step`."""
+        passes, window = divmod(step, self.steps_per_pass)
+        offset = int(np.random.default_rng([self.seed, 3, passes]).integers(self.block_size))
+        rows = index * self.batch_size + np.arange(self.batch_size)
+        starts = rows * self.length + offset + window * self.block_size
         windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]

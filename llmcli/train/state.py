@@ -3,9 +3,10 @@
 `state/` holds `model.safetensors` (the weights), `optimizer.safetensors` + `optimizer.json` (the
 optimizer's tensors, and its settings and scalars), `rng-<rank>.safetensors` (each process's random
 generators: torch's CPU and CUDA states, NumPy's and Python's), `scaler.json` (fp16 loss scaling),
-`trainer_state.json` (step, tokens, best loss) and `strategy.json` (how it was sharded; under
+`trainer_state.json` (step, tokens, best loss), `strategy.json` (how it was sharded; under
 train.strategy=fsdp / deepspeed the engine's sharded files replace the first three, see
-sharded_state.py). Every file is checked as it is read: a missing,
+sharded_state.py) and, with the options that need them, `average.safetensors` (train.ema_decay, see
+averaging.py) and `carry-<rank>.safetensors` (train.stateful: the hidden states carried between steps). Every file is checked as it is read: a missing,
 damaged or mismatched one stops the resume with one line naming it, never a silent partial restore.
 """
 
@@ -34,6 +35,10 @@ TRAINER_STATE = "trainer_state.json"
 
 def rng_file(rank: int) -> str:
     return f"rng-{rank}.safetensors"
+
+
+def carry_file(rank: int) -> str:
+    return f"carry-{rank}.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +78,15 @@ def save_rng(directory: Path, rank: int) -> None:
     metadata = {"numpy": json.dumps([numpy_state[0], *map(_plain, numpy_state[2:])]),
                 "python": json.dumps(_plain(random.getstate()))}
     atomic_write(directory / rng_file(rank), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_carry(directory: Path, rank: int, carry: Any) -> None:
+    """train.stateful: this process's carried hidden states (a RecurrentState) and their positions."""
+    from safetensors.torch import save_file
+
+    tensors = {f"state.{i}": t.contiguous() for i, t in enumerate(carry.tensors)}
+    metadata = {"positions": json.dumps(carry.positions)}
+    atomic_write(directory / carry_file(rank), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -131,7 +145,7 @@ def load_trainer_state(directory: Path) -> TrainState:
 
 def load_model_weights(directory: Path, model: Any) -> None:
     path = directory / MODEL
-    tensors = _tensors(path)
+    tensors = read_tensors(path)
     for alias, source in model.tied_weights().items():  # stored once, under the source's name
         if source in tensors:
             tensors[alias] = tensors[source]
@@ -141,7 +155,7 @@ def load_model_weights(directory: Path, model: Any) -> None:
 
 def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer) -> None:
     path, settings_path = directory / OPTIMIZER, directory / OPTIMIZER_SETTINGS
-    tensors, settings = _tensors(path), _json(settings_path)
+    tensors, settings = read_tensors(path), _json(settings_path)
     groups, scalars = settings.get("param_groups"), settings.get("scalars", {})
     current = optimizer.state_dict()
     if not isinstance(groups, list) or len(groups) != len(current["param_groups"]) or not isinstance(scalars, dict):
@@ -195,7 +209,7 @@ def load_rng(directory: Path, rank: int, world: int) -> None:
         raise UserError(f"{directory} holds the random state of {len(files)} process(es); this run has {world} "
                         "(resume with the same number of processes)")
     path = directory / rng_file(rank)
-    tensors, metadata = _tensors(path, with_metadata=True)
+    tensors, metadata = read_tensors(path, with_metadata=True)
     try:
         torch.set_rng_state(tensors["torch"])
         numpy_name, *numpy_rest = json.loads(metadata["numpy"])
@@ -207,6 +221,21 @@ def load_rng(directory: Path, rank: int, world: int) -> None:
             torch.cuda.set_rng_state_all(cuda)
     except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a random-generator state llmcli wrote ({type(exc).__name__}: {exc})") from None
+
+
+def load_carry(directory: Path, rank: int, carry: Any) -> None:
+    path = directory / carry_file(rank)
+    tensors, metadata = read_tensors(path, with_metadata=True)
+    try:
+        positions = json.loads(metadata["positions"])
+        loaded = [tensors[f"state.{i}"] for i in range(len(carry.tensors))]
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: not a carried state llmcli wrote ({type(exc).__name__}: {exc})") from None
+    if len(positions) != len(carry.positions) or any(a.shape != b.shape for a, b in zip(loaded, carry.tensors, strict=True)):
+        raise UserError(f"{path}: holds states of another shape (were train.batch_size or the model changed?)")
+    for mine, saved in zip(carry.tensors, loaded, strict=True):
+        mine.copy_(saved)
+    carry.positions[:] = positions
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -221,7 +250,7 @@ def _json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _tensors(path: Path, with_metadata: bool = False):
+def read_tensors(path: Path, with_metadata: bool = False):
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():

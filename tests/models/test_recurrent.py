@@ -87,8 +87,43 @@ def test_tied_head_shares_the_embedding_and_untied_sizes_may_differ(make):
     untied = make("gru", d_hidden=48, tie_embeddings=False)
     assert untied.rnn.hidden_size == 48 and untied.lm_head.weight.shape == (VOCAB, 48)
     assert untied.num_params() > tied.num_params()
-    with pytest.raises(UserError, match="tied LM head needs d_hidden = d_model"):
-        Recurrent(dataclasses.replace(untied.config, tie_embeddings=True))
+    # tied with a wider hidden state: a projection to d_model, then the embedding matrix
+    projected = Recurrent(dataclasses.replace(untied.config, tie_embeddings=True))
+    assert projected.lm_head.weight is projected.tok_embed.weight and projected.proj.weight.shape == (32, 48)
+    assert projected.num_params() == Recurrent.param_count(projected.config)
+    assert projected(torch.randint(0, VOCAB, (2, 5))).shape == (2, 5, VOCAB)
+
+
+def test_embedding_dropout_drops_whole_words_while_training(make):
+    model = make("lstm", embed_dropout=0.5)
+    idx = torch.tensor([[3, 3, 3, 3, 5, 5, 5, 5]] * 8)
+    assert torch.equal(model._embed(idx), model.tok_embed(idx))  # eval: the table as it is
+    model.train()
+    torch.manual_seed(0)
+    rows = model._embed(idx).reshape(-1, 32)
+    for word in (3, 5):
+        used = rows[(idx == word).flatten()]
+        assert (used == 0).all() or torch.allclose(used, 2 * model.tok_embed.weight[word].expand_as(used))
+    draws = {bool((model._embed(idx)[0, 0] == 0).all()) for _ in range(20)}
+    assert draws == {True, False}
+
+
+def test_weight_drop_drops_hidden_to_hidden_entries_while_training(make):
+    model = make("lstm", weight_drop=0.5, dropout=0.0)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    before = {n: p.clone() for n, p in model.rnn.named_parameters()}
+    assert torch.equal(model(idx), model(idx))  # eval: no mask
+    model.train()
+    torch.manual_seed(0)
+    dropped = model(idx)
+    model.config = dataclasses.replace(model.config, weight_drop=0.0)
+    assert not torch.allclose(dropped, model(idx))
+    # the same as running the layer with those entries zeroed and the rest doubled
+    torch.manual_seed(0)
+    masks = {n: torch.nn.functional.dropout(p, 0.5) for n, p in model.rnn.named_parameters() if "weight_hh" in n}
+    manual = torch.func.functional_call(model.rnn, masks, (model.tok_embed(idx), None))[0]
+    assert torch.allclose(dropped, model.lm_head(manual).float(), atol=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.rnn.named_parameters())  # weights untouched
 
 
 @pytest.mark.parametrize("arch,gates", [("lstm", 4), ("gru", 3), ("rnn", 1)])

@@ -21,6 +21,9 @@ PRESET_VARIANTS = [
     pytest.param("llama", {}, id="llama"),
     pytest.param("llama", {"n_kv_head": 2}, id="llama-gqa"),
 ]
+# With the learning-efficiency options (qk_norm, relu2, logit_softcap): shapes, causality and caching hold.
+WITH_OPTIONS = [*PRESET_VARIANTS, pytest.param("llama", {"qk_norm": True, "act": "relu2", "logit_softcap": 5.0},
+                                               id="options")]
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def prefill_rows(slots, lengths):
 # --- shapes and causality --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@pytest.mark.parametrize("preset,extra", WITH_OPTIONS)
 def test_logits_shape_and_dtype(make_model, preset, extra):
     model = make_model(preset, **extra)
     idx = torch.randint(0, VOCAB, (3, 17))
@@ -45,13 +48,38 @@ def test_logits_shape_and_dtype(make_model, preset, extra):
     assert torch.isfinite(logits).all()
 
 
+def test_qk_norm_relu2_and_softcap_do_what_they_say(make_model, monkeypatch):
+    idx = torch.randint(0, VOCAB, (2, 10))
+    plain = make_model("llama", std=0.5)
+    capped = make_model("llama", std=0.5, logit_softcap=2.0)
+    assert torch.allclose(capped(idx), 2.0 * torch.tanh(plain(idx) / 2.0), atol=1e-5)
+    assert plain(idx).abs().max() > 2.0 and capped(idx).abs().max() < 2.0
+    x = torch.randn(2, 5, 32)
+    mlp = make_model("gpt2", act="relu2").blocks[0].mlp
+    assert torch.allclose(mlp(x), mlp.down_proj(F.relu(mlp.up_proj(x)) ** 2))
+    # qk_norm: attention sees queries and keys of unit RMS per head, whatever the projections' scale
+    normed = make_model("llama", qk_norm=True)
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, *a, **kw: seen.append((q, k)) or real(q, k, *a, **kw))
+    with torch.no_grad():
+        for m in normed.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 32:
+                m.weight.mul_(7.0)
+        normed(idx)
+    assert len(seen) == 2
+    for q, k in seen:
+        for t in (q, k):  # rope rotates pairs of dims: the RMS over the head is kept
+            assert torch.allclose(t.pow(2).mean(-1).sqrt(), torch.ones(t.shape[:-1]), atol=1e-4)
+
+
 def test_gqa_has_fewer_kv_parameters(make_model):
     full, grouped = make_model("llama"), make_model("llama", n_kv_head=1)
     assert grouped.blocks[0].attn.k_proj.weight.shape == (8, 32)
     assert grouped.num_params() < full.num_params()
 
 
-@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@pytest.mark.parametrize("preset,extra", WITH_OPTIONS)
 def test_future_tokens_do_not_change_earlier_logits(make_model, preset, extra):
     model = make_model(preset, **extra)
     idx = torch.randint(0, VOCAB, (2, 24))
@@ -104,7 +132,7 @@ def test_param_groups_split_matrices_from_vectors(make_model):
 # --- KV cache ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@pytest.mark.parametrize("preset,extra", WITH_OPTIONS)
 @torch.no_grad()
 def test_cached_decoding_matches_full_recompute(make_model, preset, extra):
     model = make_model(preset, **extra)
@@ -124,7 +152,7 @@ def test_cached_decoding_matches_full_recompute(make_model, preset, extra):
     assert tokens.shape[1] == prompt_len + steps
 
 
-@pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
+@pytest.mark.parametrize("preset,extra", WITH_OPTIONS)
 @torch.no_grad()
 def test_right_padded_batched_prefill_matches_each_row_alone(make_model, preset, extra):
     model = make_model(preset, **extra)

@@ -55,7 +55,7 @@ def test_an_empty_api_key_is_refused_however_it_is_given(tmp_path, cli, one_line
 
 
 def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
-    proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k"})
+    proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k\n"})  # an env file can leave the newline
     assert "API key required" in log_path.read_text()
     assert "KV cache 64 blocks of 16 tokens, prefix caching on" in log_path.read_text()  # 16 x 64/16
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)

@@ -71,7 +71,71 @@ def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli, arch):
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_resume_is_bit_identical_to_one_run(corpus, tmp_path, cli, arch):
-    extra = ["model.dropout=0.1", "train.lr_decay_steps=12"]
+    _resume_is_bit_identical(corpus, tmp_path, cli, arch)
+
+
+# Each learning-efficiency option (docs/training.md) on, with its family.
+OPTIONS = {
+    "muon": ("transformer", ["train.optimizer=muon"]),
+    "wsd": ("transformer", ["train.schedule=wsd", "train.decay_fraction=0.5"]),
+    "ema": ("transformer", ["train.ema_decay=0.9"]),
+    "transformer details": ("transformer", ["model.qk_norm=true", "model.act=relu2", "model.logit_softcap=15",
+                                            "model.tie_embeddings=false"]),
+    "stateful": ("lstm", ["train.stateful=true", "train.grad_accum=2"]),
+    "awd": ("lstm", ["model.embed_dropout=0.1", "model.weight_drop=0.3", "model.d_hidden=48",
+                     "train.optimizer=muon", "train.ema_decay=0.5"]),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_resume_is_bit_identical_with_each_option(corpus, tmp_path, cli, option):
+    arch, extra = OPTIONS[option]
+    _resume_is_bit_identical(corpus, tmp_path, cli, arch, *extra)
+
+
+def test_ema_weights_are_what_is_evaluated_and_saved(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(RunPlan(load_config(None, tiny(corpus, "train.ema_decay=0.8", "model.tie_embeddings=false")), run))
+    average = load_file(run / "state" / "average.safetensors")
+    live = load_file(run / "state" / "model.safetensors")
+    for name in ("last", "best"):
+        saved = load_file(run / name / "model.safetensors")
+        assert saved.keys() == average.keys() and all(torch.equal(saved[k], average[k]) for k in saved)
+    assert not all(torch.equal(live[k], average[k]) for k in live)
+    # the last evaluation's loss is that of the averaged weights in last/
+    from accelerate import Accelerator
+
+    from llmcli.checkpoint import load_model
+    from llmcli.data.tasks import prepare_for_task
+
+    cfg = load_config(run / "config.yaml")
+    val = loop_mod.training_data(prepare_for_task(cfg), cfg, 1).val
+    again = loop_mod.evaluate(load_model(run / "last"), val, cfg.train.eval_batches, Accelerator(cpu=True))
+    assert again["val_loss"] == pytest.approx(metrics(run)[-1]["val_loss"], rel=1e-5)
+
+
+def test_stateful_training_carries_the_state(corpus, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny(corpus, "train.stateful=true", arch="lstm"))
+    train(RunPlan(cfg, run))
+    carried = load_file(run / "state" / "carry-0.safetensors")
+    assert set(carried) == {"state.0", "state.1"} and carried["state.0"].shape == (2, 4, 32)
+    assert carried["state.0"].abs().sum() > 0
+    # every stream read 12 consecutive windows of 32 tokens, its state carried through all of them
+    from safetensors import safe_open
+
+    from llmcli.data.tasks import prepare_for_task
+
+    with safe_open(str(run / "state" / "carry-0.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["positions"]) == [12 * 32] * 4
+    windows = loop_mod.training_data(prepare_for_task(cfg), cfg, 1).train.windows
+    _, first_labels = windows.batch(0, 0)
+    second, _ = windows.batch(1, 0)
+    assert windows.continues(1) and torch.equal(second[:, 0], first_labels[:, -1])
+
+
+def _resume_is_bit_identical(corpus, tmp_path, cli, arch, *options):
+    extra = ["model.dropout=0.1", "train.lr_decay_steps=12", *options]
     cfg = load_config(None, tiny(corpus, *extra, arch=arch))
     train(RunPlan(cfg, tmp_path / "straight"))
     half = load_config(None, tiny(corpus, *extra, "train.max_steps=6", arch=arch))
@@ -215,7 +279,8 @@ def test_max_epochs_counts_passes_over_the_training_tokens(corpus, tmp_path, cli
 
 @pytest.mark.parametrize("args, message", [
     (["model.arch=lstm", "model.n_head=2"], "model.n_head: does not apply to model.arch=lstm"),
-    (["model.arch=gru", "model.d_hidden=48"], "model.tie_embeddings: a tied LM head needs d_hidden = d_model"),
+    (["model.arch=gru", "train.optimizer=muon", "train.strategy=fsdp"], "train.optimizer: needs train.strategy=ddp"),
+    (["train.stateful=true"], "train.stateful: carries a recurrent hidden state; model.arch=transformer has none"),
     (["train.max_epochs=2", "train.max_steps=5"], "give train.max_epochs or train.max_steps, not both"),
 ])
 def test_family_and_epoch_settings_are_one_line_errors(corpus, tmp_path, cli, one_line_error, args, message):

@@ -32,10 +32,12 @@ def _metrics(run):
     return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_second")} for r in rows]
 
 
-@pytest.mark.parametrize("arch", ["encoder-decoder", "lstm-seq2seq"])
-def test_resume_is_bit_identical_to_one_run(pairs_file, tmp_path, cli, arch):
-    train(RunPlan(_settings(pairs_file, tmp_path, arch), tmp_path / "straight"))
-    train(RunPlan(_settings(pairs_file, tmp_path, arch, "train.max_steps=4"), tmp_path / "resumed"))
+@pytest.mark.parametrize("arch, extra", [("encoder-decoder", []), ("lstm-seq2seq", []),
+                                         ("encoder-decoder", ["train.batch_tokens=90", "train.ema_decay=0.9",
+                                                              "train.optimizer=muon", "train.schedule=wsd"])])
+def test_resume_is_bit_identical_to_one_run(pairs_file, tmp_path, cli, arch, extra):
+    train(RunPlan(_settings(pairs_file, tmp_path, arch, *extra), tmp_path / "straight"))
+    train(RunPlan(_settings(pairs_file, tmp_path, arch, *extra, "train.max_steps=4"), tmp_path / "resumed"))
     result = cli("train", "--resume", str(tmp_path / "resumed"), "train.max_steps=8")
     assert result.exit_code == 0, result.output
     assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "resumed")
@@ -82,6 +84,26 @@ def test_batches_are_bucketed_padded_and_masked(pairs_file, tmp_path):
         assert (inputs["idx"][:, 0] == prepared.eot_id).all()
         seen.update(map(tuple, inputs["source"].tolist()))
     assert len(seen) == len(data.train.kept)  # every training pair once per epoch
+
+
+def test_token_budget_batches_fill_the_budget_and_cover_every_pair(pairs_file, tmp_path):
+    from llmcli.data.tasks import prepare_for_task
+    from llmcli.train.batches import training_data
+    from llmcli.train.loop import _resolve
+
+    cfg = _settings(pairs_file, tmp_path, "encoder-decoder", "train.batch_tokens=120")
+    prepared = prepare_for_task(cfg)
+    data = training_data(prepared, _resolve(cfg, prepared), 1)
+    seen, sizes = [], []
+    for step in range(data.train.epoch_steps):
+        inputs, labels = data.train.batch(step, 0)
+        assert inputs["source"].numel() + labels.numel() <= 120
+        seen += map(tuple, inputs["source"].tolist())
+        sizes.append(len(labels))
+    assert len(seen) == len(set(seen)) == len(data.train.kept)  # every pair once per epoch
+    assert max(sizes) > min(sizes)  # short pairs come in bigger batches
+    assert data.train.tokens_per_step == pytest.approx(
+        (data.train.tgt_len.sum() + len(data.train.tgt_len)) / data.train.epoch_steps)
 
 
 @pytest.mark.parametrize("overrides, fragment", [
