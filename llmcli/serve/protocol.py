@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 
 from llmcli.errors import FieldError
-from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion
 from llmcli.options.sampling import SamplingParams
 
