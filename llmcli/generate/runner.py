@@ -12,7 +12,9 @@ With speculation (speculation.py) decoding rows instead feed their last token an
 `lookahead` guesses in one forward, and each row keeps its own number of them.
 
 On the CPU the runner decodes with a copy of the model whose large float32 Linear layers are
-packed for oneDNN (device.packed_for_decoding): the model it was given is not changed.
+packed for oneDNN (device.packed_for_decoding): the model it was given is not changed. A compiled
+step compiles the unpacked model (inductor fuses its own matrix products and cannot lower the
+packed op).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class ModelRunner:
         if compile:
             from llmcli.generate.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.decoder, self.state, slots)
+            self.compiled = CompiledDecode(self.model, self.state, slots)
 
     def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Next-token logits [n, V]: each row's token at its position in its slot (compiled where on)."""
