@@ -56,6 +56,9 @@ def chat_command(opts: ChatOptions) -> None:
                         "keeps no conversation: use llmcli generate (each source a prompt) or serve")
     template = load_chat_template(opts.chat_template, directory)
     generator = Generator(model, tokenizer, max_batch_size=1, stop_token_ids=end_token_ids(directory, tokenizer))
+    fmt = opts.constraint.format()
+    if fmt is not None:
+        generator.grammars.check(fmt)
     run_chat(generator, template, opts, sys.stdin, sys.stdout)
 
 
@@ -77,7 +80,7 @@ def run_chat(generator: Generator, template: Any, opts: ChatOptions, stdin: IO[s
             if not _command(text, conversation, interactive):
                 break
             continue
-        reply = _reply(generator, conversation.prompt(text), params, out)
+        reply = _reply(generator, conversation.prompt(text), params, out, opts.constraint.format())
         conversation.turns.append(("assistant", reply.strip()))
         replies += 1
     return replies
@@ -116,9 +119,9 @@ def _command(text: str, conversation: Conversation, interactive: bool) -> bool:
     return True
 
 
-def _reply(generator: Generator, ids: list[int], params: SamplingParams, out: IO[str]) -> str:
-    """Stream one reply to `out`; Ctrl-C stops it (what was shown is kept)."""
-    request = generator.submit(ids, params)
+def _reply(generator: Generator, ids: list[int], params: SamplingParams, out: IO[str], fmt: Any = None) -> str:
+    """Stream one reply to `out` (in the format `fmt`, when given); Ctrl-C stops it (what was shown is kept)."""
+    request = generator.submit(ids, params, fmt)
     if generator.request(request).dropped_prompt_tokens:
         ui.log("warning: this message alone is longer than the context; the model sees its end only")
     shown: list[str] = []

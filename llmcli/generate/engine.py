@@ -35,9 +35,11 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from llmcli.constrain.mask import mask_logits
 from llmcli.device import pack_for_cpu_decoding
 from llmcli.errors import UserError
 from llmcli.generate.paged import PagedCache
@@ -49,6 +51,7 @@ FINISH_EOT = "eot"  # the model produced <|endoftext|> (or another stop token)
 FINISH_STOP = "stop"  # a stop string appeared in the text
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_CANCELLED = "cancelled"
+FINISH_FORMAT = "format"  # a constrained output is complete: its format allows nothing more
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Request:
     decode_seconds: float = 0.0
     added_at: float = 0.0
     first_token_at: float | None = None
+    constraint: Any = None  # constrain.mask.RowConstraint: the format its tokens must spell (None: free)
+    adapter: int = 0  # which LoRA adapter its rows use when several share the base (llmcli/adapters.py)
 
 
 @dataclass
@@ -100,7 +105,8 @@ class TokenEvent:
 def decode(model: LanguageModel, state, requests: list[Request], device: torch.device) -> torch.Tensor:
     """Next-token logits [n, V] of running sequences, each fed its last token at its position."""
     idx = torch.tensor([[r.tokens[-1]] for r in requests], device=device)
-    rows = Rows([r.slot for r in requests], [r.position for r in requests], [1] * len(requests))
+    rows = Rows([r.slot for r in requests], [r.position for r in requests], [1] * len(requests),
+                [r.adapter for r in requests])
     return model(idx, state=state, rows=rows)[:, -1]
 
 
@@ -112,7 +118,8 @@ def prefill(model: LanguageModel, state, group: list[tuple[Request, int]], devic
     idx = torch.zeros(len(group), width, dtype=torch.long)
     for i, (r, count) in enumerate(group):
         idx[i, :count] = torch.tensor(r.tokens[-count:])
-    rows = Rows([r.slot for r, _ in group], starts or [0] * len(group), [count for _, count in group])
+    rows = Rows([r.slot for r, _ in group], starts or [0] * len(group), [count for _, count in group],
+                [r.adapter for r, _ in group])
     out = model(idx.to(device), state=state, rows=rows)
     last = torch.tensor([count - 1 for _, count in group], device=device)
     return out[torch.arange(len(group), device=device), last]
@@ -123,7 +130,8 @@ def encode_sources(model: LanguageModel, state, requests: list[Request], device:
     idx = torch.zeros(len(requests), max(len(r.source_ids) for r in requests), dtype=torch.long)
     for i, r in enumerate(requests):
         idx[i, :len(r.source_ids)] = torch.tensor(r.source_ids)
-    rows = Rows([r.slot for r in requests], [0] * len(requests), [len(r.source_ids) for r in requests])
+    rows = Rows([r.slot for r in requests], [0] * len(requests), [len(r.source_ids) for r in requests],
+                [r.adapter for r in requests])
     model.encode(idx.to(device), state=state, rows=rows)
 
 
@@ -214,9 +222,12 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-            stop_token_ids: Iterable[int] = (), source_ids: Sequence[int] | None = None) -> int:
+            stop_token_ids: Iterable[int] = (), source_ids: Sequence[int] | None = None,
+            constraint: Any = None, adapter: int = 0) -> int:
         """Queue a request; returns its id. The prompt keeps its last context_length tokens; a
-        seq2seq model needs `source_ids` (its end token included)."""
+        seq2seq model needs `source_ids` (its end token included); a `constraint`
+        (constrain.mask.RowConstraint) masks every token its format does not allow; `adapter` picks
+        the LoRA adapter of its rows (Rows.adapters)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise UserError("the prompt has no tokens")
@@ -236,7 +247,8 @@ class Engine:
         request = Request(id=self._next_id, params=params, prompt_ids=ids, source_ids=source,
                           dropped_prompt_tokens=dropped,
                           stop_token_ids=frozenset(int(t) for t in stop_token_ids), seed=seed,
-                          generator=generator, tokens=list(ids), added_at=time.perf_counter())
+                          generator=generator, tokens=list(ids), added_at=time.perf_counter(),
+                          constraint=constraint, adapter=adapter)
         self._next_id += 1
         self._waiting.append(request)
         return request.id
@@ -409,8 +421,12 @@ class Engine:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         reason = None
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if token in request.stop_token_ids:
             reason = FINISH_EOT
+        elif request.constraint is not None and request.constraint.done:
+            reason = FINISH_FORMAT
         elif request.generated >= request.params.max_new_tokens:
             reason = FINISH_LENGTH
         elif request.source_ids is not None and self.max_len is not None and len(request.tokens) >= self.max_len:
@@ -423,6 +439,7 @@ class Engine:
         if self.vocab_size < logits.shape[-1]:
             logits = logits.clone()
             logits[:, self.vocab_size:] = -math.inf
+        logits = mask_logits(logits, [r.constraint for r in rows])
         params = [r.params for r in rows]
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = self._seen[torch.tensor([r.slot for r in rows], device=self._seen.device)]

@@ -77,12 +77,15 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
                           source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer),
                           speculation=speculation)
     inputs = {p: generator.source_ids(p) if generator.seq2seq else encode_prompt(tokenizer, p) for p in prompts}
+    fmt = opts.constraint.format()
+    if fmt is not None:
+        generator.grammars.check(fmt)  # compiled (or refused) before anything runs
     if opts.beam.beams > 1:
         return _run_beams(opts, generator, prompts, inputs, out, device.type)
     ids = []
     for index, (prompt, j) in enumerate(jobs):
         seed = params.seed + j if params.seed is not None else None
-        request_id = generator.submit(inputs[prompt], dataclasses.replace(params, seed=seed))
+        request_id = generator.submit(inputs[prompt], dataclasses.replace(params, seed=seed), fmt)
         dropped = generator.request(request_id).dropped_prompt_tokens
         if dropped and j == 0:
             label = f"prompt {index // opts.num_samples + 1}" if len(prompts) > 1 else "the prompt"

@@ -104,8 +104,15 @@ class SpeculativeEngine(Engine):
         if self.max_len is not None:
             k = min(k, self.max_len - r.position - 1)
         proposal, q = self._propose(r, k) if k > 0 else ([], None)
+        allowed = None
+        if r.constraint is not None:  # the target scores only the prefix its format allows
+            proposal, allowed = r.constraint.masks_along(proposal)
+            q = q[:len(proposal)] if q is not None else None
         idx = torch.tensor([[r.tokens[-1], *proposal]], device=self.device)
-        logits = self._masked(self.model(idx, state=self.state, rows=Rows([r.slot], [r.position], [idx.shape[1]]))[0])
+        rows = Rows([r.slot], [r.position], [idx.shape[1]], [r.adapter])
+        logits = self._masked(self.model(idx, state=self.state, rows=rows)[0])
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), -math.inf)
         if r.params.greedy:
             tokens = greedy_accept(proposal, logits.argmax(-1).tolist())
         else:
@@ -153,13 +160,22 @@ class SpeculativeEngine(Engine):
         if self.draft is None:
             return lookup_proposal(r.tokens, k, self.spec.lookup), None
         proposal, dists = [], []
+        constraint = r.constraint
         for _ in range(k):
             logits = self._draft_forward(r, proposal)
+            if constraint is not None:  # the draft proposes only what the format allows
+                logits = logits.masked_fill(~constraint.allowed().to(logits.device), -math.inf)
             if r.params.greedy:
                 proposal.append(int(logits.argmax()))
             else:
                 dists.append(self._probs(logits[None], r.params)[0])
                 proposal.append(draw(dists[-1], r.generator))
+            if constraint is not None:
+                constraint.advance(proposal[-1])
+                if proposal[-1] in r.stop_token_ids or constraint.done:
+                    break
+        if constraint is not None:
+            constraint.rollback(len(proposal))
         return proposal, torch.stack(dists) if dists else None
 
     def _draft_forward(self, r: Request, proposal: list[int]) -> torch.Tensor:

@@ -35,6 +35,7 @@ from llmcli.models.base import (
     Rows,
     UnitSlice,
     kept_of,
+    mean_pool,
     stack_layers,
 )
 from llmcli.models.kv_cache import CacheStep, KVCache, PagedKVCache, kv_bytes_per_token
@@ -194,6 +195,7 @@ class Transformer(LanguageModel):
     gguf_refusal = None  # llama.cpp's gpt2 and llama architectures (llmcli/llamacpp/)
     rewinds_decode_state = True  # KVCache.truncate
     pages_decode_state = True  # PagedKVCache
+    pooling = "mean of the last hidden states (after the final norm) over the input's tokens"
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -317,7 +319,12 @@ class Transformer(LanguageModel):
         lengths, and a right-padded prefill is fine: padding writes beyond a row's end, which is
         never read before that row overwrites it. Use under torch.no_grad()/inference_mode.
         """
-        return self._forward(idx, state, rows, None)
+        return self.lm_head(self._forward(idx, state, rows, None)).float()
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """The mean of the last hidden states (after the final norm) over each row's real tokens
+        (causal attention: padding after them changes nothing before it)."""
+        return mean_pool(self._forward(idx, None, None, None), lengths)
 
     def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
         """Self-attention weights [n_layer, n_head, T, T] of one causal forward over `idx` [1, T]
@@ -334,6 +341,7 @@ class Transformer(LanguageModel):
 
     def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | None,
                  record: list[torch.Tensor] | None) -> torch.Tensor:
+        """The last hidden states [B, T, d_model], after the final norm."""
         B, T = idx.shape
         cache = None
         if state is not None:
@@ -356,7 +364,7 @@ class Transformer(LanguageModel):
         x = self.embed_dropout(x)
         for block in self.blocks:
             x = block(x, rope, cache, record)
-        return self.lm_head(self.final_norm(x)).float()
+        return self.final_norm(x)
 
     def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != positions.device:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmcli.constrain.grammar import Format
 from llmcli.errors import UserError
 from llmcli.generate.text import Completion, Generator
 from llmcli.options.sampling import SamplingParams
@@ -41,6 +42,8 @@ class SequenceSpec:
     index: int  # the choice index
     prompt: Prompt
     params: SamplingParams
+    format: Format | None = None  # the output's format (constrained decoding), None: free text
+    adapter: int = 0  # the LoRA adapter its rows use (0: the base)
 
 
 @dataclass
@@ -204,7 +207,7 @@ class EngineLoop:
     def _submit(self, job: Job) -> None:
         try:
             for seq in job.sequences:
-                rid = self.generator.submit(seq.prompt.ids, seq.params)
+                rid = self.generator.submit(seq.prompt.ids, seq.params, seq.format, seq.adapter)
                 job.rids.append(rid)
                 self._owners[rid] = (job, seq.index)
                 if self.metrics is not None:
