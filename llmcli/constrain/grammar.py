@@ -113,7 +113,18 @@ class Grammars:
         self.tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.size)
         self._cache: OrderedDict[Format, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._executor: Any = None
         self.compiled = 0  # formats compiled (cache misses): the benchmark reports it
+
+    @property
+    def executor(self) -> Any:
+        """llguidance's thread pool, which fills a batch's masks in parallel."""
+        if self._executor is None:
+            import llguidance
+            import torch
+
+            self._executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
+        return self._executor
 
     def matcher(self, fmt: Format) -> Any:
         """A fresh llguidance matcher for `fmt` (a copy of the cached compiled one)."""

@@ -4,13 +4,16 @@ The engine calls three things, all on its own thread: `mask_logits(logits, const
 sampling (rows without a constraint are left alone), `RowConstraint.advance(token)` after each
 emitted token, and for speculative decoding `RowConstraint.masks_along(proposal)`, which keeps the
 longest valid prefix of a proposal and gives the mask at each of its positions.
+
+One step's masks are one int32 bitmask [rows, vocab / 32] that llguidance fills (rows in parallel
+on its own threads), unpacked into booleans with a few tensor operations for the whole batch: the
+per-row Python work is one call per constrained row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -24,12 +27,15 @@ class RowConstraint:
 
     def __init__(self, grammars: Grammars, fmt: Format, stop_ids: Sequence[int], width: int):
         self.matcher = grammars.matcher(fmt)
+        self.grammars = grammars
         self.format = fmt
         self.eos = grammars.eos
         self.size = grammars.size
         self.stop_ids = tuple(stop_ids)
         self.width = width  # the model's logits width (>= the tokenizer's vocabulary)
-        self._bitmask = torch.zeros(1, (self.size + 31) // 32, dtype=torch.int32)
+        self.stops = torch.zeros(width, dtype=torch.bool)  # where the grammar's end goes
+        self.stops[[t for t in self.stop_ids if t < width]] = True
+        self.fallback = self.stop_ids[0] if self.stop_ids else self.eos  # what a dead end may still emit
 
     @property
     def done(self) -> bool:
@@ -38,20 +44,7 @@ class RowConstraint:
 
     def allowed(self) -> torch.Tensor:
         """Bool [width]: the tokens the format allows next (its end as the request's stop tokens)."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        bits = ((self._bitmask[0, :, None] >> _SHIFTS) & 1).flatten()[:self.size].bool()
-        out = torch.zeros(self.width, dtype=torch.bool)
-        out[:self.size] = bits
-        end = bool(bits[self.eos])
-        out[self.eos] = False
-        for ident in self.stop_ids:
-            if ident < self.width:
-                out[ident] = end
-        if not bool(out.any()):  # a dead end (or past the end): only the end token, for the engine to stop on
-            out[self.stop_ids[0] if self.stop_ids else self.eos] = True
-        return out
+        return allowed_tokens([self], self.width)[0]
 
     def advance(self, token: int) -> None:
         """The sequence emitted `token`; a stop token is the grammar's end."""
@@ -77,12 +70,41 @@ class RowConstraint:
         return kept, torch.stack(masks)
 
 
-def mask_logits(logits: torch.Tensor, constraints: Sequence[Any]) -> torch.Tensor:
+def _fill(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor) -> None:
+    """Each constrained row's bits from its matcher (several rows in parallel); the others stay all ones."""
+    from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
+
+    rows = [(c.matcher, i) for i, c in enumerate(constraints) if c is not None]
+    if len(rows) == 1:
+        fill_next_token_bitmask(rows[0][0], bitmask, rows[0][1])
+    else:
+        executor = next(c for c in constraints if c is not None).grammars.executor
+        fill_next_token_bitmask_par(executor, rows, bitmask)
+
+
+def allowed_tokens(constraints: Sequence[RowConstraint | None], width: int) -> torch.Tensor:
+    """Bool [rows, width]: what each row may emit next (all True for rows without a constraint)."""
+    present = [c for c in constraints if c is not None]
+    size, eos = present[0].size, present[0].eos
+    bitmask = torch.full((len(constraints), (size + 31) // 32), -1, dtype=torch.int32)
+    _fill(constraints, bitmask)
+    bits = ((bitmask[:, :, None] >> _SHIFTS) & 1).flatten(1)[:, :size].bool()
+    allowed = torch.ones(len(constraints), width, dtype=torch.bool)
+    allowed[:, :size] = bits
+    rows = torch.tensor([i for i, c in enumerate(constraints) if c is not None])
+    end = allowed[rows, eos]
+    allowed[rows, eos] = False
+    stops = torch.stack([c.stops for c in present])
+    allowed[rows] |= stops & end[:, None]
+    dead = rows[~allowed[rows].any(-1)]  # a dead end (or past the end): the end token, for the engine to stop on
+    for i in dead.tolist():
+        allowed[i, constraints[i].fallback] = True
+    return allowed
+
+
+def mask_logits(logits: torch.Tensor, constraints: Sequence[RowConstraint | None]) -> torch.Tensor:
     """`logits` [n, V] with every token a row's constraint forbids set to -inf (None: no constraint)."""
-    rows = [i for i, c in enumerate(constraints) if c is not None]
-    if not rows:
+    if all(c is None for c in constraints):
         return logits
-    allowed = torch.ones(logits.shape, dtype=torch.bool)
-    for i in rows:
-        allowed[i] = constraints[i].allowed()
+    allowed = allowed_tokens(constraints, logits.shape[-1])
     return logits.masked_fill(~allowed.to(logits.device), -math.inf)

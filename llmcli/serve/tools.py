@@ -112,7 +112,8 @@ def call_format(tools: list[Tool]) -> Format:
     rules, names = [], []
     for i, tool in enumerate(tools):
         schema = {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False}
+                  "required": ["name", "arguments"], "additionalProperties": False,
+                  "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
         names.append(f"call_{i}")
         rules.append(f"call_{i}: %json {json.dumps(schema)}")
     lark = "\n".join([f"start: {json.dumps(OPEN)} ({' | '.join(names)}) {json.dumps(CLOSE)}", *rules])

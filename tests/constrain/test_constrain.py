@@ -76,11 +76,11 @@ def test_each_token_spells_what_the_tokenizer_decodes(json_tokenizer, bpe_tokeni
 
 
 def test_a_word_vocabulary_spells_bare_words():
-    tok = train_tokenizer(TokenizerConfig(kind="word", vocab_size=50), ['{ " name " : " ROMEO " }\nsoft light'])
+    tok = train_tokenizer(TokenizerConfig(kind="word", vocab_size=50), ['{ " name " : " ROMEO " }\nsoft light\n' * 3])
     vocab = Vocabulary.of(tok)
     assert vocab.spellings[tok.token_to_id("name")] == b"name"
     assert vocab.spells('{"name":"ROMEO"}') and not vocab.spells('{"name": "ROMEO"}')  # no space token
-    assert vocab.missing("a ROMEO") == [" ", "a"]
+    assert vocab.missing("ROMEO soft") == [" "] and vocab.missing("ROMEOX") == ["X"]
 
 
 # -- formats -------------------------------------------------------------------------------------------
