@@ -89,9 +89,10 @@ def allowed_tokens(constraints: Sequence[RowConstraint | None], width: int) -> t
     bitmask = torch.full((len(constraints), (size + 31) // 32), -1, dtype=torch.int32)
     _fill(constraints, bitmask)
     bits = ((bitmask[:, :, None] >> _SHIFTS) & 1).flatten(1)[:, :size].bool()
-    allowed = torch.ones(len(constraints), width, dtype=torch.bool)
-    allowed[:, :size] = bits
     rows = torch.tensor([i for i, c in enumerate(constraints) if c is not None])
+    allowed = torch.ones(len(constraints), width, dtype=torch.bool)
+    allowed[rows, size:] = False  # ids past the tokenizer's vocabulary (padded logits) spell nothing
+    allowed[:, :size] = bits
     end = allowed[rows, eos]
     allowed[rows, eos] = False
     stops = torch.stack([c.stops for c in present])

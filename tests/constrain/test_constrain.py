@@ -121,10 +121,12 @@ def test_a_format_is_compiled_once_and_copied_per_request(json_tokenizer):
 
 def test_speculative_masks_keep_the_valid_prefix_and_leave_the_matcher_as_it_was(json_tokenizer):
     grammars = Grammars(json_tokenizer, eot_id(json_tokenizer))
-    row = RowConstraint(grammars, Format.regex("ab+c"), [eot_id(json_tokenizer)], 64)
+    width = grammars.size + 3  # a model's logits may be wider than its tokenizer's vocabulary
+    row = RowConstraint(grammars, Format.regex("ab+c"), [eot_id(json_tokenizer)], width)
     a, b, c = (json_tokenizer.token_to_id(ch) for ch in "abc")
     kept, masks = row.masks_along([a, b, b, a, c])
-    assert kept == [a, b, b] and masks.shape == (4, 64)
+    assert kept == [a, b, b] and masks.shape == (4, width)
+    assert not masks[:, grammars.size:].any()  # padding ids are never allowed
     assert masks[0, a] and not masks[0, b] and masks[3, c] and masks[3, b] and not masks[3, a]
     assert row.allowed()[a] and not row.allowed()[b]  # still at the start
 
@@ -153,6 +155,44 @@ def test_without_the_constraint_a_random_model_writes_no_json(json_tokenizer):
     generator = Generator(random_model(json_tokenizer.get_vocab_size()), json_tokenizer, max_batch_size=4)
     done = generator.generate(["ROMEO:"] * 4, [SamplingParams(max_new_tokens=60, seed=s) for s in range(4)])
     assert not any(valid(c.completion, SCHEMA) for c in done)
+
+
+# Five schemas of different shapes: strings, bounded integers, enums, booleans, arrays, nested objects,
+# a pattern. Bounded, so that every valid output ends well before the token limit.
+SCHEMAS = [
+    SCHEMA,
+    {"type": "object", "properties": {"play": {"enum": ["Hamlet", "Macbeth"]}, "act": {"type": "integer",
+                                                                                 "minimum": 1, "maximum": 5},
+                                      "comedy": {"type": "boolean"}},
+     "required": ["play", "act", "comedy"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}$"}},
+     "required": ["city"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"cast": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                         "role": {"enum": ["lover", "fool"]}},
+        "required": ["name", "role"], "additionalProperties": False}}},
+     "required": ["cast"], "additionalProperties": False},
+]
+
+
+@pytest.mark.slow
+def test_two_hundred_requests_of_five_schemas_from_random_weights_all_validate(json_tokenizer):
+    """The issue's validity test: with the schema every output parses and validates; without it (the
+    same seeds and prompts) next to none do."""
+    generator = Generator(random_model(json_tokenizer.get_vocab_size(), block_size=256), json_tokenizer,
+                          max_batch_size=16)
+
+    def share_valid(constrained: bool) -> float:
+        ids = [(generator.submit("x", SamplingParams(max_new_tokens=200, temperature=1.0, seed=i),
+                                 Format.json_schema(SCHEMAS[i % 5]) if constrained else None), SCHEMAS[i % 5])
+               for i in range(200)]
+        while generator.has_work():
+            generator.step()
+        return sum(valid(generator.completion(r).completion, schema) for r, schema in ids) / len(ids)
+
+    assert share_valid(True) == 1.0
+    assert share_valid(False) < 0.05
 
 
 def test_byte_level_bpe_and_greedy_decoding(bpe_tokenizer):
