@@ -155,7 +155,8 @@ def walk(walker: Walker, eos: int, seed: int) -> list[float]:
 def main() -> None:
     torch.set_num_threads(1)
     text = "".join(markdown_to_text(p.read_text(encoding="utf-8")) for p in list(shakespeare_plays().values())[:12])
-    tokenizers = {"char": train_tokenizer(TokenizerConfig(kind="char"), [text]),
+    json_marks = '{}[]"0123456789:,'  # the plays' characters lack `{`: a char vocabulary that spells JSON
+    tokenizers = {"char": train_tokenizer(TokenizerConfig(kind="char"), [text, json_marks]),
                   "bpe 4k": train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), [text]),
                   "bpe 16k": train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=16384), [text])}
     libraries = []

@@ -51,7 +51,8 @@ class Format:
     def json_schema(cls, schema: Any, strict: bool = False) -> Format:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"a JSON schema is an object (or true/false); got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")), strict)
+        # Keys keep their order: properties are written in the order the schema lists them.
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")), strict)
 
     @classmethod
     def regex(cls, pattern: str) -> Format:
@@ -118,13 +119,18 @@ class Grammars:
 
     @property
     def executor(self) -> Any:
-        """llguidance's thread pool, which fills a batch's masks in parallel."""
+        """llguidance's thread pool, which fills a batch's masks in parallel on the cores torch's
+        threads leave spare; None where fewer than two are spare (there its threads would fight
+        torch's for the same cores: the masks are filled one after the other instead)."""
         if self._executor is None:
+            import os
+
             import llguidance
             import torch
 
-            self._executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
-        return self._executor
+            spare = (os.cpu_count() or 1) - torch.get_num_threads()
+            self._executor = llguidance.LLExecutor(spare) if spare >= 2 else False
+        return self._executor or None
 
     def matcher(self, fmt: Format) -> Any:
         """A fresh llguidance matcher for `fmt` (a copy of the cached compiled one)."""
@@ -160,27 +166,31 @@ class Grammars:
         return matcher
 
     def _check_spellable(self, fmt: Format, matcher: Any) -> None:
-        """The text every output must start with (forced by the format) must be spellable, and at
-        least one token must be allowed first."""
-        forced = matcher.compute_ff_bytes().decode("utf-8", errors="ignore")
+        """Every output starts with the text the format forces (`{"name":"` for a schema whose first
+        property is required): each of its characters needs a token; and at least one token must
+        be allowed first. Read off a matcher over single bytes, which spells whatever the format
+        forces, so the refusal names every missing character of it, not only the first."""
+        forced, first = self._forced_and_first(fmt)
         missing = self.vocabulary.missing(forced) if forced else []
         if not missing and not forced:
             bits = matcher.compute_logit_bias()
             if not any(bits[:self.size]) and not matcher.is_accepting():
-                missing = self._first_characters(fmt)
+                missing = sorted(set(first) - self.vocabulary.letters) or first
         if missing:
             shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
             raise GrammarError(f"this model's vocabulary cannot spell {fmt.describe()}: it has no token for "
                                f"{shown}")
 
-    def _first_characters(self, fmt: Format) -> list[str]:
-        """The characters an output may start with, read off a matcher over single bytes."""
+    def _forced_and_first(self, fmt: Format) -> tuple[str, list[str]]:
+        """(the text every output starts with, the characters an output may start with), from a
+        matcher over single bytes."""
         import llguidance
 
-        byte_tokens = _ByteTokens()
-        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(byte_tokens), n_vocab=257)
-        bits = llguidance.LLMatcher(tokenizer, fmt.grammar_text(), log_level=0).compute_logit_bias()
-        return [chr(b) for b in range(128) if bits[b]] or ["(no character)"]
+        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokens()), n_vocab=257)
+        matcher = llguidance.LLMatcher(tokenizer, fmt.grammar_text(), log_level=0)
+        forced = matcher.compute_ff_bytes().decode("utf-8", errors="ignore")
+        bits = matcher.compute_logit_bias()
+        return forced, [chr(b) for b in range(128) if bits[b]] or ["(no character)"]
 
 
 class _ByteTokens:

@@ -6,7 +6,7 @@ emitted token, and for speculative decoding `RowConstraint.masks_along(proposal)
 longest valid prefix of a proposal and gives the mask at each of its positions.
 
 One step's masks are one int32 bitmask [rows, vocab / 32] that llguidance fills (rows in parallel
-on its own threads), unpacked into booleans with a few tensor operations for the whole batch: the
+on its own threads where cores are spare), unpacked into booleans with a few tensor operations for the whole batch: the
 per-row Python work is one call per constrained row.
 """
 
@@ -75,11 +75,12 @@ def _fill(constraints: Sequence[RowConstraint | None], bitmask: torch.Tensor) ->
     from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
     rows = [(c.matcher, i) for i, c in enumerate(constraints) if c is not None]
-    if len(rows) == 1:
-        fill_next_token_bitmask(rows[0][0], bitmask, rows[0][1])
-    else:
-        executor = next(c for c in constraints if c is not None).grammars.executor
+    executor = next(c for c in constraints if c is not None).grammars.executor if len(rows) > 1 else None
+    if executor is not None:
         fill_next_token_bitmask_par(executor, rows, bitmask)
+    else:
+        for matcher, i in rows:
+            fill_next_token_bitmask(matcher, bitmask, i)
 
 
 def allowed_tokens(constraints: Sequence[RowConstraint | None], width: int) -> torch.Tensor:

@@ -98,13 +98,17 @@ class Vocabulary:
                         reachable[end] = True
         return reachable[-1]
 
+    @cached_property
+    def letters(self) -> frozenset[str]:
+        """The characters some token contains."""
+        return frozenset(c for s in self._pieces for c in s.decode("utf-8", errors="ignore"))
+
     def missing(self, text: str) -> list[str]:
         """Why no tokens spell `text`: the distinct characters of it that no token contains, sorted,
         else (a word vocabulary lacking a word) the text itself; [] when it is spellable."""
         if self.spells(text):
             return []
-        letters = {c for s in self._pieces for c in s.decode("utf-8", errors="ignore")}
-        return sorted(set(text) - letters) or [text]
+        return sorted(set(text) - self.letters) or [text]
 
 
 def _decodes_byte_level(tokenizer: Any) -> bool:

@@ -252,3 +252,29 @@ def test_speculative_decoding_checks_proposals_against_the_mask(json_tokenizer, 
     while fast.has_work():
         fast.step()
     assert valid(fast.completion(sampled).completion, SCHEMA)
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_generate_and_chat_take_a_regex_a_grammar_and_refuse_what_the_vocabulary_cannot_spell(
+        cli, trained_runs, tmp_path, one_line_error):
+    """The trained runs' char vocabulary spells `LINE 12: the lazy fox.` but has no `{` or `"`."""
+    run = trained_runs["gpt2"]
+    pattern = "LINE [0-9]{1,3}: the (quick|lazy) [a-z]{2,5}\\."
+    result = cli("generate", run, "x", "--regex", pattern, "--num-samples", "3", "--seed", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(re.fullmatch(pattern, json.loads(line)["completion"]) for line in result.stdout.splitlines())
+    grammar = tmp_path / "line.lark"
+    grammar.write_text('start: "LINE " DIGITS ": " WORD " " WORD\nDIGITS: /[0-9]{1,2}/\nWORD: /[a-z]{2,6}/\n')
+    done = json.loads(cli("generate", run, "x", "--grammar", grammar, "--seed", "2", "--json").stdout)
+    assert re.fullmatch("LINE [0-9]{1,2}: [a-z]{2,6} [a-z]{2,6}", done["completion"])
+    chat = cli("chat", run, "--regex", "[a-z]{3,8}\\.", "--seed", "3", input="hello\n")
+    assert chat.exit_code == 0 and re.fullmatch("[a-z]{3,8}\\.\n", chat.stdout), chat.output
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(SCHEMA))
+    one_line_error(cli("generate", run, "x", "--json-schema", schema), "cannot spell JSON matching the schema",
+                   "'\"'", "'{'")
+    one_line_error(cli("generate", run, "x", "--regex", "[a-z]+", "--grammar", grammar), "give one")
+    one_line_error(cli("generate", run, "x", "--regex", "(unclosed"), "regex cannot be compiled")
+    one_line_error(cli("generate", run, "x", "--json-schema", tmp_path / "none.json"), "file not found")
