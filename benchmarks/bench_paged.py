@@ -21,6 +21,7 @@ for speed or memory). Two tables, each from interleaved rounds:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -51,7 +52,7 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, seed=0)
     started = time.perf_counter()
     requests = [engine.get(engine.add(p, params)) for p in prompts]
-    before = dict(engine.stats)
+    before = dataclasses.replace(engine.stats)
     peak = 0
     while engine.has_work():
         engine.step()
@@ -60,8 +61,9 @@ def run(engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     generated = new_tokens * len(prompts)
     return {"seconds": seconds, "peak": peak, "tok_s": (sum(map(len, prompts)) + generated) / seconds,
             "gen_s": generated / seconds,
-            **{key: engine.stats[key] - before[key] for key in ("preemptions", "prefill_seconds", "decode_seconds")},
-            "ttft": statistics.median(r.first_token_at - r.added_at for r in requests)}
+            **{key: getattr(engine.stats, key) - getattr(before, key)
+               for key in ("preemptions", "prefill_seconds", "decode_seconds")},
+            "ttft": statistics.median(r.metrics.first_token_at - r.metrics.added_at for r in requests)}
 
 
 def memory_table(model, args) -> None:

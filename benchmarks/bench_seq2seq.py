@@ -251,7 +251,7 @@ def beams(rounds: int, words: int = 128) -> None:
             start = time.perf_counter()
             found = search.run([[eot]] * len(sources), BeamSettings(b, cfg.model.block_size - 1), sources)
             seconds[b].append(time.perf_counter() - start)
-            decoder_tokens[b] = search.stats["tokens"]
+            decoder_tokens[b] = search.tokens
             outputs = [decode(tokenizer, h[0].tokens, skip_special_tokens=True).strip() for h in found]
             exact[b] = sum(o in refs for o, refs in zip(outputs, references, strict=True)) / len(sources)
     table(f"Beam search cost, {len(sources)} val words, 16 at a time, fp32 ({origin}); median (min-max) of {rounds} "

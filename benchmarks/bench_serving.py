@@ -67,15 +67,15 @@ def timed(engine, prompt: list[int], tokens: int) -> tuple[list[int], float]:
 
 def measure(target, draft, args) -> list[list[object]]:
     from llmcli.generate.engine import Engine
-    from llmcli.generate.speculative_engine import Speculation, SpeculativeEngine
+    from llmcli.generate.speculator import Speculation
     from llmcli.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(args.target_dir) / "tokenizer.json")
     modes = {"plain": lambda: Engine(target, max_batch_size=1),
-             f"draft k={args.draft_tokens}": lambda: SpeculativeEngine(
-                 target, Speculation(tokens=args.draft_tokens, draft=draft), max_batch_size=1),
-             f"prompt lookup n={args.lookup}": lambda: SpeculativeEngine(
-                 target, Speculation(tokens=args.draft_tokens, lookup=args.lookup), max_batch_size=1)}
+             f"draft k={args.draft_tokens}": lambda: Engine(
+                 target, speculation=Speculation(tokens=args.draft_tokens, draft=draft), max_batch_size=1),
+             f"prompt lookup n={args.lookup}": lambda: Engine(
+                 target, speculation=Speculation(tokens=args.draft_tokens, lookup=args.lookup), max_batch_size=1)}
     rows = []
     for kind in ("shakespeare", "repetitive"):
         texts = prompts(tokenizer, kind)
@@ -94,8 +94,8 @@ def measure(target, draft, args) -> list[list[object]]:
                 reference = outs if reference is None else reference
                 same[mode] &= outs == reference
                 if mode != "plain":
-                    accepted[mode][0] += engine.stats["accepted_tokens"]
-                    accepted[mode][1] += engine.stats["proposed_tokens"]
+                    accepted[mode][0] += engine.stats.accepted_tokens
+                    accepted[mode][1] += engine.stats.proposed_tokens
         for mode in modes:
             a, p = accepted[mode]
             rows.append([kind, mode, Spread.of(speed[mode]), ratios(speed[mode], speed["plain"]),
@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    from llmcli.checkpoint import load_for_inference, resolve_checkpoint
+    from llmcli.checkpoint import resolve_checkpoint
+    from llmcli.load import load_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     target_dir = Path(args.target) if args.target else train(
@@ -147,9 +148,8 @@ def main() -> None:
     args.target_dir = target_dir
     print(f"target {target_dir}, draft {resolve_checkpoint(draft_dir)}", flush=True)
     torch.set_num_threads(args.threads)
-    _, target, _ = load_for_inference(target_dir, torch.device("cpu"), torch.float32)
-    _, draft, _ = load_for_inference(draft_dir, torch.device("cpu"), torch.float32)
-    sizes = target.num_params(), draft.num_params()  # before the engines repack the weights
+    target, draft = load_checkpoint(target_dir).model, load_checkpoint(draft_dir).model
+    sizes = target.num_params(), draft.num_params()
     rows = measure(target, draft, args)
     table(f"speculative decoding at batch 1: {args.tokens} greedy tokens per prompt, target "
           f"{sizes[0]:,} parameters, draft {sizes[1]:,}, {args.threads} thread(s), "

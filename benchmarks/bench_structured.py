@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Spread, ratios, table
 
-from llmcli.checkpoint import load_for_inference
 from llmcli.config import ModelConfig, TokenizerConfig
 from llmcli.constrain.grammar import Format
 from llmcli.data.shakespeare import markdown_to_text, shakespeare_plays
 from llmcli.embed import Embedder
 from llmcli.generate.text import Generator
+from llmcli.load import load_checkpoint
 from llmcli.models.transformer import Transformer
 from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import encode, train_tokenizer
@@ -146,7 +146,8 @@ def share_valid(generator: Generator, constrained: bool, max_tokens: int) -> tup
 
 def validity(trained: Path) -> None:
     bpe = train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=4096), [plays_text()])
-    _, model, tokenizer = load_for_inference(trained, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(trained, torch.device("cpu"), torch.float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
     cases = [("random weights, 4x256, bpe 4096", random_model(bpe.get_vocab_size(), preset="llama", n_layer=4,
                                                              d_model=256, block_size=512), bpe),
              (f"trained: {trained}", model, tokenizer)]
@@ -163,7 +164,8 @@ def validity(trained: Path) -> None:
 
 
 def embeddings(trained: Path, rounds: int) -> None:
-    _, model, tokenizer = load_for_inference(trained, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(trained, torch.device("cpu"), torch.float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
     lines = [line for line in plays_text(2).splitlines() if line.strip()][:1024]
     embedder = Embedder(model, tokenizer)
     inputs = [encode(tokenizer, line)[:model.context_length] for line in lines]

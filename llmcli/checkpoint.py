@@ -328,19 +328,12 @@ def read_info(directory: Path) -> dict[str, Any]:
     return read_json_object(path) if path.exists() else {}
 
 
-def load_for_inference(path: str | Path, device: torch.device, dtype: torch.dtype):
-    """(checkpoint dir, model in eval mode on `device`, tokenizer) for a run or checkpoint dir:
-    what eval, generate, quantize and serve load."""
-    from llmcli.tokenizer import load_tokenizer
-
-    directory = resolve_checkpoint(path)
-    tokenizer = load_tokenizer(directory / TOKENIZER)
-    model = load_model(directory, device=device, dtype=dtype).eval()
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if vocab > model.config.vocab_size:
-        raise UserError(f"{directory}: the tokenizer has {vocab} tokens but the model only "
-                        f"{model.config.vocab_size}")
-    return directory, model, tokenizer
+def logical_parameters(directory: str | Path) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the model model.json describes, counted on the meta device
+    (nothing is loaded): a quantized checkpoint counts the float matrices its integer weights stand for."""
+    with torch.device("meta"):
+        model = build_model(model_config_from_json(Path(directory) / MODEL_CONFIG))
+    return model.num_params(), model.num_params(non_embedding=True)
 
 
 def load_source_tokenizer(directory: Path, model: LanguageModel, tokenizer: Any) -> Any:
@@ -355,6 +348,8 @@ def load_source_tokenizer(directory: Path, model: LanguageModel, tokenizer: Any)
         raise UserError(f"{directory}: the source tokenizer has {vocab} tokens but the model only "
                         f"{model.source_vocab_size}")
     return source
+
+
 def end_token_ids(directory: Path, tokenizer: Any) -> tuple[int, ...]:
     """The ids that end generation: generation_config.json's eos_token_id (an id or a list), the one
     an import recorded in checkpoint.json, tokenizer_config.json's eos_token, then <|endoftext|>."""

@@ -9,6 +9,7 @@ loses, so they keep nn.Linear.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -89,12 +90,8 @@ def select_dtype(name: str, device: torch.device, auto: torch.dtype | None = Non
 
 
 class PackedLinear(nn.Module):
-    """Inference-only stand-in for a float32 CPU nn.Linear, its weight in oneDNN's layout.
-
-    The dense weight is dropped (a tied embedding keeps its own); `state_dict()` still yields it
-    (unpacked), so a packed model saves and compares like the original. No gradients flow to
-    the packed weight, so pack only a model that will not be trained again.
-    """
+    """Inference-only stand-in for a float32 CPU nn.Linear: its weight reordered once into oneDNN's
+    blocked layout (a copy: the nn.Linear it was made from keeps its own weight)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -106,10 +103,6 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.packed.to_dense()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
@@ -119,17 +112,34 @@ def _can_pack(module: nn.Module) -> bool:
             and module.weight.dtype == torch.float32 and module.weight.numel() >= PACK_MIN_WEIGHTS)
 
 
-def pack_for_cpu_decoding(model: nn.Module) -> int:
-    """Swap `model`'s large float32 CPU nn.Linear layers for `PackedLinear`, in place.
+def packed_for_decoding(model: nn.Module) -> nn.Module:
+    """A copy of `model` for decoding whose large float32 CPU nn.Linear layers are `PackedLinear`s.
 
-    Returns how many were swapped: none where oneDNN is missing, or off the CPU, or for other
-    dtypes and quantized layers (their own kernels apply). Numerically equal to nn.Linear up to
-    float32 summation order.
+    Only the modules on the way to a packed layer are copied (shallowly: parameters, buffers and
+    hooks are shared with `model`), so `model` itself is unchanged: it reports, saves and trains
+    as before. The packed weights are one more copy of those matrices. `model` itself comes back
+    where nothing packs: no oneDNN, not the CPU, other dtypes, quantized layers (their own kernels
+    apply). Numerically equal to nn.Linear up to float32 summation order.
     """
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return 0
-    targets = [(name, m) for name, m in model.named_modules() if _can_pack(m)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(linear))
-    return len(targets)
+        return model
+    targets = [name for name, m in model.named_modules() if _can_pack(m)]
+    if not targets:
+        return model
+    copies: dict[str, nn.Module] = {}
+
+    def copied(name: str) -> nn.Module:
+        """The copy of the module `name` (made, and linked into its copied parent, on first use)."""
+        if name not in copies:
+            module = copy.copy(model.get_submodule(name))
+            module._modules = dict(module._modules)
+            copies[name] = module
+            if name:
+                parent, _, child = name.rpartition(".")
+                copied(parent)._modules[child] = module
+        return copies[name]
+
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        copied(parent)._modules[child] = PackedLinear(model.get_submodule(name))
+    return copies[""]

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmcli.checkpoint import RUN_CONFIG, SOURCE_TOKENIZER, TOKENIZER, load_model, resolve_checkpoint
+from llmcli.checkpoint import RUN_CONFIG, SOURCE_TOKENIZER, TOKENIZER, resolve_checkpoint
 from llmcli.config import Config, DistillConfig
 from llmcli.config_loader import load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
 from llmcli.io import refuse_overlap
+from llmcli.load import load_checkpoint
 from llmcli.models.base import LanguageModel
 from llmcli.options.training import DistillOptions
 from llmcli.train.finetune import IGNORE
@@ -69,7 +70,7 @@ def distill_command(opts: DistillOptions) -> None:
 
     plan, teacher = plan_distillation(opts)
     configure_threads(opts.threads)
-    trainer = Trainer(plan, objective=Distillation(load_model(teacher), plan.cfg.distill,
+    trainer = Trainer(plan, objective=Distillation(load_checkpoint(teacher).model, plan.cfg.distill,
                                                    plan.cfg.train.label_smoothing))
     summary = trainer.run()
     if trainer.main:

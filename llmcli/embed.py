@@ -113,8 +113,9 @@ def embed_command(opts: Any) -> None:
     """`llmcli embed RUN_DIR --input FILE --out vectors.npy|.jsonl`."""
     import time
 
-    from llmcli.checkpoint import check_output_file, load_for_inference, load_source_tokenizer
+    from llmcli.checkpoint import check_output_file
     from llmcli.device import configure_threads, select_device, select_dtype
+    from llmcli.load import load_checkpoint
 
     if opts.out is not None:
         if opts.out.suffix not in (".npy", ".jsonl"):
@@ -123,10 +124,9 @@ def embed_command(opts: Any) -> None:
     texts = read_lines(opts.input)
     configure_threads(opts.threads)
     device = select_device(opts.device)
-    directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
-    if model.task == "seq2seq":
-        tokenizer = load_source_tokenizer(directory, model, tokenizer)
-    embedder = Embedder(model, tokenizer)
+    loaded = load_checkpoint(opts.run_dir, device, select_dtype(opts.dtype, device))
+    model = loaded.model
+    embedder = Embedder(model, loaded.source_tokenizer or loaded.tokenizer)  # a seq2seq model embeds sources
     inputs = [embedder.ids(t, f"line {i + 1}") for i, t in enumerate(texts)]
     started = time.perf_counter()
     vectors = embedder.vectors(inputs)

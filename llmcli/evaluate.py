@@ -41,12 +41,13 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from llmcli import ui
-from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, end_token_ids, load_for_inference, read_info
+from llmcli.checkpoint import RUN_CONFIG, TOKENIZER, read_info
 from llmcli.config import Config
 from llmcli.config_loader import load_config
 from llmcli.data.shards import TokenShards
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
+from llmcli.load import load_checkpoint
 from llmcli.models.base import Rows
 from llmcli.options.inference import EvalOptions
 from llmcli.tokenizer import UNK, encode, eot_id, unknown_chars, unknown_noun
@@ -271,8 +272,8 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
                         progress: bool = True) -> EvalResult:
     """Score one checkpoint on its data's split (or on a text file); see the module docstring."""
     device = select_device(opts.device)
-    directory, model, tokenizer = load_for_inference(checkpoint, device,
-                                                     select_dtype(opts.dtype, device, auto=torch.float32))
+    loaded = load_checkpoint(checkpoint, device, select_dtype(opts.dtype, device, auto=torch.float32))
+    directory, model, tokenizer = loaded.directory, loaded.model, loaded.tokenizer
     if model.task == "seq2seq":  # scored on its pairs, by decoding (evaluate_pairs.py)
         return _evaluate_pairs(checkpoint, directory, model, tokenizer, opts, overrides)
     for name, given, also in (("beams", opts.beam.beams > 1, ""), ("limit", opts.limit is not None, " and --tasks")):
@@ -303,7 +304,7 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions, overrides: Se
 
     label = str(checkpoint)
     score = functools.partial(score_tokens, model, tokens, stride=opts.stride, batch_size=batch_size,
-                              first_token=(end_token_ids(directory, tokenizer) or (eot_id(tokenizer),))[0])
+                              first_token=(loaded.end_ids or (eot_id(tokenizer),))[0])
     if block is None:
         forwards = len(chunk_plan(len(tokens) + 1, model.config.block_size * batch_size))
         unit = "chunk"

@@ -130,7 +130,7 @@ def _decode(model: LanguageModel, tokenizer: Any, sources: list[list[int]], batc
         settings = BeamSettings(beam.beams, max_new, 1.0 if beam.length_penalty is None else beam.length_penalty,
                                 beam.early_stopping)
         found = search.run([[eot_id(tokenizer)]] * len(sources), settings, sources)
-        return [decode(tokenizer, h[0].tokens, skip_special_tokens=True) for h in found], search.stats["tokens"]
+        return [decode(tokenizer, h[0].tokens, skip_special_tokens=True) for h in found], search.tokens
     engine = Engine(model, max_batch_size=min(batch_size, len(sources)), vocab_size=vocab)
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
     ids = [engine.add([eot], params, stop_token_ids=[eot], source_ids=s) for s in sources]
@@ -139,7 +139,7 @@ def _decode(model: LanguageModel, tokenizer: Any, sources: list[list[int]], batc
         for ev in engine.step():
             if not (ev.finished and ev.finish_reason == "eot"):
                 generated[ev.id].append(ev.token)
-    return [decode(tokenizer, generated[i], skip_special_tokens=True) for i in ids], engine.stats["decode_tokens"]
+    return [decode(tokenizer, generated[i], skip_special_tokens=True) for i in ids], engine.stats.decode_tokens
 
 
 def pairs_table(results: list[Any], percent: bool = False) -> Any:

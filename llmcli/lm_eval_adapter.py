@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 
 from llmcli import ui
-from llmcli.checkpoint import end_token_ids, load_for_inference, model_config_of
+from llmcli.checkpoint import model_config_of
 from llmcli.device import select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator
+from llmcli.load import load_checkpoint
 from llmcli.models.registry import family
 from llmcli.options.inference import EvalOptions
 from llmcli.options.sampling import SamplingParams
@@ -63,12 +64,12 @@ class LlmcliLM(LM):
     def __init__(self, path: str, device: str = "auto", dtype: str = "float32", batch_size: int | str = 8):
         super().__init__()
         self._device = select_device(str(device))
-        self.directory, self.model, self.tokenizer = load_for_inference(
-            path, self._device, select_dtype(str(dtype), self._device, auto=torch.float32))
+        loaded = load_checkpoint(path, self._device, select_dtype(str(dtype), self._device, auto=torch.float32))
+        self.directory, self.model, self.tokenizer = loaded.directory, loaded.model, loaded.tokenizer
         check_language_model(path, self.model.config)
         self.path = str(path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.end_ids = end_token_ids(self.directory, self.tokenizer) or (eot_id(self.tokenizer),)
+        self.end_ids = loaded.end_ids or (eot_id(self.tokenizer),)
         self.window = self.model.context_length or 1 << 30
         self._generator: Generator | None = None
 

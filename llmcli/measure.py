@@ -85,8 +85,7 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
                 tokens += [ev.token for ev in engine.step()]
             if len(tokens) >= new_tokens:
                 break
-        stats = engine.stats
-        return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
+        return engine.stats.decode_rate, tokens
     if model.context_length is not None:
         new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
     engine = Engine(model, max_batch_size=batch)
@@ -95,8 +94,7 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
     tokens = []
     while engine.has_work():
         tokens += [ev.token for ev in engine.step() if ev.id == request]
-    stats = engine.stats
-    return (stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] > 0 else 0.0), tokens
+    return engine.stats.decode_rate, tokens
 
 
 def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,

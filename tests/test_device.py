@@ -7,7 +7,7 @@ import torch
 
 from llmcli import device as device_mod
 from llmcli.checkpoint import load_model, save_model
-from llmcli.device import PackedLinear, pack_for_cpu_decoding, select_device, select_dtype
+from llmcli.device import PackedLinear, packed_for_decoding, select_device, select_dtype
 from llmcli.errors import FieldError
 from llmcli.models.base import Rows
 from llmcli.quantize.modules import QuantizedWeight, quantization_entry, quantize_model
@@ -34,23 +34,26 @@ def test_device_and_dtype_names():
 @needs_onednn
 @pytest.mark.parametrize("preset,extra", PRESET_VARIANTS)
 @torch.no_grad()
-def test_packed_model_computes_and_saves_like_the_original(tmp_path, monkeypatch, tiny_model, preset, extra):
+def test_packed_copy_computes_like_the_original_which_is_unchanged(tmp_path, monkeypatch, tiny_model, preset,
+                                                                  extra):
     monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", 0)  # the test model's weights are all small
     model = tiny_model(VOCAB, preset=preset, **extra)
     tokens = torch.randint(0, VOCAB, (3, 20))
-    reference, state = model(tokens), model.state_dict()
+    reference, state, count = model(tokens), model.state_dict(), model.num_params()
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
 
-    assert pack_for_cpu_decoding(model) == linears
-    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
-    torch.testing.assert_close(model(tokens), reference, rtol=0, atol=1e-5)
+    packed = packed_for_decoding(model)
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == linears
+    assert all(not isinstance(m, torch.nn.Linear) for m in packed.modules())
+    torch.testing.assert_close(packed(tokens), reference, rtol=0, atol=1e-5)
     cache = model.new_decode_state(2)
-    cached = model(tokens[:2], state=cache, rows=Rows([0, 1], [0, 0], [20, 20]))
+    cached = packed(tokens[:2], state=cache, rows=Rows([0, 1], [0, 0], [20, 20]))
     torch.testing.assert_close(cached, reference[:2], rtol=0, atol=1e-5)
 
-    packed_state = model.state_dict()
-    assert packed_state.keys() == state.keys()
-    assert all(torch.equal(packed_state[k], state[k]) for k in state)
+    # The model itself is untouched: its layers, parameter count, state and saved weights.
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == linears
+    assert model.num_params() == count
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
     save_model(model, tmp_path)
     torch.testing.assert_close(load_model(tmp_path)(tokens), reference, rtol=0, atol=0)
 
@@ -63,16 +66,17 @@ def test_only_large_float32_cpu_linears_are_packed(monkeypatch, tiny_model):
     large = {name for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and m.weight.numel() >= big}
     assert len(large) == 3 * model.config.n_layer  # gate, up and down of each block; q/k/v/out are smaller
-    assert pack_for_cpu_decoding(model) == len(large)
-    assert {name for name, m in model.named_modules() if isinstance(m, PackedLinear)} == large
+    packed = packed_for_decoding(model)
+    assert {name for name, m in packed.named_modules() if isinstance(m, PackedLinear)} == large
 
     monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", 0)
-    assert pack_for_cpu_decoding(tiny_model(VOCAB, preset="llama").to(torch.bfloat16)) == 0
+    half = tiny_model(VOCAB, preset="llama").to(torch.bfloat16)
+    assert packed_for_decoding(half) is half  # nothing to pack: the model itself
     quantized = quantize_model(tiny_model(VOCAB, preset="gpt2"), quantization_entry("int8"))
     layers = [name for name, m in quantized.named_modules() if isinstance(m, QuantizedWeight)]
-    assert pack_for_cpu_decoding(quantized) == 1  # the float LM head; quantized layers keep their kernels
-    assert isinstance(quantized.lm_head, PackedLinear)
-    assert layers == [name for name, m in quantized.named_modules() if isinstance(m, QuantizedWeight)]
+    packed = packed_for_decoding(quantized)  # the float LM head; quantized layers keep their kernels
+    assert [name for name, m in packed.named_modules() if isinstance(m, PackedLinear)] == ["lm_head"]
+    assert layers == [name for name, m in packed.named_modules() if isinstance(m, QuantizedWeight)]
 
 
 def test_threads_follow_the_option_then_the_environment(monkeypatch):

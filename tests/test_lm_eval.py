@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcli.checkpoint import load_for_inference
 from llmcli.evaluate import score_tokens
 from llmcli.lm_eval_adapter import LlmcliLM
+from llmcli.load import load_checkpoint
 from llmcli.tokenizer import encode
 
 QUESTIONS = ["LINE 3: the quick", "LINE 4: the lazy", "LINE 5: the brown", "LINE 6: jumps",
@@ -34,12 +34,12 @@ def task_yaml(tmp_path, name: str, records: list[dict], body: str):
 
 @pytest.fixture(scope="module")
 def loaded(trained_runs):
-    return load_for_inference(trained_runs["gpt2"], torch.device("cpu"), torch.float32)
+    return load_checkpoint(trained_runs["gpt2"])
 
 
 def by_hand(loaded, context: str, continuation: str) -> float:
     """log P(continuation | context): one forward pass, char tokens."""
-    _, model, tokenizer = loaded
+    model, tokenizer = loaded.model, loaded.tokenizer
     ctx, full = encode(tokenizer, context), encode(tokenizer, context + continuation)
     with torch.no_grad():
         logprobs = F.log_softmax(model(torch.tensor([full[:-1]])), -1)[0]
@@ -47,7 +47,7 @@ def by_hand(loaded, context: str, continuation: str) -> float:
 
 
 def greedy_by_hand(loaded, prompt: str, n: int) -> str:
-    _, model, tokenizer = loaded
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids, out = encode(tokenizer, prompt), []
     for _ in range(n):
         with torch.no_grad():
@@ -104,7 +104,7 @@ def test_loglikelihood_matches_by_hand(loaded, trained_runs):
 def test_rolling_equals_disjoint_window_scoring(loaded, trained_runs):
     from lm_eval.api.instance import Instance
 
-    _, model, tokenizer = loaded
+    model, tokenizer = loaded.model, loaded.tokenizer
     lm = LlmcliLM(str(trained_runs["gpt2"]))
     texts = ["LINE 7: the quick brown fox", "".join(f"LINE {i}: the lazy dog.\n" for i in range(9))]
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])

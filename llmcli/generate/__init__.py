@@ -1,2 +1,3 @@
-"""Text generation: sampling.py (a token from logits), engine.py (continuous batching in token ids),
-text.py (incremental decoding, stop strings, text in and out), run.py (`llmcli generate`)."""
+"""Text generation: engine.py (continuous batching in token ids: scheduler.py plans a step, runner.py
+executes it), sampling.py (a token from logits), text.py (incremental decoding, stop strings, text in
+and out), run.py (`llmcli generate`)."""

@@ -1,6 +1,7 @@
 """Beam search over a model's decode state, for seq2seq and decoder-only models alike.
 
-Each request holds `beams` consecutive slots of one decode state. It starts with one live beam: its
+It runs on the engine's runner (runner.py): its decode state (a slot cache), its packed weights
+and its forwards. Each request holds `beams` consecutive slots. It starts with one live beam: its
 source is encoded into the first slot (seq2seq) and its prompt prefilled there. Every step scores
 each live beam's continuations (sum of token log-probabilities), takes the best 2 x beams of them,
 and keeps the best `beams` that do not end the sequence; an end token among the best `beams` files
@@ -16,15 +17,14 @@ engine. One beam is greedy decoding.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from llmcli.device import pack_for_cpu_decoding
-from llmcli.models.base import LanguageModel, Rows
+from llmcli.generate.runner import ModelRunner, encode_sources, prefill
+from llmcli.models.base import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,15 @@ class BeamSearch:
 
     def __init__(self, model: LanguageModel, *, batch_size: int, beams: int, eos_id: int, vocab_size: int | None = None):
         self.model, self.beams, self.eos = model.eval(), beams, eos_id
-        pack_for_cpu_decoding(model)  # as the engine does: faster few-row products on the CPU
-        param = next(model.parameters())
-        self.device = param.device
-        self.vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
+        self.runner = ModelRunner(model, slots=batch_size * beams, vocab_size=vocab_size)
+        self.device, self.vocab = self.runner.device, self.runner.vocab_size
         self.batch_size = batch_size
-        self.state = model.new_decode_state(batch_size * beams, model.context_length, dtype=param.dtype,
-                                            device=self.device)
-        self.stats = {"tokens": 0, "seconds": 0.0}
+        self.tokens = 0  # beam tokens decoded, over every run
 
     @torch.inference_mode()
     def run(self, prompts: Sequence[Sequence[int]], settings: BeamSettings,
             sources: Sequence[Sequence[int]] | None = None) -> list[list[Hypothesis]]:
         """The best `settings.returns` hypotheses of each prompt (its source too, for seq2seq)."""
-        started = time.perf_counter()
         waiting = deque(range(len(prompts)))
         free = list(range(self.batch_size - 1, -1, -1))
         running: list[_Group] = []
@@ -95,7 +90,6 @@ class BeamSearch:
                 free.append(group.base // self.beams)
             running = [g for g in running + admitted if g.beams]
             self._reorder(running)
-        self.stats["seconds"] += time.perf_counter() - started
         return results
 
     def _limit(self, prompts: Sequence[Sequence[int]], settings: BeamSettings) -> list[int]:
@@ -106,19 +100,11 @@ class BeamSearch:
 
     def _start(self, groups: list[_Group], prompts, sources) -> list[torch.Tensor]:
         """Encode each new request's source and prefill its prompt into its first slot: [1, V] each."""
-        slots = [g.base for g in groups]
+        runner, slots = self.runner, [g.base for g in groups]
         if sources is not None:
-            src = [list(sources[g.index]) for g in groups]
-            ids = torch.zeros(len(groups), max(map(len, src)), dtype=torch.long)
-            for b, s in enumerate(src):
-                ids[b, :len(s)] = torch.tensor(s)
-            self.model.encode(ids.to(self.device), state=self.state, rows=Rows(slots, [0] * len(src), map(len, src)))
+            encode_sources(runner.decoder, runner.state, [sources[g.index] for g in groups], slots, self.device)
         toks = [list(prompts[g.index]) for g in groups]
-        ids = torch.zeros(len(groups), max(map(len, toks)), dtype=torch.long)
-        for b, t in enumerate(toks):
-            ids[b, :len(t)] = torch.tensor(t)
-        out = self.model(ids.to(self.device), state=self.state, rows=Rows(slots, [0] * len(toks), map(len, toks)))
-        last = out[torch.arange(len(toks)), torch.tensor([len(t) - 1 for t in toks])]
+        last = prefill(runner.decoder, runner.state, toks, slots, [0] * len(toks), self.device)
         for g, t in zip(groups, toks, strict=True):
             g.beams, g.scores, g.position = [[]], [0.0], len(t)
         return [row[None] for row in last]
@@ -126,12 +112,11 @@ class BeamSearch:
     def _advance(self, groups: list[_Group]) -> list[torch.Tensor]:
         """One forward for every live beam of every running request: [live beams, V] per request."""
         slots = [g.base + b for g in groups for b in range(len(g.beams))]
-        tokens = torch.tensor([[beam[-1]] for g in groups for beam in g.beams], device=self.device)
-        positions = [g.position for g in groups for _ in g.beams]
-        out = self.model(tokens, state=self.state, rows=Rows(slots, positions, [1] * len(slots)))[:, -1]
+        tokens = [beam[-1] for g in groups for beam in g.beams]
+        out = self.runner.decode(tokens, slots, [g.position for g in groups for _ in g.beams])
         for g in groups:
             g.position += 1
-        self.stats["tokens"] += len(slots)
+        self.tokens += len(slots)
         return list(out.split([len(g.beams) for g in groups]))
 
     def _select(self, group: _Group, logits: torch.Tensor, settings: BeamSettings, limit: int) -> None:
@@ -174,4 +159,4 @@ class BeamSearch:
                     sources.append(g.base + parent)
                     targets.append(g.base + b)
         if sources:
-            self.state.copy_slots(sources, targets)
+            self.runner.state.copy_slots(sources, targets)

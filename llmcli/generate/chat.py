@@ -12,11 +12,10 @@ import sys
 from typing import IO, Any
 
 from llmcli import ui
-from llmcli.chat_template import load_chat_template
-from llmcli.checkpoint import end_token_ids, load_for_inference
 from llmcli.device import select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.text import Generator, encode_prompt
+from llmcli.load import load_checkpoint
 from llmcli.options.inference import ChatOptions
 from llmcli.options.sampling import SamplingParams
 
@@ -50,16 +49,15 @@ class Conversation:
 
 def chat_command(opts: ChatOptions) -> None:
     device = select_device(opts.device)
-    directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
-    if model.task == "seq2seq":
-        raise UserError(f"{directory} holds a model.arch={model.config.arch} sequence-to-sequence model, which "
-                        "keeps no conversation: use llmcli generate (each source a prompt) or serve")
-    template = load_chat_template(opts.chat_template, directory)
-    generator = Generator(model, tokenizer, max_batch_size=1, stop_token_ids=end_token_ids(directory, tokenizer))
+    loaded = load_checkpoint(opts.run_dir, device, select_dtype(opts.dtype, device), chat_template=opts.chat_template)
+    if loaded.task == "seq2seq":
+        raise UserError(f"{loaded.directory} holds a model.arch={loaded.model.config.arch} sequence-to-sequence model, "
+                        "which keeps no conversation: use llmcli generate (each source a prompt) or serve")
+    generator = Generator.of(loaded, max_batch_size=1)
     fmt = opts.constraint.format()
     if fmt is not None:
-        generator.grammars.check(fmt)
-    run_chat(generator, template, opts, sys.stdin, sys.stdout)
+        generator.grammars.check(fmt)  # compiled (or refused) before the conversation starts
+    run_chat(generator, loaded.chat_template, opts, sys.stdin, sys.stdout)
 
 
 def run_chat(generator: Generator, template: Any, opts: ChatOptions, stdin: IO[str], out: IO[str]) -> int:

@@ -1,7 +1,7 @@
-"""The engine's side of a paged KV cache: which blocks each sequence holds.
+"""The scheduler's side of a paged KV cache: which blocks each sequence holds.
 
 Keys/values live in a pool of blocks of `block_len` tokens (blocks.py) instead of one full-context
-slot per sequence, so memory follows actual lengths. The engine admits a request when a slot and
+slot per sequence, so memory follows actual lengths. The scheduler admits a request when a slot and
 the blocks for its window are free (`place`), gives a sequence whose blocks are full one more
 before its step (`extend`), and when none is free preempts the most recently admitted sequence:
 its blocks and slot are freed (`release`) and it waits at the front of the queue, keeping its
@@ -16,17 +16,26 @@ refused when it is added.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from llmcli.generate.blocks import BlockPool, chain_keys, next_key, root_key
+from llmcli.generate.request import Request
+
+
+class Sequence(Protocol):
+    """What paging reads and writes of a scheduler.Sequence (scheduler.py imports this module)."""
+
+    request: Request
+    slot: int
+    offset: int
+    cached: int
+    blocks: list[int]
+    block_keys: list[int]
 
 
 class PagedCache:
-    """A paged decode state (`set_blocks(slot, blocks)`) and the pool its blocks come from.
-
-    The requests it handles carry `tokens`, `offset` (tokens[offset:] is the window the slot
-    holds), `position`, `slot`, `source_ids`, and their `blocks` and `block_keys`, which it keeps.
-    """
+    """A paged decode state (`set_blocks(slot, blocks)`) and the pool its blocks come from; it keeps
+    each scheduler.Sequence's `blocks` and `block_keys`."""
 
     def __init__(self, state: Any, num_blocks: int, block_len: int, *, prefix_cache: bool = True):
         self.state = state
@@ -37,52 +46,52 @@ class PagedCache:
         """Tokens the whole pool holds."""
         return self.pool.num_blocks * self.pool.block_len
 
-    def place(self, request: Any) -> bool:
-        """Blocks for the request's window: cached ones for its leading full blocks (its last token
-        left out), fresh ones for the rest; its position is then where prefill starts. False,
+    def place(self, seq: Sequence) -> bool:
+        """Blocks for the sequence's window: cached ones for its leading full blocks (its last token
+        left out), fresh ones for the rest; `seq.cached` then says where prefill starts. False,
         holding nothing, when the pool lacks them."""
-        pool, tokens = self.pool, request.tokens[request.offset:]
-        keys = chain_keys(tokens[:-1], pool.block_len, root_key(request.source_ids))
+        pool, tokens = self.pool, seq.request.tokens[seq.offset:]
+        keys = chain_keys(tokens[:-1], pool.block_len, root_key(seq.request.source_ids))
         shared = pool.share(keys)
         fresh = -(-len(tokens) // pool.block_len) - len(shared)
         if fresh > pool.available:
             pool.free(shared)
             return False
         pool.count_query(len(tokens), len(shared) * pool.block_len)
-        request.blocks, request.block_keys = shared + pool.allocate(fresh), keys[:len(shared)]
-        request.position = len(shared) * pool.block_len
+        seq.blocks, seq.block_keys = shared + pool.allocate(fresh), keys[:len(shared)]
+        seq.cached = len(shared) * pool.block_len
         return True
 
-    def bind(self, request: Any) -> None:
-        """Point the request's slot at its blocks."""
-        self.state.set_blocks(request.slot, request.blocks)
+    def bind(self, seq: Sequence) -> None:
+        """Point the sequence's slot at its blocks."""
+        self.state.set_blocks(seq.slot, seq.blocks)
 
-    def full(self, request: Any) -> bool:
-        """Whether the next token needs a block the request does not hold yet."""
-        return request.position >= len(request.blocks) * self.pool.block_len
+    def full(self, seq: Sequence, position: int) -> bool:
+        """Whether writing `position` needs a block the sequence does not hold yet."""
+        return position >= len(seq.blocks) * self.pool.block_len
 
-    def extend(self, request: Any) -> bool:
-        """One more block for the request; False when none is free."""
-        if not self.pool.available:
+    def extend(self, seq: Sequence) -> bool:
+        """One more block for the sequence; False when none is free."""
+        if not self.pool.available or len(seq.blocks) >= self.state.blocks_per_slot:
             return False
-        request.blocks += self.pool.allocate(1)
-        self.bind(request)
+        seq.blocks += self.pool.allocate(1)
+        self.bind(seq)
         return True
 
-    def register(self, request: Any) -> None:
+    def register(self, seq: Sequence) -> None:
         """Key the blocks the last forward filled, so that later windows may share them."""
-        size = self.pool.block_len
-        for i in range(len(request.block_keys), request.position // size):
-            parent = request.block_keys[-1] if request.block_keys else root_key(request.source_ids)
-            start = request.offset + i * size
-            request.block_keys.append(next_key(parent, request.tokens[start:start + size]))
-            self.pool.register(request.blocks[i], request.block_keys[-1])
+        size, r = self.pool.block_len, seq.request
+        for i in range(len(seq.block_keys), seq.cached // size):
+            parent = seq.block_keys[-1] if seq.block_keys else root_key(r.source_ids)
+            start = seq.offset + i * size
+            seq.block_keys.append(next_key(parent, r.tokens[start:start + size]))
+            self.pool.register(seq.blocks[i], seq.block_keys[-1])
 
-    def release(self, request: Any) -> None:
-        """The request lets go of its blocks (full ones stay cached); its slot points at none."""
-        self.pool.free(request.blocks)
-        request.blocks, request.block_keys = [], []
-        self.state.set_blocks(request.slot, [])
+    def release(self, seq: Sequence) -> None:
+        """The sequence lets go of its blocks (full ones stay cached); its slot points at none."""
+        self.pool.free(seq.blocks)
+        seq.blocks, seq.block_keys = [], []
+        self.state.set_blocks(seq.slot, [])
 
     def use(self) -> dict[str, float]:
         """Blocks held and in all, and the prefix cache's hits over the prompt tokens looked up."""

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import IO
 
 from llmcli import ui
-from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tokenizer
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import UserError
 from llmcli.generate.beam import BeamSearch, BeamSettings
-from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
-from llmcli.generate.text import Completion, Generator, StopText, encode_prompt
+from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.text import Completion, Generator, StopText, encode_text
+from llmcli.load import Loaded, load_checkpoint
 from llmcli.options.inference import GenerateOptions
-from llmcli.tokenizer import decode
+from llmcli.tokenizer import decode, eot_id
 
 
 def generate_command(opts: GenerateOptions) -> None:
@@ -65,23 +65,24 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     out = out or sys.stdout
     params = opts.sampling
     device = select_device(opts.device)
-    directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
-    source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
+    loaded = load_checkpoint(opts.run_dir, device, select_dtype(opts.dtype, device))
+    if opts.beam.beams > 1:
+        return _run_beams(opts, loaded, prompts, out, device.type)
+    model = loaded.model
     jobs = [(p, j) for p in prompts for j in range(opts.num_samples)]
     speculation = None
     if opts.speculation.enabled:
-        from llmcli.generate.speculative_engine import load_speculation
+        from llmcli.generate.speculator import load_speculation
 
-        speculation = load_speculation(opts.speculation, directory, tokenizer, device, select_dtype(opts.dtype, device))
-    generator = Generator(model, tokenizer, max_batch_size=min(opts.batch_size, len(jobs)),
-                          source_tokenizer=source_tokenizer, stop_token_ids=end_token_ids(directory, tokenizer),
-                          speculation=speculation)
-    inputs = {p: generator.source_ids(p) if generator.seq2seq else encode_prompt(tokenizer, p) for p in prompts}
+        speculation = load_speculation(opts.speculation, loaded.directory, loaded.tokenizer, device,
+                                       select_dtype(opts.dtype, device))
+    generator = Generator.of(loaded, max_batch_size=min(opts.batch_size, len(jobs)), speculation=speculation,
+                             max_num_batched_tokens=opts.steps.max_num_batched_tokens,
+                             compile=opts.steps.compile == "on")
+    inputs = {p: encode_text(p, loaded.tokenizer, loaded.source_tokenizer) for p in prompts}
     fmt = opts.constraint.format()
     if fmt is not None:
         generator.grammars.check(fmt)  # compiled (or refused) before anything runs
-    if opts.beam.beams > 1:
-        return _run_beams(opts, generator, prompts, inputs, out, device.type)
     ids = []
     for index, (prompt, j) in enumerate(jobs):
         seed = params.seed + j if params.seed is not None else None
@@ -102,31 +103,32 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
     s = generator.engine.stats
     results = printer.results
     total = sum(c.tokens for c in results)
-    prefill = s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] else 0.0
-    decode = s["decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
     ui.log(f"{len(results)} sample{'s' if len(results) != 1 else ''}, {total} tokens in {elapsed:.2f}s "
-           f"(prefill {ui.format_count(prefill)} tok/s, decode {ui.format_count(decode)} tok/s, "
+           f"(prefill {ui.format_count(s.prefill_rate)} tok/s, decode {ui.format_count(s.decode_rate)} tok/s, "
            f"batch {generator.engine.max_batch_size}, {device.type})")
     if speculation is not None:
-        proposed, accepted = s["proposed_tokens"], s["accepted_tokens"]
+        proposed, accepted = s.proposed_tokens, s.accepted_tokens
         ui.log(f"speculative ({'draft' if speculation.draft is not None else 'prompt lookup'}, "
                f"{speculation.tokens} per round): {accepted}/{proposed} proposed tokens accepted"
                + (f" ({accepted / proposed:.0%})" if proposed else ""))
     return results
 
 
-def _run_beams(opts: GenerateOptions, generator: Generator, prompts: list[str], inputs: dict, out: IO[str],
-               device: str) -> list[Completion]:
+def _run_beams(opts: GenerateOptions, loaded: Loaded, prompts: list[str], out: IO[str], device: str
+               ) -> list[Completion]:
     """--beams N: the best opts.num_samples hypotheses of each prompt, printed as each prompt's search
     ends (no streaming)."""
-    model, tokenizer, params = generator.engine.model, generator.tokenizer, opts.sampling
-    eos = -1 if params.ignore_eot or not generator.stop_ids else generator.stop_ids[0]
+    model, tokenizer, params = loaded.model, loaded.tokenizer, opts.sampling
+    seq2seq = loaded.source_tokenizer is not None
+    eos = -1 if params.ignore_eot or not loaded.end_ids else loaded.end_ids[0]
     search = BeamSearch(model, batch_size=min(opts.batch_size, len(prompts)), beams=opts.beam.beams, eos_id=eos,
-                        vocab_size=generator.engine.vocab_size)
+                        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
     settings = BeamSettings(opts.beam.beams, params.max_new_tokens, length_penalty=_penalty(opts.beam),
                             early_stopping=opts.beam.early_stopping, returns=opts.num_samples)
-    if generator.seq2seq:
-        decoder_prompts, sources = [[generator.eot]] * len(prompts), [inputs[p] for p in prompts]
+    inputs = {p: encode_text(p, tokenizer, loaded.source_tokenizer) for p in prompts}
+    if seq2seq:
+        start = eot_id(tokenizer)  # the decoder starts from <|endoftext|>
+        decoder_prompts, sources = [[start]] * len(prompts), [inputs[p] for p in prompts]
     else:
         context = model.context_length
         decoder_prompts, sources = [inputs[p][-(context - 1):] if context else inputs[p] for p in prompts], None
@@ -142,17 +144,17 @@ def _run_beams(opts: GenerateOptions, generator: Generator, prompts: list[str], 
                                       prompt_tokens=len(inputs[prompt]), dropped_prompt_tokens=0, finish_reason=reason,
                                       seed=0, prefill_tokens_per_second=0.0, decode_tokens_per_second=0.0))
             if opts.json_out:
-                key, value = ("source", "target") if generator.seq2seq else ("prompt", "completion")
+                key, value = ("source", "target") if seq2seq else ("prompt", "completion")
                 row = {key: prompt, value: text.text, "tokens": results[-1].tokens, "score": round(h.score, 4),
                        "logprob": round(h.logprob, 4)}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             else:
-                out.write(("" if generator.seq2seq else prompt) + text.text + "\n")
+                out.write(("" if seq2seq else prompt) + text.text + "\n")
     out.flush()
     elapsed = time.perf_counter() - started
     ui.log(f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}, {opts.beam.beams} beams, "
-           f"{search.stats['tokens']} beam tokens in {elapsed:.2f}s "
-           f"({ui.format_count(search.stats['tokens'] / max(elapsed, 1e-9))} tok/s, {device})")
+           f"{search.tokens} beam tokens in {elapsed:.2f}s "
+           f"({ui.format_count(search.tokens / max(elapsed, 1e-9))} tok/s, {device})")
     return results
 
 

@@ -11,15 +11,19 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcli.constrain.grammar import Format, Grammars
 from llmcli.constrain.mask import RowConstraint
 from llmcli.errors import UserError
-from llmcli.generate.engine import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Engine, Request
+from llmcli.generate.engine import Engine
+from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Request
 from llmcli.models.base import LanguageModel
 from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import encode, eot_id, unknown_chars, unknown_noun
+
+if TYPE_CHECKING:
+    from llmcli.load import Loaded
 
 
 class IncrementalDecoder:
@@ -164,6 +168,11 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return encode(tokenizer, prompt) or [eot_id(tokenizer)]
 
 
+def encode_text(text: str, tokenizer: Any, source_tokenizer: Any = None) -> list[int]:
+    """A prompt's ids, or with a `source_tokenizer` (seq2seq) a source's, its end token appended."""
+    return encode_source(source_tokenizer, text) if source_tokenizer is not None else encode_prompt(tokenizer, text)
+
+
 class Generator:
     """Prompts in, streamed text out, on top of an `Engine` (see the module docstring).
 
@@ -171,12 +180,19 @@ class Generator:
     `tokenizer`), and the text out is the target, decoded from the start token.
     """
 
+    @classmethod
+    def of(cls, loaded: Loaded, **options: Any) -> Generator:
+        """A Generator for a loaded checkpoint (load.Loaded): its tokenizers and end ids; `options`
+        are the Engine's."""
+        return cls(loaded.model, loaded.tokenizer, source_tokenizer=loaded.source_tokenizer,
+                   stop_token_ids=loaded.end_ids, **options)
+
     def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8,
                  source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None,
-                 speculation: Any = None, grammars: Grammars | None = None, **engine_kwargs: Any):
+                 grammars: Grammars | None = None, **engine_kwargs: Any):
         """`stop_token_ids`: the ids that end a sequence (checkpoint.end_token_ids; none: only the length
-        limit); default <|endoftext|>. `speculation` (speculative_engine.Speculation) decodes speculatively.
-        `grammars` compiles output formats (made on first use; serve shares one with its handlers)."""
+        limit); default <|endoftext|>. `grammars` compiles output formats (made on first use; serve
+        shares one with its handlers). `engine_kwargs` are the Engine's (speculation, a paged cache, ...)."""
         self.tokenizer = tokenizer
         self.seq2seq = model.task == "seq2seq"
         self.source_tokenizer = source_tokenizer or tokenizer
@@ -185,13 +201,7 @@ class Generator:
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > model.config.vocab_size:
             raise UserError(f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
-        if speculation is not None:
-            from llmcli.generate.speculative_engine import SpeculativeEngine
-
-            self.engine = SpeculativeEngine(model, speculation, max_batch_size=max_batch_size, vocab_size=vocab,
-                                            **engine_kwargs)
-        else:
-            self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
+        self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
         self._grammars = grammars
         self._states: dict[int, _TextState] = {}
         self._done: dict[int, Completion] = {}
@@ -212,7 +222,7 @@ class Generator:
         stop_ids = () if params.ignore_eot else self.stop_ids
         constraint = None
         if fmt is not None:
-            constraint = RowConstraint(self.grammars, fmt, stop_ids, self.engine.model_vocab)
+            constraint = RowConstraint(self.grammars, fmt, stop_ids, self.engine.runner.model_vocab)
         if self.seq2seq:
             source = self.source_ids(prompt)
             ids, context = [self.eot], []  # the decoder starts from <|endoftext|>
@@ -275,15 +285,15 @@ class Generator:
         return self._done.pop(request_id)
 
     def _completion(self, state: _TextState, reason: str) -> Completion:
-        r = state.request
-        prefill_tps = len(r.prompt_ids) / r.prefill_seconds if r.prefill_seconds > 0 else 0.0
-        decode_tps = (r.generated - 1) / r.decode_seconds if r.decode_seconds > 0 and r.generated > 1 else 0.0
+        r, m = state.request, state.request.metrics
+        prefill_tps = len(r.prompt_ids) / m.prefill_seconds if m.prefill_seconds > 0 else 0.0
+        decode_tps = (r.generated - 1) / m.decode_seconds if m.decode_seconds > 0 and r.generated > 1 else 0.0
         return Completion(id=r.id, completion=state.stop.text, tokens=r.generated,
                           prompt_tokens=len(r.source_ids if r.source_ids is not None else r.prompt_ids),
                           dropped_prompt_tokens=r.dropped_prompt_tokens,
                           finish_reason=reason, seed=r.seed, prefill_tokens_per_second=prefill_tps,
                           decode_tokens_per_second=decode_tps,
-                          acceptance_rate=r.accepted / r.proposed if r.proposed else None)
+                          acceptance_rate=m.accepted / m.proposed if m.proposed else None)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),

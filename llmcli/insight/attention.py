@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from llmcli import ui
-from llmcli.checkpoint import load_for_inference, load_source_tokenizer
 from llmcli.device import configure_threads, select_device
 from llmcli.errors import FieldError, UserError
 from llmcli.insight import figures, heatmap
 from llmcli.insight.heatmap import Panel
+from llmcli.load import load_checkpoint
 from llmcli.models.base import AttentionMap, LanguageModel
 from llmcli.options.insight import AttentionOptions
 from llmcli.options.sampling import SamplingParams
@@ -38,9 +38,9 @@ def attention_command(opts: AttentionOptions) -> None:
     out = figures.check_out(opts.out) if opts.out is not None else None
     configure_threads(opts.threads)
     device = select_device(opts.device)
-    directory, model, tokenizer = load_for_inference(opts.run_dir, device, torch.float32)
-    source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
-    tokens, maps = run_attention(model, tokenizer, opts.text, opts.generate, source_tokenizer)
+    loaded = load_checkpoint(opts.run_dir, device, torch.float32)
+    directory = loaded.directory
+    tokens, maps = run_attention(loaded.model, loaded.tokenizer, opts.text, opts.generate, loaded.source_tokenizer)
     panels = select(maps, tokens, opts.layer, opts.head, opts.aggregate)
     if opts.json_out:
         print_json(maps, tokens, panels, opts)

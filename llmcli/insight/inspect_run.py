@@ -32,6 +32,7 @@ from llmcli.checkpoint import (
     TOKENIZER,
     adapter_base,
     is_adapter,
+    logical_parameters,
     model_config_from_json,
     read_pruning,
     read_quantization,
@@ -88,17 +89,13 @@ def _run_dir(path: Path) -> Path | None:
 
 
 def _parameters(checkpoint: Path) -> tuple[str, dict[str, int]]:
-    """The family's task and its parameters, counted on the meta device, so a quantized checkpoint
-    counts its logical (float) parameters and nothing is loaded."""
-    import torch
+    """The family's task and its logical parameters (checkpoint.logical_parameters: a quantized
+    checkpoint counts its float parameters, and nothing is loaded)."""
+    from llmcli.models.registry import family
 
-    from llmcli.models.registry import build_model
-
-    config = model_config_from_json(checkpoint / MODEL_CONFIG)
-    with torch.device("meta"):
-        model = build_model(config)
-    total, non_embedding = model.num_params(), model.num_params(non_embedding=True)
-    return model.task, {"total": total, "embedding": total - non_embedding, "non_embedding": non_embedding}
+    total, non_embedding = logical_parameters(checkpoint)
+    task = family(model_config_from_json(checkpoint / MODEL_CONFIG)).task
+    return task, {"total": total, "embedding": total - non_embedding, "non_embedding": non_embedding}
 
 
 def _adapter(checkpoint: Path) -> dict[str, Any]:

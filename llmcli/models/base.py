@@ -22,9 +22,12 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 
 Decode states also provide `copy_slots(sources, targets)` (slot targets[i] becomes a copy of
 slot sources[i], all read before any is written): beam search forks and reorders hypotheses so.
-Families with `rewinds_decode_state` also give their states `truncate(slot, length)` (forget
-what the slot holds from position `length` on): speculative decoding rolls rejected tokens back so.
-Families with `pages_decode_state` can also keep their keys/values in a pool of blocks
+Families with `rewinds_decode_state` can go back to an earlier position of a slot by writing from
+there again (a KV cache, whose attention never reads past a query's position; not a recurrent
+state): speculative decoding rolls rejected guesses back so.
+Families with `compiles_decode` also take `BucketRows` (one token for each of the slots 0..n-1,
+positions as a device tensor) in place of `Rows`, so that a compiled decode step has no host-side
+integers to specialise on. Families with `pages_decode_state` can also keep their keys/values in a pool of blocks
 (`new_paged_decode_state`: a paged KV cache whose `set_blocks(slot, blocks)` says which blocks hold
 a slot's positions; the engine shares them out) and say what one position costs
 (`kv_bytes_per_token`), so that a memory budget becomes a number of blocks.
@@ -73,6 +76,16 @@ class Rows:
         object.__setattr__(self, "adapters", None if adapters is None else tuple(int(a) for a in adapters))
         if not len(self.slots) == len(self.starts) == len(self.lengths):
             raise ValueError("rows need one slot, start and length per row")
+
+
+@dataclass(frozen=True)
+class BucketRows:
+    """One token for each of the slots 0..n-1 of a decode state, slot b's at position positions[b]
+    (a device tensor [n]; -1: the slot does not decode in this step, its row writes nowhere that is
+    read and its output means nothing). What a compiled decode step passes (families with
+    `compiles_decode`): no host-side integers, so one graph serves every step of n rows."""
+
+    positions: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -202,10 +215,12 @@ class LanguageModel(nn.Module):
     # Why llama.cpp (`llmcli export --format gguf`) cannot run this family, naming what can; None
     # for the families it runs.
     gguf_refusal: str | None = "llama.cpp runs decoder-only transformer language models only"
-    # Whether the decode state has truncate(slot, length) (speculative decoding needs it).
+    # Whether a slot can go back to an earlier position by writing from there (speculative decoding needs it).
     rewinds_decode_state: bool = False
     # Whether new_paged_decode_state gives a block-paged KV cache (memory follows actual lengths).
     pages_decode_state: bool = False
+    # Whether forward(idx, state=..., rows=BucketRows(...)) decodes slots 0..n-1 (a compiled decode step).
+    compiles_decode: bool = False
     # "lm": continues a sequence; "seq2seq": maps a source sequence to a target (see the module docstring).
     task: str = "lm"
 

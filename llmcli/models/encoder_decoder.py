@@ -171,6 +171,11 @@ class EncoderDecoderState:
         """A paged self-attention cache: the blocks holding the slot's decoder positions."""
         self.self_cache.set_blocks(slot, blocks)
 
+    @property
+    def blocks_per_slot(self) -> int:
+        """A paged self-attention cache: the most blocks one slot's decoder positions take."""
+        return self.self_cache.blocks_per_slot
+
 
 class EncoderDecoder(Seq2SeqModel):
     """Embeddings -> encoder layers; target embeddings -> decoder layers (over the encoder's output) -> head."""

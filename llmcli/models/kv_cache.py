@@ -8,6 +8,11 @@ shared by every sequence whose prompt starts with the same tokens (prefix cachin
 slot gets is the engine's business (generate/blocks.py); the cache only writes and reads through
 the tables. Both hand a forward the same kind of step object (`positions`, `mask`,
 `update(layer, k, v)`), and a paged step returns exactly the keys/values a slot step would.
+
+A compiled decode step binds `BucketRows` instead of `Rows`: one token for every slot 0..n-1, the
+positions a device tensor, so nothing about a step is a host-side integer the graph could
+specialise on. A slot that does not decode in that step (position -1) writes its row into a
+scratch slot (or block) that nothing reads, and attends to its own position 0.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from llmcli.config import ModelConfig
-from llmcli.models.base import Rows
+from llmcli.models.base import BucketRows, Rows
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -49,10 +54,11 @@ def causal_view(rows: Rows, length: int, width: int, device: torch.device) -> tu
 class KVCache:
     """Preallocated keys/values, one row ("slot") per sequence in flight.
 
-    Per layer, `k[layer]` and `v[layer]` have shape [max_slots, n_kv_head, max_len, head_dim]. A
-    slot holds one sequence's keys at their absolute positions; a sequence that finishes gives its
-    slot to the next one, which overwrites it from position 0 (stale entries further along are
-    never attended, because attention only looks at key positions <= query position).
+    Per layer, `k[layer]` and `v[layer]` have shape [max_slots + 1, n_kv_head, max_len, head_dim]
+    (the last slot is the scratch one of BucketRows). A slot holds one sequence's keys at their
+    absolute positions; a sequence that finishes gives its slot to the next one, which overwrites
+    it from position 0 (stale entries further along are never attended, because attention only
+    looks at key positions <= query position: rolling a sequence back is moving its position).
     """
 
     def __init__(self, config: ModelConfig, max_slots: int, max_len: int | None = None, *,
@@ -60,13 +66,15 @@ class KVCache:
         self.max_slots = max_slots
         self.max_len = max_len or config.block_size
         self.block_size = config.block_size
-        shapes = [(max_slots, config.kv_heads_in(layer), self.max_len, config.head_dim)
+        shapes = [(max_slots + 1, config.kv_heads_in(layer), self.max_len, config.head_dim)
                   for layer in range(config.n_layer)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
 
-    def bind(self, rows: Rows, length: int, device: torch.device) -> CacheStep:
-        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
+    def bind(self, rows: Rows | BucketRows, length: int, device: torch.device) -> CacheStep | BucketStep:
+        """The cache as one forward of `length` tokens per row sees it (Rows are checked on the host)."""
+        if isinstance(rows, BucketRows):
+            return BucketStep(self, rows.positions, min(self.block_size, self.max_len))
         width = check_rows(rows, self.max_slots, length, min(self.block_size, self.max_len), self.block_size,
                            self.max_len)
         return CacheStep(self, rows, length, width, device)
@@ -78,13 +86,6 @@ class KVCache:
             for t in tensors:
                 t[dst.to(t.device)] = t[src.to(t.device)]
 
-    def truncate(self, slot: int, length: int) -> None:
-        """Forget the slot's keys/values from position `length` on (speculative decoding's rollback of
-        rejected tokens; attention never reads past a query's position, so this also keeps stale
-        entries from ever mattering)."""
-        for tensors in (self.k, self.v):
-            for t in tensors:
-                t[slot, :, length:] = 0
 
 
 class CacheStep:
@@ -117,12 +118,40 @@ class CacheStep:
         return k, v
 
 
+def bucket_view(positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BucketRows' (live [n], positions [n] with -1 read as 0, mask [n, 1, 1, width])."""
+    live = positions >= 0
+    at = positions.clamp(min=0)
+    return live, at, (torch.arange(width, device=positions.device) <= at[:, None])[:, None, None]
+
+
+class BucketStep:
+    """One compiled decode step's view of a KVCache: slots 0..n-1 read as a slice (no copy), every
+    key of the context (`width`) masked by position; rows that do not decode write the scratch slot."""
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, width: int):
+        self.cache, self.n = cache, positions.shape[0]
+        live, at, self.mask = bucket_view(positions, width)
+        self.positions = at[:, None]  # [n, 1]
+        self.slots = torch.where(live, torch.arange(self.n, device=positions.device), cache.max_slots)
+        self.width = width
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v [n, H, 1, D] at each row's position; slots 0..n-1's keys/values."""
+        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
+        at = self.positions[:, 0]
+        cache_k[self.slots, :, at] = k[:, :, 0].to(cache_k.dtype)
+        cache_v[self.slots, :, at] = v[:, :, 0].to(cache_v.dtype)
+        return cache_k[:self.n, :, :self.width], cache_v[:self.n, :, :self.width]
+
+
 class PagedKVCache:
     """Keys/values in a pool of blocks of `block_len` positions, reached through a block table per slot.
 
-    Per layer, `k[layer]` and `v[layer]` have shape [num_blocks + 1, block_len, n_kv_head, head_dim]
+    Per layer, `k[layer]` and `v[layer]` have shape [num_blocks + 2, block_len, n_kv_head, head_dim]
     (positions before heads: a row's blocks gathered in order are its keys, with no second copy);
-    the last block is all zeros and never written: every table entry not allocated points at it.
+    block `num_blocks` is all zeros and never written: every table entry not allocated points at
+    it; the last one is BucketRows' scratch block.
     `tables` [max_slots, ceil(block_size / block_len)] says which block holds positions
     [i * block_len, (i + 1) * block_len) of each slot; the engine fills it (`set_blocks`) before a
     forward reaches those positions. Only each row's real tokens (`rows.lengths`) are written, so
@@ -135,8 +164,8 @@ class PagedKVCache:
             raise ValueError(f"a paged cache needs at least one block of one token; got {num_blocks} x {block_len}")
         self.max_slots, self.num_blocks, self.block_len = max_slots, num_blocks, block_len
         self.block_size = self.max_len = config.block_size
-        self.null_block = num_blocks
-        shapes = [(num_blocks + 1, block_len, config.kv_heads_in(layer), config.head_dim)
+        self.null_block, self.scratch_block = num_blocks, num_blocks + 1
+        shapes = [(num_blocks + 2, block_len, config.kv_heads_in(layer), config.head_dim)
                   for layer in range(config.n_layer)]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
@@ -153,8 +182,10 @@ class PagedKVCache:
         self.tables[slot] = torch.tensor(row, dtype=torch.long)
         self.held[slot] = len(blocks)
 
-    def bind(self, rows: Rows, length: int, device: torch.device) -> PagedStep:
-        """The cache as one forward of `length` tokens per row sees it (checked on the host)."""
+    def bind(self, rows: Rows | BucketRows, length: int, device: torch.device) -> PagedStep | PagedBucketStep:
+        """The cache as one forward of `length` tokens per row sees it (Rows are checked on the host)."""
+        if isinstance(rows, BucketRows):
+            return PagedBucketStep(self, rows.positions)
         width = check_rows(rows, self.max_slots, length, self.block_size, self.block_size, self.max_len)
         for slot, start, count in zip(rows.slots, rows.starts, rows.lengths, strict=True):
             if start + count > self.held[slot] * self.block_len:
@@ -189,4 +220,27 @@ class PagedStep:
             B, n = self.read.shape
             gathered = pool.index_select(0, self.read.flatten()).view(B, n * self.cache.block_len, *pool.shape[2:])
             out.append(gathered[:, :self.mask.shape[-1]].transpose(1, 2))
+        return out[0], out[1]
+
+
+class PagedBucketStep:
+    """One compiled decode step's view of a PagedKVCache: slots 0..n-1 write into their blocks (rows
+    that do not decode: the scratch block) and read every block of their tables, masked by position."""
+
+    def __init__(self, cache: PagedKVCache, positions: torch.Tensor):
+        self.cache, n, size = cache, positions.shape[0], cache.block_len
+        width = cache.blocks_per_slot * size
+        live, at, self.mask = bucket_view(positions, width)
+        self.positions = at[:, None]  # [n, 1]
+        self.tables = cache.tables[:n]
+        self.blocks = torch.where(live, self.tables.gather(1, (at // size)[:, None])[:, 0], cache.scratch_block)
+        self.offsets = at % size
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            pool[self.blocks, self.offsets] = new[:, :, 0].to(pool.dtype)
+            n, blocks = self.tables.shape
+            read = pool.index_select(0, self.tables.flatten()).view(n, blocks * self.cache.block_len, *pool.shape[2:])
+            out.append(read.transpose(1, 2))
         return out[0], out[1]

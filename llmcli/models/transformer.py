@@ -29,6 +29,7 @@ from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.models.base import (
     AttentionMap,
+    BucketRows,
     LanguageModel,
     LayerStack,
     PruneGroup,
@@ -193,8 +194,9 @@ class Transformer(LanguageModel):
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
     gguf_refusal = None  # llama.cpp's gpt2 and llama architectures (llmcli/llamacpp/)
-    rewinds_decode_state = True  # KVCache.truncate
+    rewinds_decode_state = True  # a KV cache: attention never reads past a query's position
     pages_decode_state = True  # PagedKVCache
+    compiles_decode = True  # BucketRows
     pooling = "mean of the last hidden states (after the final norm) over the input's tokens"
 
     def __init__(self, config: ModelConfig):
@@ -309,7 +311,8 @@ class Transformer(LanguageModel):
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return kv_bytes_per_token(self.config, dtype)
 
-    def forward(self, idx: torch.Tensor, *, state: KVCache | None = None, rows: Rows | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, state: KVCache | None = None,
+                rows: Rows | BucketRows | None = None) -> torch.Tensor:
         """Float32 logits [B, T, vocab] for token ids `idx` [B, T].
 
         Without `state`: a plain causal forward over the T tokens at positions 0..T-1. With a
@@ -339,13 +342,16 @@ class Transformer(LanguageModel):
         weights = stack_layers(record, "self-attention")
         return [AttentionMap("self-attention", weights, segments, segments)]
 
-    def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | None,
+    def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | BucketRows | None,
                  record: list[torch.Tensor] | None) -> torch.Tensor:
         """The last hidden states [B, T, d_model], after the final norm."""
         B, T = idx.shape
         cache = None
         if state is not None:
-            if rows is None or len(rows.slots) != B:
+            if isinstance(rows, BucketRows):
+                if T != 1 or rows.positions.shape[0] != B:
+                    raise ValueError(f"a bucket of decode rows takes one token per row; got {B} x {T} tokens")
+            elif rows is None or len(rows.slots) != B:
                 raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
             cache = state.bind(rows, T, idx.device)
             positions = cache.positions

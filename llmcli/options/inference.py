@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from llmcli.errors import FieldError, UserError
+from llmcli.errors import FieldError
 from llmcli.options.fields import (
     AT_LEAST_ONE,
     AUTO_DTYPE_HELP,
@@ -128,6 +128,28 @@ class EvalOptions(Options):
             raise FieldError("text_file", "scores a file; --tasks scores lm-eval tasks (use one of them)")
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions(Options):
+    """How the engine computes its steps (generate and serve)."""
+
+    max_num_batched_tokens: Optional[int] = option(
+        None, "--max-num-batched-tokens", check=AT_LEAST_ONE,
+        help="The most tokens one step computes: running sequences decode first and prompts are prefilled in "
+             "chunks of what is left, so a long prompt does not stall the others (chunked prefill, as vLLM's "
+             "option). Default: none for generate (each prompt prefilled whole), 512 for serve.")
+    compile: str = option("auto", "--compile", help="Compile the decode step with torch.compile for a few batch "
+                                                    "shapes: on, off, or auto (on for serve's transformer models, "
+                                                    "where it measures faster once warm; its warm-up is cached on "
+                                                    "disk and reported).")
+
+    def check(self) -> None:
+        if self.compile not in COMPILE_CHOICES:
+            raise FieldError("compile", f"must be one of {', '.join(COMPILE_CHOICES)}; got {self.compile!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerateOptions(Options):
     """Continue a prompt with a trained model, streaming the text as it is produced.
@@ -143,9 +165,9 @@ class GenerateOptions(Options):
     beam search (for any model); with --num-samples K <= N it prints the K best hypotheses.
 
     Speculative decoding (--draft RUN, a smaller model with the same tokenizer, or --prompt-lookup N)
-    proposes several tokens and has the model verify them in one forward: greedy output is the same
-    as without it, sampling keeps the model's distribution; --json reports each sample's acceptance
-    rate. Each sequence then runs its rounds alone (a latency tool, not batched).
+    proposes several tokens and has the model verify them in one forward, every sequence of the
+    batch at once: greedy output is the same as without it, sampling keeps the model's
+    distribution; --json reports each sample's acceptance rate.
 
     Examples:
 
@@ -178,6 +200,7 @@ class GenerateOptions(Options):
     beam: BeamOptions = nested(BeamOptions)
     speculation: SpeculationOptions = nested(SpeculationOptions)
     constraint: FormatOptions = nested(FormatOptions)
+    steps: EngineOptions = nested(EngineOptions)
     num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt (with --beams: the best "
                                                               "hypotheses).", check=AT_LEAST_ONE)
     batch_size: int = option(8, "--batch-size", "-b", help="Sequences generated at once.", check=AT_LEAST_ONE)
@@ -216,8 +239,8 @@ class ServeOptions(Options):
     seconds.
 
     Speculative decoding (--draft RUN or --prompt-lookup N, as in `llmcli generate`): greedy output
-    is the same, sampling keeps the model's distribution; each sequence runs its rounds alone (a
-    latency tool for few clients), and requests with a repetition_penalty are refused (400).
+    is the same, sampling keeps the model's distribution, the running sequences are verified in one
+    forward (on the paged cache too); requests with a repetition_penalty are refused (400).
 
     /v1/chat/completions lays the messages out with the checkpoint's chat template (the Jinja
     chat_template of its tokenizer_config.json); base models without one get "{role}: {content}\\n"
@@ -277,6 +300,7 @@ class ServeOptions(Options):
                                             "requests pick one by `model`, and requests for different adapters "
                                             "share batches.",
                                        cli_type=Optional[list[str]], convert=lambda items: tuple(items or ()))
+    steps: EngineOptions = nested(EngineOptions)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
     threads: Optional[int] = threads_option()
@@ -297,6 +321,9 @@ class ServeOptions(Options):
         if self.engine == "vllm" and (self.threads is not None or self.device != "auto"):
             raise FieldError("engine", "vllm chooses its own devices and threads: drop --device/--threads (use "
                                        "CUDA_VISIBLE_DEVICES, or vLLM's options after --)")
+        if self.engine == "vllm" and (self.steps.max_num_batched_tokens is not None or self.steps.compile != "auto"):
+            raise FieldError("engine", "vllm schedules and compiles with its own options: drop "
+                                       "--max-num-batched-tokens/--compile (pass vLLM's after --)")
         if self.engine == "vllm" and self.speculation.enabled:
             raise FieldError("engine", "vllm speculates with its own options: drop --draft/--prompt-lookup (pass "
                                        "vLLM's --speculative-config after --)")
@@ -314,10 +341,6 @@ class ServeOptions(Options):
                 "vllm pages its KV cache with its own options (after --)"
             raise FieldError("slot_cache" if self.slot_cache else "engine",
                              f"{what}: drop --num-blocks, --kv-cache-memory, --block-size and --no-prefix-cache")
-        if self.paging_options and self.speculation.enabled:
-            raise UserError("speculative decoding (--draft, --prompt-lookup) runs on the slot cache (it rolls "
-                            "rejected tokens back): drop --num-blocks, --kv-cache-memory, --block-size and "
-                            "--no-prefix-cache")
 
     @property
     def paging_options(self) -> bool:

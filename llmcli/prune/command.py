@@ -23,7 +23,6 @@ from llmcli.checkpoint import (
     TOKENIZER,
     WEIGHTS,
     check_output_dir,
-    load_model,
     mark_pruned,
     read_info,
     read_quantization,
@@ -34,6 +33,7 @@ from llmcli.config import Config
 from llmcli.config_loader import load_config
 from llmcli.device import configure_threads
 from llmcli.errors import UserError
+from llmcli.load import load_checkpoint
 from llmcli.measure import (
     agreement,
     decode_sources,
@@ -87,7 +87,7 @@ def prune_checkpoint(opts: PruneOptions, log: Callable[[str], None] = lambda mes
         if not (source / name).is_file():
             raise UserError(f"{source} has no {name}; is it a checkpoint written by llmcli train?")
     run_config = load_config(source / RUN_CONFIG)
-    model = load_model(source)
+    model = load_checkpoint(source).model
     log(f"pruning {source} ({opts.method})")
     pruned, entry = _pruned(opts, model, source, run_config)
     for stack, layers in entry.get("removed_layers", {}).items():
@@ -104,7 +104,7 @@ def prune_checkpoint(opts: PruneOptions, log: Callable[[str], None] = lambda mes
         if opts.finetune_steps:
             log(f"fine-tuning for {opts.finetune_steps} steps into {out}")
             _finetune(staged, source, out, opts)
-            models.append((f"+ {opts.finetune_steps} steps", out, load_model(out).eval()))
+            models.append((f"+ {opts.finetune_steps} steps", out, load_checkpoint(out).model))
         columns = _measure(opts, models, log)
     return PruneReport(entry, out, columns)
 

@@ -18,7 +18,6 @@ from llmcli.checkpoint import (
     TOKENIZER,
     WEIGHTS,
     check_output_dir,
-    load_model,
     read_info,
     read_quantization,
     resolve_checkpoint,
@@ -26,6 +25,7 @@ from llmcli.checkpoint import (
 )
 from llmcli.config_loader import load_config
 from llmcli.errors import UserError
+from llmcli.load import load_checkpoint
 from llmcli.measure import agreement, decode_sources, end_token, measure_decode_pair, measure_perplexity, mib
 from llmcli.model_card import write_model_card
 from llmcli.options.checkpoints import QuantizeOptions
@@ -77,7 +77,7 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
         if not (source / name).is_file():
             raise UserError(f"{source} has no {name}; is it a checkpoint written by llmcli train?")
 
-    model = load_model(source).eval()
+    model = load_checkpoint(source).model
     try:
         check_quantizable(model, entry)
     except UserError as exc:
@@ -103,13 +103,13 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
                             after=Measurement(size_bytes=(out / WEIGHTS).stat().st_size), layers=layers,
                             source_dtype=source_dtype)
     if opts.eval_tokens or opts.decode_tokens:
-        quantized = load_model(out).eval()  # exactly what eval / generate will load
+        quantized = load_checkpoint(out).model  # exactly what eval / generate will load
         if opts.eval_tokens:
             log("measuring the quantized model's perplexity")
             report.after.perplexity, report.after.eval_tokens = measure_perplexity(out, quantized, opts.eval_tokens)
         if opts.decode_tokens:
             log("timing decoding, both models in turn")
-            original = load_model(source).eval()
+            original = load_checkpoint(source).model
             (fp, reference), (q, tokens) = measure_decode_pair(original, quantized, opts.decode_tokens, [end_token(source)],
                                                                sources=decode_sources(source, original))
             before.decode_tokens_per_second = statistics.median(fp)

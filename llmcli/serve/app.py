@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from llmcli.errors import UserError
+from llmcli.generate.outputs import CacheUse
 from llmcli.serve.guard import Guard
 from llmcli.serve.metrics import CONTENT_TYPE
 from llmcli.serve.prompts import (
@@ -150,17 +151,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def health():
         stats = state.engine.stats
         body = {"status": "shutting_down" if state.draining else "ok", "model": state.model_name,
-                "running": stats["running"], "waiting": stats["waiting"], "in_flight": state.in_flight,
+                "running": stats.running, "waiting": stats.waiting, "in_flight": state.in_flight,
                 "max_batch_size": state.max_batch_size, "max_queue": state.max_queue,
-                "requests": state.requests, "generated_tokens": stats["generated_tokens"],
-                "kv_cache": _cache_health(stats)}
+                "requests": state.requests, "generated_tokens": stats.generated_tokens,
+                "kv_cache": _cache_health(stats.cache)}
         return JSONResponse(body, status_code=503 if state.draining else 200)
 
-    def _cache_health(stats: dict[str, Any]) -> dict[str, Any]:
-        out = {"slots_used": stats["kv_slots_used"], "slots": stats["kv_slots_total"], "tokens": stats["kv_tokens"]}
-        if "kv_blocks_total" in stats:
-            out.update(blocks_used=stats["kv_blocks_used"], blocks=stats["kv_blocks_total"],
-                       prefix_hit_rate=round(stats["prefix_hit_rate"], 4), preemptions=stats["preemptions"])
+    def _cache_health(cache: CacheUse) -> dict[str, Any]:
+        out = {"slots_used": cache.slots_used, "slots": cache.slots_total, "tokens": cache.tokens}
+        if cache.paged:
+            out.update(blocks_used=cache.blocks_used, blocks=cache.blocks_total,
+                       prefix_hit_rate=round(cache.prefix_hit_rate, 4), preemptions=cache.preemptions)
         return out
 
     @app.get("/metrics")

@@ -16,11 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmcli.constrain.grammar import Format
 from llmcli.errors import UserError
+from llmcli.generate.outputs import CacheUse
 from llmcli.generate.text import Completion, Generator
 from llmcli.options.sampling import SamplingParams
 from llmcli.serve.metrics import ServerMetrics, TokenClock
@@ -55,6 +56,17 @@ class Event:
     finished: bool
     finish_reason: str | None
     completion: Completion | None
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """The engine's load as the engine thread last published it (/health, /metrics)."""
+
+    running: int
+    waiting: int
+    steps: int
+    generated_tokens: int
+    cache: CacheUse
 
 
 _CANCELLED = object()
@@ -150,8 +162,7 @@ class EngineLoop:
         self._owners: dict[int, tuple[Job, int]] = {}  # engine request id -> (job, choice index)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.stats: dict[str, Any] = {"running": 0, "waiting": 0, "steps": 0, "generated_tokens": 0,
-                                      **self.generator.engine.cache_use()}
+        self.stats = LoopStats(0, 0, 0, 0, self.generator.engine.cache_use())
 
     # -- called on the event loop -----------------------------------------------------------
 
@@ -223,8 +234,8 @@ class EngineLoop:
                 self._clock.forget(rid)
 
     def _step(self) -> None:
-        stats = self.generator.engine.stats
-        guesses = stats.get("proposed_tokens"), stats.get("accepted_tokens")  # None: not speculative
+        engine = self.generator.engine
+        guesses = engine.stats.proposed_tokens, engine.stats.accepted_tokens
         try:
             text_events = self.generator.step()
         except Exception:
@@ -233,10 +244,10 @@ class EngineLoop:
                            inbox=False)
             self.generator = self._make_generator()  # a fresh cache; the model is unchanged
             return
-        self.stats["steps"] += 1
-        self.stats["generated_tokens"] += len(text_events)
-        if self.metrics is not None and guesses[0] is not None:
-            self.metrics.speculated(stats["proposed_tokens"] - guesses[0], stats["accepted_tokens"] - guesses[1])
+        self.stats = replace(self.stats, steps=self.stats.steps + 1,
+                             generated_tokens=self.stats.generated_tokens + len(text_events))
+        if self.metrics is not None and engine.speculative:
+            self.metrics.speculated(engine.stats.proposed_tokens - guesses[0], engine.stats.accepted_tokens - guesses[1])
         by_job: dict[int, tuple[Job, list[Event]]] = {}
         for ev in text_events:
             owner = self._owners.get(ev.id)
@@ -284,8 +295,8 @@ class EngineLoop:
 
     def _publish(self) -> None:
         engine = self.generator.engine
-        self.stats = {**self.stats, "running": engine.num_running, "waiting": engine.num_waiting,
-                      **engine.cache_use()}
+        self.stats = replace(self.stats, running=engine.num_running, waiting=engine.num_waiting,
+                             cache=engine.cache_use())
 
 
 def _deliver_all(batches: list[tuple[Job, list[Event]]]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,19 +43,23 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-GAUGES = (  # (metric, key of the engine's stats, help)
-    ("llmcli_running_sequences", "running", "Sequences decoding now"),
-    ("llmcli_waiting_sequences", "waiting", "Sequences queued for a slot"),
-    ("llmcli_kv_cache_slots_used", "kv_slots_used", "KV cache slots held by running sequences"),
-    ("llmcli_kv_cache_slots_total", "kv_slots_total", "KV cache slots"),
-    ("llmcli_kv_cache_tokens", "kv_tokens", "Token positions the running sequences hold in the KV cache"),
-    ("llmcli_kv_cache_usage_ratio", "kv_usage", "KV cache blocks held / blocks (slot cache: tokens / capacity)"),
-    ("llmcli_kv_cache_blocks_used", "kv_blocks_used", "Paged KV cache blocks held by running sequences"),
-    ("llmcli_kv_cache_blocks_total", "kv_blocks_total", "Paged KV cache blocks"),
-    ("llmcli_prefix_cache_hit_ratio", "prefix_hit_rate", "Prompt tokens found in the prefix cache / looked up"),
-    ("llmcli_prefix_cache_hit_tokens", "prefix_hit_tokens", "Prompt tokens found in the prefix cache, since start"),
-    ("llmcli_prefix_cache_queried_tokens", "prefix_queried_tokens", "Prompt tokens looked up, since start"),
-    ("llmcli_preemptions", "preemptions", "Sequences preempted for lack of KV blocks, since start"),
+GAUGES = (  # (metric, what it reads off the engine loop's published stats (engine_loop.LoopStats), help)
+    ("llmcli_running_sequences", lambda s: s.running, "Sequences decoding now"),
+    ("llmcli_waiting_sequences", lambda s: s.waiting, "Sequences queued for a slot"),
+    ("llmcli_kv_cache_slots_used", lambda s: s.cache.slots_used, "KV cache slots held by running sequences"),
+    ("llmcli_kv_cache_slots_total", lambda s: s.cache.slots_total, "KV cache slots"),
+    ("llmcli_kv_cache_tokens", lambda s: s.cache.tokens, "Token positions the running sequences hold in the KV cache"),
+    ("llmcli_kv_cache_usage_ratio", lambda s: s.cache.usage,
+     "KV cache blocks held / blocks (slot cache: tokens / capacity)"),
+    ("llmcli_kv_cache_blocks_used", lambda s: s.cache.blocks_used, "Paged KV cache blocks held by running sequences"),
+    ("llmcli_kv_cache_blocks_total", lambda s: s.cache.blocks_total, "Paged KV cache blocks"),
+    ("llmcli_prefix_cache_hit_ratio", lambda s: s.cache.prefix_hit_rate,
+     "Prompt tokens found in the prefix cache / looked up"),
+    ("llmcli_prefix_cache_hit_tokens", lambda s: s.cache.prefix_hit_tokens,
+     "Prompt tokens found in the prefix cache, since start"),
+    ("llmcli_prefix_cache_queried_tokens", lambda s: s.cache.prefix_queried_tokens,
+     "Prompt tokens looked up, since start"),
+    ("llmcli_preemptions", lambda s: s.cache.preemptions, "Sequences preempted for lack of KV blocks, since start"),
 )
 
 
@@ -91,13 +96,13 @@ class ServerMetrics:
         self.proposed.inc(proposed)
         self.accepted.inc(accepted)
 
-    def watch(self, load: Callable[[], dict]) -> None:
-        """Gauges read from `load()` (the engine's published stats) at every scrape; once per registry."""
+    def watch(self, load: Callable[[], Any]) -> None:
+        """Gauges read from `load()` (the engine loop's published LoopStats) at every scrape; once per registry."""
         if self._watching:
             return
         self._watching = True
-        for name, key, help in GAUGES:
-            Gauge(name, help, registry=self.registry).set_function(lambda key=key: float(load().get(key, 0)))
+        for name, read, help in GAUGES:  # a slot cache has no blocks: those read 0
+            Gauge(name, help, registry=self.registry).set_function(lambda read=read: float(read(load()) or 0))
 
     def response(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 
 from llmcli.constrain.grammar import Format, GrammarError
 from llmcli.errors import FieldError
-from llmcli.generate.engine import FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.request import FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion
 from llmcli.options.sampling import SamplingParams
 from llmcli.serve.tools import CallStream, Tool, parse_reply

@@ -20,12 +20,13 @@ from tokenizers import Tokenizer
 
 from llmcli import ui
 from llmcli.chat_template import load_chat_template
-from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tokenizer, resolve_checkpoint
 from llmcli.constrain.grammar import Grammars
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.embed import Embedder
 from llmcli.errors import UserError
+from llmcli.generate.outputs import CacheUse
 from llmcli.generate.text import Generator
+from llmcli.load import load_checkpoint
 from llmcli.options.inference import API_KEY_ENV, ServeOptions, parse_size
 from llmcli.serve.app import create_app
 from llmcli.serve.engine_loop import EngineLoop
@@ -35,6 +36,7 @@ from llmcli.serve.state import ServerState
 from llmcli.tokenizer import eot_id
 
 SHUTDOWN_GRACE_SECONDS = 10
+MAX_NUM_BATCHED_TOKENS = 512  # serve's default step budget (chunked prefill); docs/benchmarks.md
 
 
 def default_model_name(run_dir: str | Path) -> str:
@@ -47,6 +49,17 @@ def default_model_name(run_dir: str | Path) -> str:
 
 def _model_name(opts: ServeOptions) -> str:
     return opts.model_name if opts.model_name is not None else default_model_name(opts.run_dir)
+
+
+def engine_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
+    """The engine's options: its step budget (--max-num-batched-tokens), whether its decode step is
+    compiled (--compile; auto: where the family has a compiled step) and its KV cache."""
+    from llmcli.generate.compiled import compiles
+
+    steps = opts.steps
+    budget = steps.max_num_batched_tokens or max(MAX_NUM_BATCHED_TOKENS, opts.max_batch_size)
+    compile = steps.compile == "on" or (steps.compile == "auto" and compiles(model))
+    return {"max_num_batched_tokens": budget, "compile": compile, **cache_options(model, opts)}
 
 
 def cache_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
@@ -70,13 +83,12 @@ def cache_options(model: Any, opts: ServeOptions) -> dict[str, Any]:
     return {"kv_blocks": blocks, "block_len": opts.block_tokens, "prefix_cache": not opts.no_prefix_cache}
 
 
-def cache_summary(engine: Any) -> str:
+def cache_summary(use: CacheUse) -> str:
     """The engine's KV cache in words, for the banner."""
-    if engine.paged is None:
-        return f"{engine.max_batch_size} KV-cache slots"
-    pool = engine.paged.pool
-    prefix = "prefix caching on" if pool.prefix_cache else "no prefix caching"
-    return f"KV cache {pool.num_blocks} blocks of {pool.block_len} tokens, {prefix}"
+    if not use.paged:
+        return f"{use.slots_total} KV-cache slots"
+    prefix = "prefix caching on" if use.prefix_caching else "no prefix caching"
+    return f"KV cache {use.blocks_total} blocks of {use.block_tokens} tokens, {prefix}"
 
 
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
@@ -86,18 +98,18 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
 
     `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>. A
     seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
-    `tokenizer`). `speculation` (speculative_engine.Speculation) decodes speculatively. `adapters`
+    `tokenizer`). `speculation` (speculator.Speculation) decodes speculatively. `adapters`
     (llmcli.adapters.Adapters, already wrapped into `model`) are served beside the base; blocks are
     then not shared between prompts (the same prefix has other keys under another adapter).
     """
     metrics = ServerMetrics(speculative=speculation is not None)
-    cache = {} if speculation is not None else cache_options(model, opts)  # speculation rolls slots back
-    if adapters is not None and "prefix_cache" in cache:
-        cache["prefix_cache"] = False
+    options = engine_options(model, opts)
+    if adapters is not None and "prefix_cache" in options:
+        options["prefix_cache"] = False
     grammars = Grammars(tokenizer, stop_token_ids[0] if stop_token_ids else eot_id(tokenizer))
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
                                           source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids,
-                                          speculation=speculation, grammars=grammars, **cache),
+                                          speculation=speculation, grammars=grammars, **options),
                         metrics)
     name = _model_name(opts)
     seq2seq = model.task == "seq2seq"
@@ -114,7 +126,12 @@ def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = 
                        grammars=grammars,
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
                        source_length=model.source_length, metrics=metrics, speculative=speculation is not None,
-                       max_prompt_tokens=engine.generator.engine.max_prompt_tokens)
+                       max_prompt_tokens=_pool_tokens(engine.stats.cache))
+
+
+def _pool_tokens(use: CacheUse) -> int | None:
+    """The most tokens a paged cache holds (None: a slot cache, no limit of its own)."""
+    return use.blocks_total * use.block_tokens if use.paged else None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -181,19 +198,18 @@ def serve_command(opts: ServeOptions) -> None:
         from llmcli.serve.vllm import serve_with_vllm
 
         return serve_with_vllm(opts, _model_name(opts))
-    template = load_chat_template(opts.chat_template, resolve_checkpoint(opts.run_dir))
     device = select_device(opts.device)
     configure_threads(opts.threads)
     sock = bind_socket(opts.host, opts.port)
     try:
-        directory, model, tokenizer = load_for_inference(opts.run_dir, device, select_dtype(opts.dtype, device))
-        source_tokenizer = load_source_tokenizer(directory, model, tokenizer) if model.task == "seq2seq" else None
-        parameters = sum(p.numel() for p in model.parameters())  # before the engine repacks any weights
-        speculation = _speculation(opts, directory, tokenizer, device)
-        adapters = _adapters(opts, model, directory, device)
-        state = build_state(model, tokenizer, opts, template, stop_token_ids=end_token_ids(directory, tokenizer),
-                            source_tokenizer=source_tokenizer, speculation=speculation, adapters=adapters)
-        _announce(opts, state, sock, parameters, device)
+        loaded = load_checkpoint(opts.run_dir, device, select_dtype(opts.dtype, device),
+                                 chat_template=opts.chat_template)
+        template = loaded.chat_template  # a bad template fails here, before any request
+        speculation = _speculation(opts, loaded.directory, loaded.tokenizer, device)
+        adapters = _adapters(opts, loaded.model, loaded.directory, device)
+        state = build_state(loaded.model, loaded.tokenizer, opts, template, stop_token_ids=loaded.end_ids,
+                            source_tokenizer=loaded.source_tokenizer, speculation=speculation, adapters=adapters)
+        _announce(opts, state, sock, loaded.parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done
             server.run(sockets=[sock])
@@ -205,7 +221,7 @@ def _speculation(opts: ServeOptions, directory: Path, tokenizer: Any, device: to
     """--draft / --prompt-lookup loaded and checked as `generate` does; None without them."""
     if not opts.speculation.enabled:
         return None
-    from llmcli.generate.speculative_engine import load_speculation
+    from llmcli.generate.speculator import load_speculation
 
     return load_speculation(opts.speculation, directory, tokenizer, device, select_dtype(opts.dtype, device))
 
@@ -231,14 +247,14 @@ def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, param
     shown = f"[{host}]" if ":" in host else host
     ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size or 'unlimited'}, "
            f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
-           f"{opts.max_queue}, {cache_summary(state.engine.generator.engine)}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
+           f"{opts.max_queue}, {cache_summary(state.engine.stats.cache)}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
     if state.adapters is not None:
         ui.log(f"adapters: {', '.join(state.adapters.names)} (a request's model picks one; they share batches)")
     spec = opts.speculation
     if spec.enabled:
         source = f"draft {spec.draft}" if spec.draft is not None else f"prompt lookup (n={spec.prompt_lookup})"
-        ui.log(f"speculative decoding on: {source} proposes {spec.draft_tokens} tokens per round; each sequence "
-               "runs its rounds alone")
+        ui.log(f"speculative decoding on: {source} proposes {spec.draft_tokens} tokens per round; the running "
+               "sequences are verified together")
     if opts.api_key is None and not _is_loopback(host):
         ui.log(f"warning: listening on {opts.host} without an API key: anyone who can reach this port can use "
                f"the model (set {API_KEY_ENV})")

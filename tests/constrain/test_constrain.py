@@ -15,8 +15,8 @@ from llmcli.config import ModelConfig, TokenizerConfig
 from llmcli.constrain.grammar import Format, GrammarError, Grammars
 from llmcli.constrain.mask import RowConstraint
 from llmcli.constrain.vocabulary import Vocabulary
-from llmcli.generate.engine import FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, FINISH_STOP
-from llmcli.generate.speculative_engine import Speculation
+from llmcli.generate.request import FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.speculator import Speculation
 from llmcli.generate.text import Generator
 from llmcli.models.registry import build_model
 from llmcli.options.sampling import SamplingParams

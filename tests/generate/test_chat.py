@@ -7,12 +7,11 @@ import io
 import json
 
 import pytest
-import torch
 
 from llmcli.chat_template import ChatTemplate
-from llmcli.checkpoint import load_for_inference
 from llmcli.generate.chat import run_chat
 from llmcli.generate.text import Generator, encode_prompt
+from llmcli.load import load_checkpoint
 from llmcli.options.inference import ChatOptions
 from llmcli.options.sampling import SamplingParams
 
@@ -21,12 +20,12 @@ GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop=("\nuser:",))
 
 @pytest.fixture(scope="module")
 def loaded(lora_run):
-    return load_for_inference(lora_run, torch.device("cpu"), torch.float32)
+    return load_checkpoint(lora_run)
 
 
 def alone(loaded, messages) -> str:
     """The greedy reply to `messages` laid out by the default template, generated directly."""
-    _, model, tokenizer = loaded
+    model, tokenizer = loaded.model, loaded.tokenizer
     generator = Generator(model, tokenizer, max_batch_size=1)
     ids = encode_prompt(tokenizer, ChatTemplate().render(messages))
     return generator.generate([ids], GREEDY)[0].completion
@@ -52,7 +51,7 @@ def lines(reply: str) -> str:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_reply_not_the_session(loaded):
-    _, model, tokenizer = loaded
+    model, tokenizer = loaded.model, loaded.tokenizer
 
     class Interrupting(io.StringIO):
         """Ctrl-C while the first reply streams."""
@@ -65,7 +64,7 @@ def test_ctrl_c_stops_a_reply_not_the_session(loaded):
             return super().write(text)
 
     out = Interrupting()
-    opts = ChatOptions(run_dir=loaded[0], sampling=GREEDY)
+    opts = ChatOptions(run_dir=loaded.directory, sampling=GREEDY)
     generator = Generator(model, tokenizer, max_batch_size=1)
     replies = run_chat(generator, ChatTemplate(), opts, io.StringIO("say dog\nsay dog\n"), out)
     assert replies == 2 and out.interrupted

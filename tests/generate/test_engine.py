@@ -9,6 +9,7 @@ import torch
 
 from llmcli import device as device_mod
 from llmcli.device import PackedLinear
+from llmcli.errors import UserError
 from llmcli.generate.engine import Engine
 from llmcli.options.sampling import SamplingParams
 
@@ -38,9 +39,12 @@ def test_engine_packs_large_weights_and_decodes_the_same_tokens(make_model, run_
     reference, _ = run_engine(unpacked, prompts, params, batch_size=2)
     assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())  # too small to pack
     monkeypatch.setattr(device_mod, "PACK_MIN_WEIGHTS", 0)
-    packed, _ = run_engine(model, prompts, params, batch_size=2)
-    assert isinstance(model.lm_head, PackedLinear)
+    count = model.num_params()
+    packed, engine = run_engine(model, prompts, params, batch_size=2)
+    assert isinstance(engine.runner.decoder.lm_head, PackedLinear)
     assert packed == reference
+    # The engine decodes with a packed copy: the model itself reports and holds what it did.
+    assert not any(isinstance(m, PackedLinear) for m in model.modules()) and model.num_params() == count
 
 
 def test_batched_generation_equals_each_prompt_alone(make_model, run_engine):
@@ -85,20 +89,22 @@ def test_sliding_past_the_window_keeps_going_and_is_exact(make_model, last_logit
     request_id = engine.add(list(range(1, 21)), SamplingParams(max_new_tokens=50, temperature=0))
     request = engine.get(request_id)
     assert request.dropped_prompt_tokens == 4 and len(request.prompt_ids) == 16
-    tokens, checked = [], 0
+    tokens, checked, keep = [], 0, engine.scheduler.slide_keep
     while engine.has_work():
         with last_logits(model) as logits:
             events = engine.step()
+        seq = engine.scheduler.sequence(request_id)
+        slides = request.metrics.slides
         for ev in events:
             tokens.append(ev.token)
-            if request.slides and request.position == engine.slide_keep and checked < request.slides:
+            if slides and seq is not None and seq.cached == keep and checked < slides:
                 # Just refilled: the logits are those of the last block_size/2 tokens alone.
-                context = request.tokens[-1 - engine.slide_keep:-1]
+                context = request.tokens[-1 - keep:-1]
                 with torch.no_grad():
                     full = model(torch.tensor([context]))[0, -1]
                 torch.testing.assert_close(logits[-1], full, rtol=0, atol=1e-5)
                 checked += 1
-    assert len(tokens) == 50 and request.slides >= 3 and checked == request.slides
+    assert len(tokens) == 50 and request.metrics.slides >= 3 and checked == request.metrics.slides
 
 
 def test_stop_token_ends_a_sequence_and_vocab_padding_is_never_sampled(make_model, run_engine):
@@ -180,3 +186,39 @@ def test_recurrent_batch_rows_equal_each_prompt_alone(tiny_recurrent, run_engine
         alone = [run_engine(model, [p], [sp], batch_size=1)[0][0] for p, sp in zip(prompts, params, strict=True)]
         batched, _ = run_engine(model, prompts, params, batch_size=3)  # prefills padded together, joins midway
         assert batched == alone
+
+
+# --- chunked prefill: a step's token budget -----------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, paged", [("gpt2", False), ("llama", True)])
+def test_chunked_prefill_equals_one_shot_prefill(make_model, run_engine, preset, paged):
+    model = make_model(40, preset=preset, block_size=64)
+    rng = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 40, (n,), generator=rng).tolist() for n in (50, 5, 33, 64)]
+    cache = {"kv_blocks": 48, "block_len": 4} if paged else {}
+    for params in ([SamplingParams(max_new_tokens=n, temperature=0) for n in (30, 40, 20, 10)],
+                   [SamplingParams(max_new_tokens=25, temperature=1.0, top_p=0.9, seed=s) for s in range(4)]):
+        whole, one_shot = run_engine(model, prompts, params, batch_size=3, **cache)
+        chunked, engine = run_engine(model, prompts, params, batch_size=3, max_num_batched_tokens=7, **cache)
+        assert chunked == whole
+        assert engine.stats.steps > one_shot.stats.steps  # the prompts did take several steps each
+
+
+def test_running_sequences_decode_while_a_long_prompt_is_prefilled_in_chunks(make_model):
+    model = make_model(40, block_size=96)
+    engine = Engine(model, max_batch_size=2, max_num_batched_tokens=10)
+    running = engine.add([1, 2, 3], SamplingParams(max_new_tokens=40, temperature=0))
+    engine.step()
+    engine.step()
+    long = engine.add(list(range(5, 35)) * 2, SamplingParams(max_new_tokens=5, temperature=0))  # 60 tokens
+    steps = 0
+    while True:
+        events = engine.step()
+        if any(ev.id == long for ev in events):
+            break
+        steps += 1
+        assert [ev.id for ev in events] == [running]  # one token a step, never stalled
+    assert steps == 60 // 9  # 9 of each step's 10 tokens go to the prompt, the other to the decode
+    with pytest.raises(UserError, match="fewer than the sequences a step decodes"):
+        Engine(model, max_batch_size=4, max_num_batched_tokens=3)

@@ -8,7 +8,6 @@ import torch
 
 from llmcli.errors import UserError
 from llmcli.generate.engine import Engine
-from llmcli.generate.speculative_engine import Speculation, SpeculativeEngine
 from llmcli.options.sampling import SamplingParams
 
 
@@ -30,7 +29,7 @@ def test_paged_equals_slot_with_joins_and_leaves(make_model, run_engine, preset)
         paged, engine = run_engine(model, prompts, params, batch_size=2, add_later={5: [(prompts[0], params[1])]},
                                    kv_blocks=64, block_len=4)
         assert paged == slot
-        assert engine.cache_use()["kv_blocks_used"] == 0 and engine.stats["preemptions"] == 0
+        assert engine.cache_use().blocks_used == 0 and engine.stats.preemptions == 0
 
 
 def test_paged_encoder_decoder_equals_slot(tiny_seq2seq, run_engine):
@@ -49,7 +48,7 @@ def test_preempted_sequences_resume_with_the_same_tokens(make_model, run_engine)
         free, _ = run_engine(model, prompts, params, batch_size=4)
         # 4 slots but 16 blocks of 4 tokens: the sequences outgrow the pool and take turns.
         tight, engine = run_engine(model, prompts, params, batch_size=4, kv_blocks=16, block_len=4)
-        assert tight == free and engine.stats["preemptions"] > 0
+        assert tight == free and engine.stats.preemptions > 0
 
 
 def test_shared_prefix_blocks_are_reused_and_diverge_correctly(make_model, run_engine):
@@ -62,10 +61,12 @@ def test_shared_prefix_blocks_are_reused_and_diverge_correctly(make_model, run_e
     second = engine.get(engine.add(header + [5], params))
     third = engine.get(engine.add(header[:6], params))
     engine.step()
-    assert second.blocks[:3] == first.blocks[:3] and third.blocks[:1] == first.blocks[:1]
-    assert third.blocks[1] not in first.blocks  # diverges inside block 2: a block of its own
-    assert [engine.paged.pool.refs[b] for b in first.blocks[:3]] == [3, 2, 2]
-    assert engine.paged.pool.hit_tokens == 12 + 4 and engine.cache_use()["prefix_hit_rate"] == 16 / (15 + 14 + 6)
+    blocks = {r.id: engine.scheduler.sequence(r.id).blocks for r in (first, second, third)}
+    assert blocks[second.id][:3] == blocks[first.id][:3] and blocks[third.id][:1] == blocks[first.id][:1]
+    assert blocks[third.id][1] not in blocks[first.id]  # diverges inside block 2: a block of its own
+    pool = engine.scheduler.paged.pool
+    assert [pool.refs[b] for b in blocks[first.id][:3]] == [3, 2, 2]
+    assert pool.hit_tokens == 12 + 4 and engine.cache_use().prefix_hit_rate == 16 / (15 + 14 + 6)
     out: dict[int, list[int]] = {r.id: r.tokens[len(r.prompt_ids):] for r in (first, second, third)}
     while engine.has_work():
         for ev in engine.step():
@@ -74,7 +75,7 @@ def test_shared_prefix_blocks_are_reused_and_diverge_correctly(make_model, run_e
     uncached, _ = run_engine(model, prompts, [params] * 3, batch_size=3, kv_blocks=40, block_len=4,
                              prefix_cache=False)
     assert list(out.values()) == uncached
-    assert engine.paged.pool.used == 0 and engine.paged.pool.available == 40  # all free again, the full ones still cached
+    assert pool.used == 0 and pool.available == 40  # all free again, the full ones still cached
 
 
 def test_paged_window_slides_like_the_slot_cache(make_model, run_engine):
@@ -83,13 +84,13 @@ def test_paged_window_slides_like_the_slot_cache(make_model, run_engine):
     prompts = [list(range(1, 21)), [3, 4]]
     slot, _ = run_engine(model, prompts, params, batch_size=2)
     paged, engine = run_engine(model, prompts, params, batch_size=2, kv_blocks=8, block_len=4)
-    assert paged == slot and engine.stats["preemptions"] == 0
+    assert paged == slot and engine.stats.preemptions == 0
 
 
 def test_a_pool_smaller_than_the_context_narrows_the_window_and_refuses_longer_prompts(make_model):
     model = make_model(40)
     engine = Engine(model, max_batch_size=2, kv_blocks=3, block_len=4)
-    assert engine.max_prompt_tokens == 12 and engine.window == 12 and engine.slide_keep == 6
+    assert engine.max_prompt_tokens == 12 and engine.scheduler.window == 12 and engine.scheduler.slide_keep == 6
     with pytest.raises(UserError, match="the prompt has 13 tokens; the paged KV cache holds at most 12 "
                                         r"\(3 blocks of 4\)"):
         engine.add(list(range(13)), SamplingParams(max_new_tokens=5))
@@ -98,10 +99,8 @@ def test_a_pool_smaller_than_the_context_narrows_the_window_and_refuses_longer_p
     assert len(tokens) == 30 and not engine.has_work()
 
 
-def test_families_and_engines_without_paging_refuse_it(tiny_recurrent, make_model):
+def test_families_without_paging_refuse_it(tiny_recurrent, make_model):
     with pytest.raises(UserError, match="model.arch=lstm has no paged KV cache"):
         Engine(tiny_recurrent("lstm", 40), kv_blocks=8)
     with pytest.raises(UserError, match="at least one block"):
         Engine(make_model(40), kv_blocks=0)
-    with pytest.raises(UserError, match="speculative decoding .* slot KV cache"):
-        SpeculativeEngine(make_model(40), Speculation(lookup=2), kv_blocks=8)

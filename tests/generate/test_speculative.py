@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from llmcli.errors import UserError
+from llmcli.generate.engine import Engine
 from llmcli.generate.speculative import greedy_accept, lookup_proposal, rejection_accept
-from llmcli.generate.speculative_engine import Speculation, SpeculativeEngine
+from llmcli.generate.speculator import Speculation
 from llmcli.options.sampling import SamplingParams
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -56,9 +57,9 @@ def test_speculative_greedy_equals_plain_greedy(models, make_model, run_engine, 
     plain, _ = run_engine(target, prompts, params, batch_size=2)
     spec = {"draft": Speculation(tokens=4, draft=draft), "prompt lookup": Speculation(tokens=3, lookup=3),
             "same-model draft": Speculation(tokens=5, draft=draft)}[mode]
-    engine = SpeculativeEngine(target, spec, max_batch_size=2)
+    engine = Engine(target, speculation=spec, max_batch_size=2)
     assert run(engine, prompts, params) == plain
-    proposed, accepted = engine.stats["proposed_tokens"], engine.stats["accepted_tokens"]
+    proposed, accepted = engine.stats.proposed_tokens, engine.stats.accepted_tokens
     assert proposed > 0 and 0 <= accepted <= proposed
     if mode == "same-model draft":
         assert accepted == proposed  # the target agrees with itself
@@ -108,7 +109,7 @@ def test_sampled_speculative_tokens_follow_the_target(make_model, mode):
     draft = make_model(vocab, seed=5, std=0.3)
     prompt = [0, 1, 2, 0, 1]
     spec = Speculation(tokens=2, draft=draft) if mode == "draft" else Speculation(tokens=2, lookup=2)
-    engine = SpeculativeEngine(target, spec, max_batch_size=8)
+    engine = Engine(target, speculation=spec, max_batch_size=8)
     n = 2000
     params = [SamplingParams(max_new_tokens=3, temperature=1.0, seed=s) for s in range(n)]
     samples = collections.Counter(tuple(t) for t in run(engine, [prompt] * n, params))
@@ -117,17 +118,17 @@ def test_sampled_speculative_tokens_follow_the_target(make_model, mode):
         for seq in itertools.product(range(vocab), repeat=3):
             logits = target(torch.tensor([prompt + list(seq[:2])]))[0, -3:].softmax(-1)
             probs[seq] = float(logits[0, seq[0]] * logits[1, seq[1]] * logits[2, seq[2]])
-    assert engine.stats["accepted_tokens"] > 0 and engine.stats["proposed_tokens"] > engine.stats["accepted_tokens"]
+    assert engine.stats.accepted_tokens > 0 and engine.stats.proposed_tokens > engine.stats.accepted_tokens
     assert chi_square_pvalue(samples, probs) > 1e-3
 
 
 def test_refusals(make_model, tiny_recurrent):
     target = make_model(40)
     with pytest.raises(UserError, match="cannot be rolled back"):
-        SpeculativeEngine(tiny_recurrent("lstm", 40), Speculation(lookup=2))
+        Engine(tiny_recurrent("lstm", 40), speculation=Speculation(lookup=2))
     with pytest.raises(UserError, match="the draft .* cannot be rolled back"):
-        SpeculativeEngine(target, Speculation(draft=tiny_recurrent("gru", 40)))
-    engine = SpeculativeEngine(target, Speculation(lookup=2))
+        Engine(target, speculation=Speculation(draft=tiny_recurrent("gru", 40)))
+    engine = Engine(target, speculation=Speculation(lookup=2))
     with pytest.raises(UserError, match="repetition penalty"):
         engine.add([1, 2], SamplingParams(repetition_penalty=1.2))
 
@@ -176,3 +177,37 @@ def test_cli_refusals(tmp_path, runs, cli, one_line_error, tiny_model, tiny_recu
     lstm = write_run(tmp_path / "lstm", tiny_recurrent("lstm", char_tokenizer.get_vocab_size()), char_tokenizer)
     one_line_error(cli("generate", lstm, "x", "--prompt-lookup", "2"), "cannot be rolled back", alone=True)
     one_line_error(cli("generate", target, "x", "--draft", lstm), "the draft (model.arch=lstm)", alone=True)
+
+
+# --- batched verification -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["draft", "prompt lookup"])
+@pytest.mark.parametrize("paged", [False, True], ids=["slot cache", "paged cache"])
+def test_batched_verification_equals_each_row_alone(models, mode, paged):
+    """Rows verified in one forward accept different numbers of guesses, and each row's tokens are
+    those of running it alone (greedy and seeded sampling)."""
+    target, draft = models
+    spec = Speculation(tokens=4, draft=draft) if mode == "draft" else Speculation(tokens=3, lookup=2)
+    cache = {"kv_blocks": 40, "block_len": 4} if paged else {}
+    rng = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 40, (n,), generator=rng).tolist() for n in (6, 20)] + [[1, 2, 3, 4] * 5, [7, 8] * 4]
+    for params in ([SamplingParams(max_new_tokens=n, temperature=0) for n in (40, 25, 50, 30)],
+                   [SamplingParams(max_new_tokens=30, temperature=0.8, top_k=8, seed=s) for s in range(4)]):
+        alone = [run(Engine(target, speculation=spec, max_batch_size=1, **cache), [p], [sp])[0]
+                 for p, sp in zip(prompts, params, strict=True)]
+        engine = Engine(target, speculation=spec, max_batch_size=4, **cache)
+        kept, round_ = [], engine.runner.speculator.round
+
+        def recorded(rows, round_=round_, kept=kept):  # what each row of each verification forward emitted
+            out = round_(rows)
+            kept.append([len(tokens) for tokens in out[0]])
+            return out
+
+        engine.runner.speculator.round = recorded
+        batched = run(engine, prompts, params)
+        assert batched == alone
+        assert any(len(set(counts)) > 1 for counts in kept)  # rows of one forward kept different counts
+        if params[0].greedy:
+            plain = run(Engine(target, max_batch_size=4, **cache), prompts, params)
+            assert batched == plain

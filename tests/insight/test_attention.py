@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.checkpoint import load_for_inference
+from llmcli.load import load_checkpoint
 from tests.conftest import RECURRENT_ARCHES
 
 TEXT = "the quick brown"
@@ -21,7 +21,8 @@ def run(trained_runs):
 
 
 def model_maps(run, text=TEXT):
-    _, model, tokenizer = load_for_inference(run, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     (maps,) = model.attention_maps(torch.tensor([ids]))
     return maps.weights.numpy()

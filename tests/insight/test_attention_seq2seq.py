@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.checkpoint import load_for_inference, load_source_tokenizer
+from llmcli.load import load_checkpoint
 
 EOT = "<|endoftext|>"
 
@@ -23,8 +23,9 @@ def dump(cli, run, *args) -> dict:
 
 def model_maps(run, source: str, decoder_input: list[str]) -> dict:
     """The model's own maps for `source` and the decoder's inputs, by name."""
-    directory, model, tokenizer = load_for_inference(run, torch.device("cpu"), torch.float32)
-    source_ids = [*load_source_tokenizer(directory, model, tokenizer).encode(source).ids, 0]
+    loaded = load_checkpoint(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    source_ids = [*loaded.source_tokenizer.encode(source).ids, 0]
     inputs = [tokenizer.token_to_id(t) for t in decoder_input]
     return {m.name: m.weights.numpy() for m in model.attention_maps(torch.tensor([source_ids]), torch.tensor([inputs]))}
 

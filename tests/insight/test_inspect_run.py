@@ -135,12 +135,12 @@ def test_a_recurrent_language_model_run(cli, trained_runs):
 
 
 def test_a_seq2seq_run_shows_both_tokenizers(cli, seq2seq_runs):
-    from llmcli.checkpoint import load_for_inference, load_source_tokenizer
+    from llmcli.load import load_checkpoint
 
     run = seq2seq_runs["encoder-decoder"]
     info = inspect_json(cli, run)
-    directory, model, tokenizer = load_for_inference(run, torch.device("cpu"), torch.float32)
-    source = load_source_tokenizer(directory, model, tokenizer)
+    loaded = load_checkpoint(run)
+    model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source_tokenizer
     assert (info["family"], info["task"], info["model"]["n_head"]) == ("encoder-decoder", "seq2seq", 4)
     assert info["parameters"] == embedding_split(model)
     assert info["tokenizer"]["kind"] == "word"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmcli.checkpoint import load_for_inference, load_model, read_pruning
+from llmcli.checkpoint import load_model, read_pruning
+from llmcli.load import load_checkpoint
 from llmcli.options.checkpoints import PruneOptions
 from llmcli.options.inference import ServeOptions
 from llmcli.prune import magnitude
@@ -76,7 +77,8 @@ def test_a_pruned_checkpoint_serves(pruned_llama):
     from llmcli.serve.server import build_state
 
     out, _ = pruned_llama
-    _, model, tokenizer = load_for_inference(out, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(out)
+    model, tokenizer = loaded.model, loaded.tokenizer
     state = build_state(model, tokenizer, ServeOptions(run_dir=out))
     with TestClient(create_app(state)) as client:
         reply = client.post("/v1/completions", json={"model": out.name, "prompt": "LINE", "max_tokens": 4,

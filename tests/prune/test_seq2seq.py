@@ -104,14 +104,14 @@ def _served(run):
     """One greedy completion from `llmcli serve`'s app over checkpoint `run`."""
     from fastapi.testclient import TestClient
 
-    from llmcli.checkpoint import end_token_ids, load_for_inference, load_source_tokenizer
+    from llmcli.load import load_checkpoint
     from llmcli.options.inference import ServeOptions
     from llmcli.serve.app import create_app
     from llmcli.serve.server import build_state
 
-    directory, model, tokenizer = load_for_inference(run, torch.device("cpu"), torch.float32)
-    state = build_state(model, tokenizer, ServeOptions(run_dir=run), stop_token_ids=end_token_ids(directory, tokenizer),
-                        source_tokenizer=load_source_tokenizer(directory, model, tokenizer))
+    loaded = load_checkpoint(run)
+    state = build_state(loaded.model, loaded.tokenizer, ServeOptions(run_dir=run), stop_token_ids=loaded.end_ids,
+                        source_tokenizer=loaded.source_tokenizer)
     with TestClient(create_app(state)) as client:
         reply = client.post("/v1/completions", json={"model": run.name, "prompt": "abc", "max_tokens": 4,
                                                      "temperature": 0})

@@ -18,8 +18,9 @@ import torch
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from llmcli.checkpoint import load_for_inference, write_checkpoint  # noqa: E402
+from llmcli.checkpoint import write_checkpoint  # noqa: E402
 from llmcli.config import Config, ModelConfig, TokenizerConfig  # noqa: E402
+from llmcli.load import load_checkpoint  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
 from llmcli.options.inference import ServeOptions  # noqa: E402
 from llmcli.serve.app import create_app  # noqa: E402
@@ -55,8 +56,8 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def loaded(checkpoint):
     """(model, tokenizer) of `checkpoint`, as serve loads them."""
-    _, model, tokenizer = load_for_inference(checkpoint, torch.device("cpu"), torch.float32)
-    return model, tokenizer
+    loaded = load_checkpoint(checkpoint)
+    return loaded.model, loaded.tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +69,7 @@ def corpus_text() -> str:
 class Running:
     """A uvicorn server on a free 127.0.0.1 port, in a background thread; `options` are
     ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`,
-    a speculative server its `speculation` (speculative_engine.Speculation)."""
+    a speculative server its `speculation` (speculator.Speculation)."""
 
     model = MODEL
     block = BLOCK

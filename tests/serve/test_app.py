@@ -5,12 +5,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from llmcli.checkpoint import load_for_inference  # noqa: E402
+from llmcli.load import load_checkpoint  # noqa: E402
 from llmcli.options.checkpoints import QuantizeOptions  # noqa: E402
 
 # --- the happy paths ---------------------------------------------------------------------------
@@ -200,7 +199,8 @@ def test_quantized_checkpoints_serve_like_any_other(checkpoint, tmp_path, start_
     out = tmp_path / "int8"
     quantize_checkpoint(QuantizeOptions(run_dir=checkpoint, out=out, method="int8", eval_tokens=0,
                                         decode_tokens=0))
-    _, model, tokenizer = load_for_inference(out, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(out)
+    model, tokenizer = loaded.model, loaded.tokenizer
     running = start_server(model, tokenizer, model_name="int8")
     got = running.client().completions.create(model="int8", prompt="ROMEO:", max_tokens=8, temperature=0,
                                               extra_body={"ignore_eos": True})

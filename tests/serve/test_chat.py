@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
 
-from llmcli.checkpoint import load_for_inference
+from llmcli.load import load_checkpoint
 
 
 def test_chat_uses_the_template(server, client, complete):
@@ -25,7 +24,8 @@ def test_chat_uses_the_template(server, client, complete):
 
 @pytest.mark.slow
 def test_an_adapter_run_is_served(lora_run, start_server, cli):
-    _, model, tokenizer = load_for_inference(lora_run, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(lora_run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     server = start_server(model, tokenizer)
     reply = server.client().chat.completions.create(model=server.model, max_tokens=12, temperature=0,
                                                     messages=[{"role": "user", "content": "say fox"}])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from llmcli.checkpoint import load_for_inference, load_source_tokenizer
 from llmcli.generate.text import Generator
+from llmcli.load import load_checkpoint
 from llmcli.options.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -14,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def seq2seq_server(seq2seq_runs, start_server):
-    directory, model, tokenizer = load_for_inference(seq2seq_runs["encoder-decoder"], torch.device("cpu"), torch.float32)
-    source_tokenizer = load_source_tokenizer(directory, model, tokenizer)
+    loaded = load_checkpoint(seq2seq_runs["encoder-decoder"])
+    model, tokenizer, source_tokenizer = loaded.model, loaded.tokenizer, loaded.source_tokenizer
     return start_server(model, tokenizer, source_tokenizer=source_tokenizer, max_batch_size=2), (model, tokenizer,
                                                                                                  source_tokenizer)
 

@@ -11,9 +11,10 @@ import torch
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from llmcli.checkpoint import load_for_inference, write_checkpoint  # noqa: E402
+from llmcli.checkpoint import write_checkpoint  # noqa: E402
 from llmcli.config import Config, ModelConfig  # noqa: E402
-from llmcli.generate.speculative_engine import Speculation  # noqa: E402
+from llmcli.generate.speculator import Speculation  # noqa: E402
+from llmcli.load import load_checkpoint  # noqa: E402
 from llmcli.models.transformer import Transformer  # noqa: E402
 
 # The last two are longer than the context (64) or grow past it: the slot slides.
@@ -40,7 +41,7 @@ def draft_dir(checkpoint, loaded):
 
 @pytest.fixture(scope="module")
 def speculations(draft_dir):
-    _, draft, _ = load_for_inference(draft_dir, torch.device("cpu"), torch.float32)
+    draft = load_checkpoint(draft_dir).model
     return {"prompt lookup": Speculation(tokens=3, lookup=2), "draft": Speculation(tokens=4, draft=draft)}
 
 
@@ -119,8 +120,6 @@ def test_cli_one_line_errors(checkpoint, draft_dir, tmp_path, cli, one_line_erro
         ((checkpoint, "--prompt-lookup", "2", "--draft-tokens", "0"), "--draft-tokens must be at least 1"),
         ((lstm, "--prompt-lookup", "2"), "cannot be rolled back"),
         ((other, "--draft", lstm), "the draft (model.arch=lstm)"),
-        ((checkpoint, "--prompt-lookup", "2", "--num-blocks", "8"), ("speculative decoding (--draft, "
-                                                                     "--prompt-lookup) runs on the slot cache")),
     ]
     for args, message in cases:
         one_line_error(cli("serve", *args, "--port", "0"), message, alone=True)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.checkpoint import BASE, base_pointer, load_for_inference, write_checkpoint
+from llmcli.checkpoint import BASE, base_pointer, write_checkpoint
 from llmcli.config import Config, LoraConfig, ModelConfig, TokenizerConfig
+from llmcli.load import load_checkpoint
 from llmcli.lora import add_adapter
 from llmcli.models.transformer import Transformer
 from llmcli.tokenizer import save_tokenizer, train_tokenizer
@@ -59,7 +60,8 @@ def json_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def json_server(json_checkpoint, running_class):
-    _, model, tokenizer = load_for_inference(json_checkpoint, torch.device("cpu"), torch.float32)
+    loaded = load_checkpoint(json_checkpoint, torch.device("cpu"), torch.float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
     running = running_class(model, tokenizer, max_batch_size=4)
     yield running
     running.stop()
@@ -218,7 +220,7 @@ def test_the_openai_client_against_llmcli_serve(serve_process, json_checkpoint):
 
 def write_adapter(base, directory, seed: int, targets: list[str]):
     """An adapter run of `base` with random (non-zero) LoRA weights, as training would leave it."""
-    _, model, tokenizer = load_for_inference(base, torch.device("cpu"), torch.float32)
+    model = load_checkpoint(base, torch.device("cpu"), torch.float32).model
     add_adapter(model, LoraConfig(r=4, alpha=8, targets=targets))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,0 +1,88 @@
+"""A compiled decode step: `torch.compile` over a bounded set of batch shapes (gpt-fast's hot loop,
+on the engine's decode states).
+
+A decode step of a small model is a hundred small kernels for a few rows, and launching them
+costs more than their arithmetic; compiled, the pointwise work between the matrix products is
+fused into a few loops and the step runs as one call. A graph has fixed shapes, so a step
+computes the rows of slots 0..n-1 for the smallest bucket n (1, 2, 4, 8, ..., the slot count)
+that covers every slot decoding in it (models.base.BucketRows): the other rows of the bucket are
+placeholders that write a scratch slot, so one graph per bucket serves every step, whichever
+slots decode and wherever they are. Each graph is compiled on first use (the warm-up, timed in
+`warmup_seconds`); inductor keeps compiled code in its on-disk cache, so a later process warms up
+faster. Greedy output is the eager step's (the tests compare them), up to the float rounding of
+fused kernels.
+
+On a CUDA device torch.compile's "reduce-overhead" mode also captures each bucket's graph as a
+CUDA graph; that path is written but has not run here (no GPU on the machine these were built on).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from llmcli.models.base import BucketRows, LanguageModel
+
+
+def compiles(model: LanguageModel) -> bool:
+    """Whether the engine can compile `model`'s decode step (a family with BucketRows, on CPU or CUDA)."""
+    device = next(model.parameters()).device
+    return model.compiles_decode and device.type in ("cpu", "cuda")
+
+
+def buckets(slots: int) -> list[int]:
+    """The batch shapes compiled for `slots` slots: powers of two below it, and itself."""
+    out = [1]
+    while out[-1] * 2 < slots:
+        out.append(out[-1] * 2)
+    return out + [slots] if slots > 1 else out
+
+
+class CompiledDecode:
+    """`decode(tokens, slots, positions)`: next-token logits [n, V] for one token per row, through one
+    compiled graph per bucket (see the module docstring)."""
+
+    def __init__(self, model: LanguageModel, state, slots: int):
+        self.sizes = buckets(slots)
+        self.device = next(model.parameters()).device
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)  # one graph per bucket
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return model(tokens, state=state, rows=BucketRows(positions))[:, -1]
+
+        mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs (unverified here)
+        self.step = torch.compile(step, dynamic=False, mode=mode)
+        self.warmup_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
+
+    @torch.inference_mode()
+    def warm_up(self) -> dict[int, float]:
+        """Compile (or load from inductor's cache) every bucket's graph now, each step's rows all
+        placeholders; the seconds each took."""
+        for n in self.sizes:
+            if n not in self.warmup_seconds:
+                started = time.perf_counter()
+                self.step(torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                          torch.full((n,), -1, device=self.device))
+                self.warmup_seconds[n] = time.perf_counter() - started
+        return self.warmup_seconds
+
+    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        n = next(size for size in self.sizes if size > max(slots))
+        prefix = list(slots) == list(range(len(slots)))  # slots 0, 1, ...: the usual case
+        if prefix and len(slots) == n:
+            ids, at = torch.tensor(tokens)[:, None], torch.tensor(positions)
+        else:
+            ids, at = torch.zeros(n, 1, dtype=torch.long), torch.full((n,), -1)
+            index = torch.tensor(slots)
+            ids[index, 0], at[index] = torch.tensor(tokens), torch.tensor(positions)
+        ids, at = ids.to(self.device, non_blocking=True), at.to(self.device, non_blocking=True)
+        if n in self.warmup_seconds:
+            out = self.step(ids, at)
+        else:
+            started = time.perf_counter()
+            out = self.step(ids, at)
+            self.warmup_seconds[n] = time.perf_counter() - started
+        return out[:len(slots)] if prefix else out[torch.tensor(slots, device=out.device)]
