@@ -13,6 +13,12 @@ pairs) and `stop` (stop strings its layout needs). `load_chat_template` picks, i
   message, then `assistant:`, with `\\nuser:` as a stop string (`DEFAULT_JINJA` is the same layout
   as Jinja, what `llmcli export` writes for a checkpoint without a template of its own).
 
+Messages are (role, content) pairs or OpenAI's dicts: an assistant message's `tool_calls` are
+written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (`render_call`, the syntax
+serve parses replies with) and a `tool` message is a message like the others. `tools` (OpenAI's
+function specs) go to a Jinja template as its `tools` variable; the other layouts put one line
+before the messages, `tools: [...]` and how to call one.
+
 A JSON layout is an object with any of these keys (Python str.format fields `{role}` and
 `{content}`; write literal braces as `{{` and `}}`):
 
@@ -37,6 +43,9 @@ from llmcli.errors import UserError
 from llmcli.io import read_json_object
 
 TEMPLATE_KEYS = {"prefix", "message", "roles", "generation_prompt", "stop"}
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+TOOLS_LINE = ("tools: {tools}\nTo call a tool, answer " + TOOL_OPEN + '{{"name": NAME, "arguments": {{...}}}}'
+              + TOOL_CLOSE + "\n")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 DEFAULT_JINJA = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -52,13 +61,32 @@ class ChatTemplate:
     generation_prompt: str = "assistant:"
     stop: tuple[str, ...] = ("\nuser:",)
 
-    def render(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Any], add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> str:
         parts = [self.prefix]
-        for role, content in messages:
-            parts.append(self.roles.get(role, self.message).format(role=role, content=content))
+        if tools:
+            parts.append(TOOLS_LINE.format(tools=json.dumps(list(tools), ensure_ascii=False)))
+        for message in map(as_message, messages):
+            content = message["content"] + "".join(render_call(c["function"]["name"], c["function"]["arguments"])
+                                                    for c in message.get("tool_calls") or [])
+            parts.append(self.roles.get(message["role"], self.message).format(role=message["role"], content=content))
         if add_generation_prompt:
             parts.append(self.generation_prompt)
         return "".join(parts)
+
+
+def as_message(message: Any) -> dict[str, Any]:
+    """A (role, content) pair or an OpenAI message dict, as a dict."""
+    if isinstance(message, dict):
+        return {**message, "content": message.get("content") or ""}
+    role, content = message
+    return {"role": role, "content": content}
+
+
+def render_call(name: str, arguments: Any) -> str:
+    """How a model writes a tool call (what serve parses replies for, tools.py)."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f'{TOOL_OPEN}{{"name": {json.dumps(name)}, "arguments": {args}}}{TOOL_CLOSE}'
 
 
 class JinjaTemplate:
@@ -76,12 +104,13 @@ class JinjaTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise UserError(f"{where}: not a valid Jinja template ({exc.message}, line {exc.lineno})") from None
 
-    def render(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Any], add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> str:
         import jinja2
 
-        chat = [{"role": role, "content": content} for role, content in messages]
+        chat = [as_message(m) for m in messages]
         try:
-            return self._template.render(messages=chat, tools=None, documents=None,
+            return self._template.render(messages=chat, tools=list(tools) if tools else None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as exc:  # raise_exception(...), undefined names, sandbox refusals
             raise UserError(f"{self.where} raised an error: {exc}") from None

@@ -32,7 +32,7 @@ from llmcli.options.checkpoints import (
 )
 from llmcli.options.env import EnvOptions
 from llmcli.options.fields import Options, Spec, flag_names
-from llmcli.options.inference import ChatOptions, EvalOptions, GenerateOptions, ServeOptions
+from llmcli.options.inference import ChatOptions, EmbedOptions, EvalOptions, GenerateOptions, ServeOptions
 from llmcli.options.insight import AttentionOptions, InspectOptions, PlotOptions
 from llmcli.options.recipes import RecipeCopyOptions, RecipeShowOptions, RecipesOptions
 from llmcli.options.training import DistillOptions, PrepareOptions, TokenizerTrainOptions, TrainOptions
@@ -64,6 +64,7 @@ COMMANDS = (
     Command(("inspect",), InspectOptions, "llmcli.insight.inspect_run:inspect_command"),
     Command(("merge",), MergeOptions, "llmcli.merge:merge_command"),
     Command(("chat",), ChatOptions, "llmcli.generate.chat:chat_command"),
+    Command(("embed",), EmbedOptions, "llmcli.embed:embed_command"),
     Command(("recipes",), RecipesOptions, "llmcli.recipes.command:recipes_command"),
     Command(("recipes", "show"), RecipeShowOptions, "llmcli.recipes.command:show_command"),
     Command(("recipes", "copy"), RecipeCopyOptions, "llmcli.recipes.command:copy_command"),

@@ -53,7 +53,11 @@ def chat_command(opts: ChatOptions) -> None:
     if loaded.task == "seq2seq":
         raise UserError(f"{loaded.directory} holds a model.arch={loaded.model.config.arch} sequence-to-sequence model, "
                         "which keeps no conversation: use llmcli generate (each source a prompt) or serve")
-    run_chat(Generator.of(loaded, max_batch_size=1), loaded.chat_template, opts, sys.stdin, sys.stdout)
+    generator = Generator.of(loaded, max_batch_size=1)
+    fmt = opts.constraint.format()
+    if fmt is not None:
+        generator.grammars.check(fmt)  # compiled (or refused) before the conversation starts
+    run_chat(generator, loaded.chat_template, opts, sys.stdin, sys.stdout)
 
 
 def run_chat(generator: Generator, template: Any, opts: ChatOptions, stdin: IO[str], out: IO[str]) -> int:
@@ -74,7 +78,7 @@ def run_chat(generator: Generator, template: Any, opts: ChatOptions, stdin: IO[s
             if not _command(text, conversation, interactive):
                 break
             continue
-        reply = _reply(generator, conversation.prompt(text), params, out)
+        reply = _reply(generator, conversation.prompt(text), params, out, opts.constraint.format())
         conversation.turns.append(("assistant", reply.strip()))
         replies += 1
     return replies
@@ -113,9 +117,9 @@ def _command(text: str, conversation: Conversation, interactive: bool) -> bool:
     return True
 
 
-def _reply(generator: Generator, ids: list[int], params: SamplingParams, out: IO[str]) -> str:
-    """Stream one reply to `out`; Ctrl-C stops it (what was shown is kept)."""
-    request = generator.submit(ids, params)
+def _reply(generator: Generator, ids: list[int], params: SamplingParams, out: IO[str], fmt: Any = None) -> str:
+    """Stream one reply to `out` (in the format `fmt`, when given); Ctrl-C stops it (what was shown is kept)."""
+    request = generator.submit(ids, params, fmt)
     if generator.request(request).dropped_prompt_tokens:
         ui.log("warning: this message alone is longer than the context; the model sees its end only")
     shown: list[str] = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -121,9 +122,12 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def add(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
-            stop_token_ids: Iterable[int] = (), source_ids: Sequence[int] | None = None) -> int:
+            stop_token_ids: Iterable[int] = (), source_ids: Sequence[int] | None = None,
+            constraint: Any = None, adapter: int = 0) -> int:
         """Queue a request; returns its id. The prompt keeps its last context_length tokens; a
-        seq2seq model needs `source_ids` (its end token included)."""
+        seq2seq model needs `source_ids` (its end token included); a `constraint`
+        (constrain.mask.RowConstraint) masks every token its format does not allow; `adapter` picks
+        the LoRA adapter of its rows (Rows.adapters)."""
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise UserError("the prompt has no tokens")
@@ -146,7 +150,8 @@ class Engine:
         generator.manual_seed(seed)
         request = Request(id=self._next_id, params=params, prompt_ids=ids, source_ids=source, dropped_prompt_tokens=dropped,
                           stop_token_ids=frozenset(int(t) for t in stop_token_ids), seed=seed, generator=generator,
-                          metrics=RequestMetrics(added_at=time.perf_counter()), tokens=list(ids))
+                          metrics=RequestMetrics(added_at=time.perf_counter()), tokens=list(ids),
+                          constraint=constraint, adapter=adapter)
         self._next_id += 1
         self.scheduler.add(request)
         return request.id

@@ -8,6 +8,7 @@ holds only what a user of the engine reads back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ FINISH_EOT = "eot"  # the model produced <|endoftext|> (or another stop token)
 FINISH_STOP = "stop"  # a stop string appeared in the text
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_CANCELLED = "cancelled"
+FINISH_FORMAT = "format"  # a constrained output is complete: its format allows nothing more
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Request:
     metrics: RequestMetrics
     tokens: list[int] = field(default_factory=list)  # prompt + generated so far
     finish_reason: str | None = None
+    constraint: Any = None  # constrain.mask.RowConstraint: the format its tokens must spell (None: free)
+    adapter: int = 0  # which LoRA adapter its rows use when several share the base (llmcli/adapters.py)
 
     @property
     def generated(self) -> int:

@@ -80,10 +80,13 @@ def run_generate(opts: GenerateOptions, prompts: list[str], out: IO[str] | None 
                              max_num_batched_tokens=opts.steps.max_num_batched_tokens,
                              compile=opts.steps.compile == "on")
     inputs = {p: encode_text(p, loaded.tokenizer, loaded.source_tokenizer) for p in prompts}
+    fmt = opts.constraint.format()
+    if fmt is not None:
+        generator.grammars.check(fmt)  # compiled (or refused) before anything runs
     ids = []
     for index, (prompt, j) in enumerate(jobs):
         seed = params.seed + j if params.seed is not None else None
-        request_id = generator.submit(inputs[prompt], dataclasses.replace(params, seed=seed))
+        request_id = generator.submit(inputs[prompt], dataclasses.replace(params, seed=seed), fmt)
         dropped = generator.request(request_id).dropped_prompt_tokens
         if dropped and j == 0:
             label = f"prompt {index // opts.num_samples + 1}" if len(prompts) > 1 else "the prompt"

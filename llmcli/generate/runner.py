@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llmcli.constrain.mask import mask_logits
 from llmcli.device import packed_for_decoding
 from llmcli.generate.sampling import apply_repetition_penalty, sample
 from llmcli.generate.scheduler import Chunk, Decode, StepOutput, StepPlan
@@ -36,9 +37,10 @@ from llmcli.models.base import LanguageModel, Rows
 
 
 def decode(model: LanguageModel, state, tokens: torch.Tensor, slots: Sequence[int],
-           positions: Sequence[int]) -> torch.Tensor:
-    """Next-token logits [n, V] of n rows, each fed one token (`tokens` [n, 1]) at its position."""
-    return model(tokens, state=state, rows=Rows(slots, positions, [1] * len(slots)))[:, -1]
+           positions: Sequence[int], adapters: Sequence[int] | None = None) -> torch.Tensor:
+    """Next-token logits [n, V] of n rows, each fed one token (`tokens` [n, 1]) at its position
+    (`adapters`: each row's LoRA adapter, llmcli/adapters.py; None: the base)."""
+    return model(tokens, state=state, rows=Rows(slots, positions, [1] * len(slots), adapters))[:, -1]
 
 
 def padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
@@ -50,9 +52,9 @@ def padded(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
 
 
 def prefill(model: LanguageModel, state, tokens: Sequence[Sequence[int]], slots: Sequence[int],
-            starts: Sequence[int], device: torch.device) -> torch.Tensor:
+            starts: Sequence[int], device: torch.device, adapters: Sequence[int] | None = None) -> torch.Tensor:
     """Logits [n, V] after each row's last token, its `tokens` written from its start position."""
-    out = model(padded(tokens, device), state=state, rows=Rows(slots, starts, map(len, tokens)))
+    out = model(padded(tokens, device), state=state, rows=Rows(slots, starts, map(len, tokens), adapters))
     last = torch.tensor([len(t) - 1 for t in tokens], device=device)
     return out[torch.arange(len(tokens), device=device), last]
 
@@ -114,12 +116,14 @@ class ModelRunner:
 
             self.compiled = CompiledDecode(self.model, self.state, slots)
 
-    def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Next-token logits [n, V]: each row's token at its position in its slot (compiled where on)."""
-        if self.compiled is not None:
+    def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int],
+               adapters: Sequence[int] | None = None) -> torch.Tensor:
+        """Next-token logits [n, V]: each row's token at its position in its slot (compiled where on,
+        and no row uses a LoRA adapter)."""
+        if self.compiled is not None and not any(adapters or ()):
             return self.compiled(tokens, slots, positions)
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        return decode(self.decoder, self.state, ids, slots, positions)
+        return decode(self.decoder, self.state, ids, slots, positions, adapters)
 
     # -- a step -----------------------------------------------------------------------------
 
@@ -157,7 +161,8 @@ class ModelRunner:
 
     def _decode(self, rows: Sequence[Decode]) -> torch.Tensor:
         seqs = [d.seq for d in rows]
-        return self.decode([s.request.tokens[-1] for s in seqs], [s.slot for s in seqs], [s.cached for s in seqs])
+        return self.decode([s.request.tokens[-1] for s in seqs], [s.slot for s in seqs], [s.cached for s in seqs],
+                           [s.request.adapter for s in seqs])
 
     def _prefill(self, chunks: Sequence[Chunk], rows: list[Seq], logits: list[torch.Tensor]
                  ) -> tuple[float, list[float]]:
@@ -171,7 +176,7 @@ class ModelRunner:
             started = time.perf_counter()
             tokens = [c.seq.request.tokens[c.seq.offset + c.start:c.seq.offset + c.start + c.count] for c in group]
             out = prefill(self.decoder, self.state, tokens, [c.seq.slot for c in group], [c.start for c in group],
-                          self.device)
+                          self.device, [c.seq.request.adapter for c in group])
             took = self._since(started)
             total += took
             for i, chunk in enumerate(group):
@@ -217,7 +222,9 @@ class ModelRunner:
         return logits
 
     def sample(self, rows: list[Seq], logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of `logits` [n, V] with each row's sequence's settings."""
+        """One token per row of `logits` [n, V] with each row's sequence's settings (and its format's
+        mask, constrain/mask.py)."""
+        logits = mask_logits(logits, [s.request.constraint for s in rows])
         params = [s.request.params for s in rows]
         if all(p.greedy for p in params) and not any(p.repetition_penalty != 1.0 for p in params):
             tokens = logits[:, :self.vocab_size].argmax(-1)  # the arg-max of the masked logits

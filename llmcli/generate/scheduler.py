@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from llmcli.generate.outputs import CacheUse, EngineStats, TokenEvent
 from llmcli.generate.paged import PagedCache
-from llmcli.generate.request import FINISH_CANCELLED, FINISH_EOT, FINISH_LENGTH, Request
+from llmcli.generate.request import FINISH_CANCELLED, FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, Request
 
 
 @dataclass(eq=False)
@@ -314,8 +314,12 @@ class Scheduler:
         for token in tokens:
             r.tokens.append(token)
             reason = None
+            if r.constraint is not None:
+                r.constraint.advance(token)
             if token in r.stop_token_ids:
                 reason = FINISH_EOT
+            elif r.constraint is not None and r.constraint.done:
+                reason = FINISH_FORMAT
             elif r.generated >= r.params.max_new_tokens:
                 reason = FINISH_LENGTH
             elif self.target_limit is not None and len(r.tokens) >= self.target_limit:

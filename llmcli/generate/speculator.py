@@ -20,6 +20,7 @@ to a position (a recurrent state).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,14 @@ class Speculator:
     def round(self, rows: Sequence[Decode]) -> tuple[list[list[int]], list[int]]:
         """(the tokens each row emits: its kept guesses and one of the target's; the guesses made)."""
         guesses, q = self._propose(rows)
+        # 0) a constrained row's guesses stop at the first its format forbids; the masks along them
+        allowed: list[torch.Tensor | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            constraint = row.seq.request.constraint
+            if constraint is not None:
+                guesses[i], allowed[i] = constraint.masks_along(guesses[i])
+                if q is not None and q[i] is not None:
+                    q[i] = q[i][:len(guesses[i])]
         # 1) one forward: each row's last token and its guesses, right-padded to the longest (rows
         #    whose padding would pass the context go in a forward of their own)
         logits: list[torch.Tensor] = [None] * len(rows)
@@ -114,6 +123,8 @@ class Speculator:
         out = []
         for i, (row, guess) in enumerate(zip(rows, guesses, strict=True)):
             r, row_logits = row.seq.request, logits[i][:1 + len(guess)]
+            if allowed[i] is not None:  # the target checks each position against the format's mask there
+                row_logits = row_logits.masked_fill(~allowed[i].to(row_logits.device), -math.inf)
             if r.params.greedy:
                 out.append(greedy_accept(guess, row_logits.argmax(-1).tolist()))
             else:
@@ -130,7 +141,8 @@ class Speculator:
         idx = torch.zeros(len(rows), 1 + max(map(len, guesses)), dtype=torch.long)
         for i, (row, guess) in enumerate(zip(rows, guesses, strict=True)):
             idx[i, :1 + len(guess)] = torch.tensor([row.seq.request.tokens[-1], *guess])
-        where = Rows([r.seq.slot for r in rows], [r.seq.cached for r in rows], [1 + len(g) for g in guesses])
+        where = Rows([r.seq.slot for r in rows], [r.seq.cached for r in rows], [1 + len(g) for g in guesses],
+                     [r.seq.request.adapter for r in rows])
         return runner.masked(runner.decoder(idx.to(runner.device), state=runner.state, rows=where))
 
     def _propose(self, rows: Sequence[Decode]) -> tuple[list[list[int]], list[torch.Tensor] | None]:
@@ -166,16 +178,27 @@ class DraftModel:
         runner = self.runner
         guesses: list[list[int]] = [[] for _ in rows]
         dists: list[list[torch.Tensor]] = [[] for _ in rows]
+        ended = [False] * len(rows)  # a constrained row whose guesses reached its format's end
         for step in range(max(r.lookahead for r in rows)):
-            active = [i for i, r in enumerate(rows) if r.lookahead > step]
+            active = [i for i, r in enumerate(rows) if r.lookahead > step and not ended[i]]
+            if not active:
+                break
             logits = runner.masked(self._forward([rows[i].seq for i in active], [guesses[i] for i in active]))
             for row_logits, i in zip(logits, active, strict=True):
                 r = rows[i].seq.request
+                if r.constraint is not None:  # the draft guesses only what the format allows
+                    row_logits = row_logits.masked_fill(~r.constraint.allowed().to(row_logits.device), -math.inf)
                 if r.params.greedy:
                     guesses[i].append(int(row_logits.argmax()))
                 else:
                     dists[i].append(distributions(row_logits[None], r.params)[0])
                     guesses[i].append(draw(dists[i][-1], r.generator))
+                if r.constraint is not None:
+                    r.constraint.advance(guesses[i][-1])
+                    ended[i] = guesses[i][-1] in r.stop_token_ids or r.constraint.done
+        for i, row in enumerate(rows):  # the formats' matchers go back to where the sequences are
+            if row.seq.request.constraint is not None:
+                row.seq.request.constraint.rollback(len(guesses[i]))
         sampled = any(not r.seq.request.params.greedy for r in rows)
         return guesses, [torch.stack(d) if d else None for d in dists] if sampled else None
 

@@ -8,10 +8,13 @@ that might be the start of a stop string is held back until it is known not to b
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llmcli.constrain.grammar import Format, Grammars
+from llmcli.constrain.mask import RowConstraint
 from llmcli.errors import UserError
 from llmcli.generate.engine import Engine
 from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP, Request
@@ -58,6 +61,23 @@ class IncrementalDecoder:
         now = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return now[len(before):]
+
+
+class SpelledDecoder:
+    """Token ids in, text out, for constrained output: each token's spelling (constrain/vocabulary.py)
+    joined as it is, so the text is exactly what the format's matcher accepted, whatever spacing
+    rules the tokenizer's own decoder has (a word tokenizer's). UTF-8 split across tokens waits
+    for its last byte."""
+
+    def __init__(self, spellings: Sequence[bytes]):
+        self.spellings = spellings
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self.spellings[token] if 0 <= token < len(self.spellings) else b"")
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 class StopText:
@@ -121,7 +141,7 @@ class Completion:
 
 @dataclass
 class _TextState:
-    decoder: IncrementalDecoder
+    decoder: IncrementalDecoder | SpelledDecoder
     stop: StopText
     request: Request
 
@@ -168,9 +188,11 @@ class Generator:
                    stop_token_ids=loaded.end_ids, **options)
 
     def __init__(self, model: LanguageModel, tokenizer: Any, *, max_batch_size: int = 8,
-                 source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None, **engine_kwargs: Any):
+                 source_tokenizer: Any = None, stop_token_ids: Sequence[int] | None = None,
+                 grammars: Grammars | None = None, **engine_kwargs: Any):
         """`stop_token_ids`: the ids that end a sequence (checkpoint.end_token_ids; none: only the length
-        limit); default <|endoftext|>. `engine_kwargs` are the Engine's (speculation, a paged cache, ...)."""
+        limit); default <|endoftext|>. `grammars` compiles output formats (made on first use; serve
+        shares one with its handlers). `engine_kwargs` are the Engine's (speculation, a paged cache, ...)."""
         self.tokenizer = tokenizer
         self.seq2seq = model.task == "seq2seq"
         self.source_tokenizer = source_tokenizer or tokenizer
@@ -180,25 +202,42 @@ class Generator:
         if vocab > model.config.vocab_size:
             raise UserError(f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}")
         self.engine = Engine(model, max_batch_size=max_batch_size, vocab_size=vocab, **engine_kwargs)
+        self._grammars = grammars
         self._states: dict[int, _TextState] = {}
         self._done: dict[int, Completion] = {}
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> int:
+    @property
+    def grammars(self) -> Grammars:
+        """Output formats compiled for this tokenizer (the target side's, for seq2seq)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.stop_ids[0] if self.stop_ids else eot_id(self.tokenizer))
+        return self._grammars
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams(),
+               fmt: Format | None = None, adapter: int = 0) -> int:
         """Queue a prompt (text, or token ids already encoded; for seq2seq the source, whose end
-        token is appended when missing); returns its request id."""
+        token is appended when missing); returns its request id. With `fmt` the text is constrained
+        to that format (a format that cannot be compiled or spelled raises GrammarError); `adapter`
+        picks the LoRA adapter (llmcli/adapters.py) when several share the model."""
         stop_ids = () if params.ignore_eot else self.stop_ids
+        constraint = None
+        if fmt is not None:
+            constraint = RowConstraint(self.grammars, fmt, stop_ids, self.engine.runner.model_vocab)
         if self.seq2seq:
             source = self.source_ids(prompt)
             ids, context = [self.eot], []  # the decoder starts from <|endoftext|>
-            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids, source_ids=source)
+            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids, source_ids=source,
+                                         constraint=constraint, adapter=adapter)
         else:
             ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids)
+            request_id = self.engine.add(ids, params, stop_token_ids=stop_ids, constraint=constraint,
+                                         adapter=adapter)
             context = ids[-1:] if ids[-1] not in self.stop_ids else []  # after an end token, text starts afresh
         request = self.engine.get(request_id)
         assert request is not None
-        self._states[request_id] = _TextState(IncrementalDecoder(self.tokenizer, context), StopText(params.stop),
-                                              request)
+        decoder = SpelledDecoder(self.grammars.vocabulary.spellings) if fmt is not None else \
+            IncrementalDecoder(self.tokenizer, context)
+        self._states[request_id] = _TextState(decoder, StopText(params.stop), request)
         return request_id
 
     def source_ids(self, source: str | Sequence[int]) -> list[int]:

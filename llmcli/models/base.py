@@ -13,6 +13,8 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * says whether it exports to `transformers` (`exports_to_hf`) and why llama.cpp cannot run it
   (`gguf_refusal`, None where it can);
 * names what LoRA may adapt in its own terms (`lora_targets`);
+* turns token ids into one vector per sequence (`embed`: `llmcli embed`, serve's /v1/embeddings),
+  pooled as its `pooling` says, over at most `embedding_input_length` tokens;
 * says which units structured pruning may remove (`prune_groups`: attention heads, MLP units,
   recurrent hidden units) and gives the smaller dense model that keeps some of them (`pruned`,
   with the new shape in its config), and which whole layers may go (`layer_stacks`,
@@ -57,16 +59,21 @@ from llmcli.errors import UserError
 class Rows:
     """Where each row of a batch lives in a decode state: its slot, the position of its first
     token, and how many of its tokens are real (the rest is right padding). Plain host-side
-    integers, so that a model never reads them back from the device."""
+    integers, so that a model never reads them back from the device. `adapters`: which LoRA
+    adapter each row uses when several are served on one base (llmcli/adapters.py reads it; the
+    families never do); None or 0: the base."""
 
     slots: tuple[int, ...]
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
+    adapters: tuple[int, ...] | None = None
 
-    def __init__(self, slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int]):
+    def __init__(self, slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
+                 adapters: Sequence[int] | None = None):
         object.__setattr__(self, "slots", tuple(int(s) for s in slots))
         object.__setattr__(self, "starts", tuple(int(s) for s in starts))
         object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
+        object.__setattr__(self, "adapters", None if adapters is None else tuple(int(a) for a in adapters))
         if not len(self.slots) == len(self.starts) == len(self.lengths):
             raise ValueError("rows need one slot, start and length per row")
 
@@ -172,6 +179,13 @@ def _renumbered(name: str, stacks: list[LayerStack], keep: dict[str, Sequence[in
     return name
 
 
+def mean_pool(hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """The mean over each row's first lengths[b] positions of `hidden` [B, T, d], as float32 [B, d]."""
+    real = (torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+            < torch.as_tensor(list(lengths), device=hidden.device)[:, None]).to(hidden.dtype)
+    return ((hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)).float()
+
+
 def kept_of(sizes: list[int] | None, kept: Sequence[int]) -> list[int] | None:
     """The per-layer `sizes` (None: no per-layer sizes) of the layers `kept`."""
     return None if sizes is None else [sizes[i] for i in kept]
@@ -210,8 +224,22 @@ class LanguageModel(nn.Module):
     # "lm": continues a sequence; "seq2seq": maps a source sequence to a target (see the module docstring).
     task: str = "lm"
 
+    # How `embed` pools a sequence into one vector, in words (docs and /v1/embeddings say it).
+    pooling: str = "none"
+
     def forward(self, idx: torch.Tensor, *, state: Any = None, rows: Rows | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Float32 [B, d] sequence embeddings of token ids `idx` [B, T] (row b's first lengths[b] are
+        real; the rest is right padding), pooled as `pooling` says. A seq2seq family reads `idx` as
+        sources."""
+        raise UserError(f"model.arch={self.config.arch!r} has no sequence embeddings")
+
+    @property
+    def embedding_input_length(self) -> int | None:
+        """The most tokens `embed` takes per sequence (None: no limit)."""
+        return self.source_length if self.task == "seq2seq" else self.context_length
 
     def encode(self, source: torch.Tensor, *, state: Any, rows: Rows) -> None:
         """seq2seq: encode `source` [B, S] (row b's first `rows.lengths[b]` tokens are real) into slot

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, kept_of
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, kept_of, mean_pool
 from llmcli.models.kv_cache import CacheStep, KVCache, PagedKVCache, kv_bytes_per_token
 from llmcli.models.seq2seq_state import (
     CROSS,
@@ -181,6 +181,7 @@ class EncoderDecoder(Seq2SeqModel):
     """Embeddings -> encoder layers; target embeddings -> decoder layers (over the encoder's output) -> head."""
 
     task = "seq2seq"
+    pooling = "mean of the encoder's output states (after its final norm) over the source's tokens"
     exports_to_hf = True  # as MarianMTModel (llmcli/hf/marian.py)
     gguf_refusal = ("llama.cpp has no Marian-style encoder-decoder; llmcli export --format hf writes it as a "
                     "MarianMTModel that transformers (and CTranslate2) run, and llmcli generate / serve run it as it is")
@@ -321,6 +322,10 @@ class EncoderDecoder(Seq2SeqModel):
         for layer in self.encoder:
             x = layer(x, mask, record)
         return (self.encoder_norm(x) if self.encoder_norm is not None else x), mask
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        memory, _ = self._encoder(idx, list(lengths))
+        return mean_pool(memory, lengths)
 
     def encode(self, source: torch.Tensor, *, state: EncoderDecoderState, rows: Rows) -> None:
         memory, _ = self._encoder(source, rows.lengths)

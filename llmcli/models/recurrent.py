@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LanguageModel, LayerStack, PruneGroup, Rows, UnitSlice
+from llmcli.models.base import LanguageModel, LayerStack, PruneGroup, Rows, UnitSlice, mean_pool
 
 RNN_CLASSES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 STATE_TENSORS = {"lstm": 2, "gru": 1, "rnn": 1}  # (h, c) or h
@@ -103,6 +103,7 @@ class RecurrentState:
 class Recurrent(LanguageModel):
     """Embedding → dropout → n_layer recurrent layers (dropout between) → dropout → LM head."""
 
+    pooling = "mean of the top recurrent layer's outputs over the input's tokens"
     gguf_refusal = ("llama.cpp has no LSTM, GRU or plain RNN language model; llmcli generate and llmcli serve run "
                     "it (quantized with llmcli quantize for a smaller, faster CPU model)")
 
@@ -233,6 +234,11 @@ class Recurrent(LanguageModel):
         weight = self.tok_embed.weight
         keep = torch.empty(weight.shape[0], 1, device=weight.device, dtype=weight.dtype).bernoulli_(1 - p) / (1 - p)
         return F.embedding(idx, weight * keep)
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """The mean of the top layer's outputs over each row's real tokens (from a zero state)."""
+        out, _ = self._run(self.tok_embed(idx), None, tuple(lengths))
+        return mean_pool(out, lengths)
 
     def _run(self, x: torch.Tensor, states: tuple[torch.Tensor, ...] | None,
              lengths: tuple[int, ...] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

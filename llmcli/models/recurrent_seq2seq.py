@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
-from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice
+from llmcli.models.base import LayerStack, PruneGroup, Rows, UnitSlice, mean_pool
 from llmcli.models.recurrent import GATES, ONEDNN_MIN_STEPS, _native_kernels
 from llmcli.models.seq2seq_state import CROSS, Record, Seq2SeqModel, SourceMemory, key_padding_mask
 
@@ -79,6 +79,7 @@ class RecurrentSeq2Seq(Seq2SeqModel):
     """Source embedding -> recurrent encoder; target embedding -> recurrent decoder -> attention -> head."""
 
     task = "seq2seq"
+    pooling = "mean of the encoder's outputs (both directions, when bidirectional) over the source's tokens"
     gguf_refusal = "llama.cpp has no recurrent encoder-decoder; llmcli generate and llmcli serve run it"
 
     def __init__(self, config: ModelConfig):
@@ -194,6 +195,10 @@ class RecurrentSeq2Seq(Seq2SeqModel):
         states = (init, torch.zeros_like(init)) if isinstance(self.decoder, nn.LSTM) else (init,)
         mask = key_padding_mask(lengths, S, source.device)
         return memory, states, torch.ones(B, S, dtype=torch.bool, device=source.device) if mask is None else mask
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        memory, _, _ = self._encoder(idx, list(lengths))
+        return mean_pool(memory, lengths)
 
     def encode(self, source: torch.Tensor, *, state: RecurrentSeq2SeqState, rows: Rows) -> None:
         memory, states, _ = self._encoder(source, rows.lengths)

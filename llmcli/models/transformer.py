@@ -36,6 +36,7 @@ from llmcli.models.base import (
     Rows,
     UnitSlice,
     kept_of,
+    mean_pool,
     stack_layers,
 )
 from llmcli.models.kv_cache import CacheStep, KVCache, PagedKVCache, kv_bytes_per_token
@@ -202,6 +203,7 @@ class Transformer(LanguageModel):
     rewinds_decode_state = True  # a KV cache: attention never reads past a query's position
     pages_decode_state = True  # PagedKVCache
     compiles_decode = True  # BucketRows
+    pooling = "mean of the last hidden states (after the final norm) over the input's tokens"
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -326,7 +328,16 @@ class Transformer(LanguageModel):
         lengths, and a right-padded prefill is fine: padding writes beyond a row's end, which is
         never read before that row overwrites it. Use under torch.no_grad()/inference_mode.
         """
-        return self._forward(idx, state, rows, None)
+        logits = self.lm_head(self._forward(idx, state, rows, None)).float()
+        if self.config.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def embed(self, idx: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """The mean of the last hidden states (after the final norm) over each row's real tokens
+        (causal attention: padding after them changes nothing before it)."""
+        return mean_pool(self._forward(idx, None, None, None), lengths)
 
     def attention_maps(self, idx: torch.Tensor, generated: torch.Tensor | None = None) -> list[AttentionMap]:
         """Self-attention weights [n_layer, n_head, T, T] of one causal forward over `idx` [1, T]
@@ -343,6 +354,7 @@ class Transformer(LanguageModel):
 
     def _forward(self, idx: torch.Tensor, state: KVCache | None, rows: Rows | BucketRows | None,
                  record: list[torch.Tensor] | None) -> torch.Tensor:
+        """The last hidden states [B, T, d_model], after the final norm."""
         B, T = idx.shape
         cache = None
         if state is not None:
@@ -368,11 +380,7 @@ class Transformer(LanguageModel):
         x = self.embed_dropout(x)
         for block in self.blocks:
             x = block(x, rope, cache, record)
-        logits = self.lm_head(self.final_norm(x)).float()
-        if self.config.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return self.final_norm(x)
 
     def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != positions.device:

@@ -22,7 +22,7 @@ from llmcli.options.fields import (
     option,
     threads_option,
 )
-from llmcli.options.sampling import BeamOptions, SamplingParams, SpeculationOptions
+from llmcli.options.sampling import BeamOptions, FormatOptions, SamplingParams, SpeculationOptions
 
 API_KEY_ENV = "LLMCLI_API_KEY"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?)b?|b)?\s*", re.IGNORECASE)
@@ -182,6 +182,13 @@ class GenerateOptions(Options):
       llmcli generate runs/g2p "shakespeare" --beams 4
 
       llmcli generate runs/char "ROMEO:" --temperature 0 --draft runs/char-small --json
+
+      llmcli generate runs/bpe "A person: " --json-schema person.json --temperature 0
+
+    --json-schema FILE, --regex R or --grammar FILE constrain the output: at each step the tokens that
+    cannot continue the format are masked out, so the text always matches it (unless it is cut by
+    --max-new-tokens or a --stop string). A vocabulary that cannot spell the format (a char
+    vocabulary without `{`) is refused, naming the missing characters.
     """
 
     run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")
@@ -194,6 +201,7 @@ class GenerateOptions(Options):
     sampling: SamplingParams = nested(SamplingParams)
     beam: BeamOptions = nested(BeamOptions)
     speculation: SpeculationOptions = nested(SpeculationOptions)
+    constraint: FormatOptions = nested(FormatOptions)
     steps: EngineOptions = nested(EngineOptions)
     num_samples: int = option(1, "--num-samples", "-s", help="Samples per prompt (with --beams: the best "
                                                               "hypotheses).", check=AT_LEAST_ONE)
@@ -210,6 +218,8 @@ class GenerateOptions(Options):
         if self.speculation.enabled and self.sampling.repetition_penalty != 1.0:
             raise FieldError("repetition_penalty", "does not combine with speculative decoding (it would change "
                                                    "between guesses)")
+        if self.beam.beams > 1 and self.constraint.enabled:
+            raise FieldError("beams", "and a constrained output (--json-schema, --regex, --grammar) do not combine")
         if self.beam.beams > 1 and self.num_samples > self.beam.beams:
             raise FieldError("num_samples", f"must be at most --beams ({self.beam.beams}): beam search returns "
                                             "its best hypotheses")
@@ -220,7 +230,8 @@ class ServeOptions(Options):
     """Serve a model over an OpenAI-compatible HTTP API, with continuous batching and streaming.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream=true gives
-    server-sent events), GET /health, GET /metrics. Requests join and leave the running batch at every step;
+    server-sent events), POST /v1/embeddings, GET /health, GET /metrics. `response_format` (json_object,
+    json_schema) constrains replies; chat takes `tools` and answers `tool_calls`. Requests join and leave the running batch at every step;
     greedy output is the same as `llmcli generate` whatever else runs. A transformer's KV cache is
     paged (blocks of --block-size tokens, as vLLM's): memory follows actual lengths, prompts that
     start alike share their cached blocks, and when blocks run out the newest sequence waits and
@@ -248,6 +259,8 @@ class ServeOptions(Options):
       curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 50}'
 
       llmcli serve runs/char --draft runs/char-small --draft-tokens 4
+
+      llmcli serve runs/char --adapter plays=runs/char-lora --adapter sonnets=runs/char-lora2
 
       llmcli serve runs/llama --engine vllm -- --tensor-parallel-size 2    # needs vllm and GPUs
     """
@@ -284,6 +297,11 @@ class ServeOptions(Options):
                                                                          "layout (see above) instead of the "
                                                                          "checkpoint's.", dir_okay=False)
     speculation: SpeculationOptions = nested(SpeculationOptions)
+    adapters: tuple[str, ...] = option((), "--adapter", metavar="NAME=RUN",
+                                       help="Also serve this LoRA adapter run of RUN_DIR as model NAME (repeatable); "
+                                            "requests pick one by `model`, and requests for different adapters "
+                                            "share batches.",
+                                       cli_type=Optional[list[str]], convert=lambda items: tuple(items or ()))
     steps: EngineOptions = nested(EngineOptions)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
@@ -311,6 +329,8 @@ class ServeOptions(Options):
         if self.engine == "vllm" and self.speculation.enabled:
             raise FieldError("engine", "vllm speculates with its own options: drop --draft/--prompt-lookup (pass "
                                        "vLLM's --speculative-config after --)")
+        if self.adapters and self.engine == "vllm":
+            raise FieldError("adapters", "go to llmcli's engine; vLLM takes its own --lora-modules after --")
         if self.model_name is not None and not self.model_name:
             raise FieldError("model_name", "cannot be empty")
         if self.api_key is not None and not self.api_key.strip():
@@ -356,5 +376,34 @@ class ChatOptions(Options):
                                                                          "instead of the checkpoint's.",
                                            dir_okay=False)
     sampling: SamplingParams = nested(SamplingParams)
+    constraint: FormatOptions = nested(FormatOptions)
     device: str = option("auto", "--device", help=DEVICE_HELP)
     dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedOptions(Options):
+    """Turn lines of text into vectors: one unit-length embedding per non-blank line.
+
+    Each family pools its own states: decoder-only and recurrent models average their last hidden
+    states over the line's tokens; sequence-to-sequence models average their encoder's states over
+    the source (the line). Vectors are L2-normalized, so a dot product is the cosine similarity.
+    A line longer than the model takes is refused, naming it. --out FILE.npy writes one float32 row
+    per line (numpy); FILE.jsonl (or stdout, without --out) one {"text", "embedding"} object per line.
+
+    Examples:
+
+      llmcli embed runs/char --input lines.txt --out vectors.npy
+
+      printf 'ROMEO:\\nJULIET:\\n' | llmcli embed runs/char
+    """
+
+    run_dir: Path = argument(metavar="RUN_DIR", help="Run or checkpoint directory.")
+    input: Optional[Path] = option(None, "--input", "-i", help="A UTF-8 file of texts, one per line (default: "
+                                                               "stdin).", dir_okay=False)
+    out: Optional[Path] = option(None, "--out", "-o", help="Write the vectors here: .npy or .jsonl (default: JSON "
+                                                           "lines on stdout).", dir_okay=False)
+    overwrite: bool = option(False, "--overwrite", help="Replace --out if it exists.")
+    device: str = option("auto", "--device", help=DEVICE_HELP)
+    dtype: str = option("auto", "--dtype", help=AUTO_DTYPE_HELP)
+    threads: Optional[int] = threads_option()

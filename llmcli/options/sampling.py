@@ -98,3 +98,56 @@ class SpeculationOptions(Options):
     @property
     def enabled(self) -> bool:
         return self.draft is not None or self.prompt_lookup > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormatOptions(Options):
+    """Constrained decoding: the output must be in one format (generate and chat)."""
+
+    json_schema: Optional[Path] = option(None, "--json-schema", metavar="FILE",
+                                         help="Constrain the output to JSON matching this JSON schema file "
+                                              "({\"type\": \"object\"}: any JSON object).", dir_okay=False)
+    regex: Optional[str] = option(None, "--regex", metavar="REGEX",
+                                  help="Constrain the output to text matching this regular expression (whole).")
+    grammar: Optional[Path] = option(None, "--grammar", metavar="FILE",
+                                     help="Constrain the output to this Lark grammar (llguidance's dialect: "
+                                          "`start: ...`; %json {...} inlines a JSON schema).", dir_okay=False)
+
+    def check(self) -> None:
+        given = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise FieldError(given[1], f"and --{given[0].replace('_', '-')} both constrain the output: give one")
+        if self.regex is not None and not self.regex:
+            raise FieldError("regex", "cannot be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
+
+    def format(self):
+        """The constraint as a constrain.grammar.Format (None: free text); files read and checked."""
+        import json
+
+        from llmcli.constrain.grammar import Format, GrammarError
+        from llmcli.errors import UserError
+
+        if self.regex is not None:
+            return Format.regex(self.regex)
+        path = self.json_schema or self.grammar
+        if path is None:
+            return None
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"{'--json-schema' if self.json_schema else '--grammar'} file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        if self.grammar is not None:
+            return Format.grammar(text)
+        try:
+            return Format.json_schema(json.loads(text))
+        except ValueError as exc:
+            raise UserError(f"{path}: not a JSON schema ({exc})") from None
+        except GrammarError as exc:
+            raise UserError(f"{path}: {exc}") from None

@@ -11,7 +11,12 @@ Endpoints (OpenAI semantics, JSON in and out; the wire format is in protocol.py)
   With a seed, choice j of every prompt uses seed + j (as `llmcli generate --num-samples`).
 * `POST /v1/chat/completions`: `messages` rendered into one prompt by the chat template (chat.py),
   the same options (`max_tokens` or `max_completion_tokens`, default 256), streamed as
-  `choices[].delta` chunks.
+  `choices[].delta` chunks; `tools` and `tool_choice` (tools.py) answered with `tool_calls`.
+* Both take `response_format` (json_object, json_schema, and llmcli's regex and grammar): the reply
+  is constrained to it token by token (llmcli/constrain/).
+* `POST /v1/embeddings`: `input` (a string, strings, token ids or lists of them), `encoding_format`
+  float or base64; one unit vector per input, pooled as the family says (llmcli/embed.py).
+* With `--adapter NAME=RUN`, `model` picks the base or one of its LoRA adapters, per request.
 
 A prompt longer than the context window keeps its last block_size tokens (`usage.prompt_tokens`
 counts what the model saw).
@@ -39,18 +44,30 @@ from llmcli.errors import UserError
 from llmcli.generate.outputs import CacheUse
 from llmcli.serve.guard import Guard
 from llmcli.serve.metrics import CONTENT_TYPE
-from llmcli.serve.prompts import check_model, completion_prompts, encode_prompt, parse_body
+from llmcli.serve.prompts import (
+    check_model,
+    checked_format,
+    completion_prompts,
+    embedding_inputs,
+    encode_prompt,
+    parse_body,
+    request_tools,
+)
 from llmcli.serve.protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
     APIError,
     ChatBody,
     CompletionBody,
+    EmbeddingBody,
     chat_messages,
+    embedding_body,
     invalid,
+    output_format,
 )
 from llmcli.serve.replies import serve_request
 from llmcli.serve.state import ServerState
+from llmcli.serve.tools import call_format
 
 log = logging.getLogger("uvicorn.error")  # shows in uvicorn's log format
 
@@ -84,7 +101,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in (("/v1/completions", CompletionBody), ("/v1/chat/completions", ChatBody)):
+        for path, model in (("/v1/completions", CompletionBody), ("/v1/chat/completions", ChatBody),
+                            ("/v1/embeddings", EmbeddingBody)):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
@@ -114,10 +132,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         return APIError(500, "internal server error (see the server log)", type="server_error").response()
 
 
+def _embed(state: ServerState, inputs: list[list[int]], adapter: int):
+    """The inputs' vectors, one request at a time (a worker thread, beside the engine's)."""
+    with state.embed_lock:
+        if state.adapters is None:
+            return state.embedder.vectors(inputs)
+        with state.adapters.selected([adapter] * len(inputs)):
+            return state.embedder.vectors(inputs)
+
+
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    def model_card() -> dict[str, Any]:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmcli",
+    def model_card(name: str) -> dict[str, Any]:
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": "llmcli",
                 "max_model_len": state.block_size}
+        return card if name == state.model_name else {**card, "parent": state.model_name}
 
     @app.get("/health")
     async def health():
@@ -142,34 +170,58 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         check_model(state, model_id)
-        return model_card()
+        return model_card(model_id)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await parse_body(request, EmbeddingBody)
+        inputs = embedding_inputs(state, body)
+        if state.draining:
+            raise APIError(503, "the server is shutting down")
+        adapter = state.adapter_index(body.model)
+        vectors = await asyncio.to_thread(_embed, state, inputs, adapter)
+        if body.dimensions is not None and body.dimensions != vectors.shape[1]:
+            raise invalid(f"dimensions: this model's embeddings have {vectors.shape[1]} dimensions and cannot be "
+                          "shortened (it was not trained to keep meaning in a prefix of them)", "dimensions")
+        return embedding_body(body, vectors, sum(len(ids) for ids in inputs), body.model or state.model_name)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse_body(request, CompletionBody)
+        fmt = await checked_format(state, output_format(body), "response_format")
         prompts = await completion_prompts(state, body.prompt)
         return await serve_request(state, request, body, prompts, chat=False,
-                            max_tokens=body.max_tokens or DEFAULT_COMPLETION_TOKENS, extra_stop=())
+                                   max_tokens=body.max_tokens or DEFAULT_COMPLETION_TOKENS, extra_stop=(), fmt=fmt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatBody)
         messages = chat_messages(body.messages)
+        fmt = output_format(body)
+        mode, tools = request_tools(state, body)
+        if mode == "required":
+            if fmt is not None:
+                raise invalid("response_format: tool_choice already constrains the reply to a tool call; give one "
+                              "of them", "response_format")
+            fmt = await checked_format(state, call_format(tools), "tools")
+        else:
+            fmt = await checked_format(state, fmt, "response_format")
         if state.task == "seq2seq":  # the last user message is the source
-            users = [content for role, content in messages if role == "user"]
+            users = [m["content"] for m in messages if m["role"] == "user"]
             if not users:
                 raise invalid("messages: a sequence-to-sequence model needs a user message (its source)", "messages")
             prompt, stop = await encode_prompt(state, users[-1], "messages"), ()
         else:
             try:
-                text = state.template.render(messages)
+                text = state.template.render(messages, tools=[t.spec() for t in tools] if mode != "none" else None)
             except UserError as exc:  # the chat template refused the conversation
                 raise invalid(str(exc), "messages", "chat_template_error") from None
             prompt, stop = await encode_prompt(state, text, "messages"), state.template.stop
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_TOKENS
-        return await serve_request(state, request, body, [prompt], chat=True, max_tokens=max_tokens, extra_stop=stop)
+        return await serve_request(state, request, body, [prompt], chat=True, max_tokens=max_tokens, extra_stop=stop,
+                                   fmt=fmt, tools=tools if mode != "none" else [])

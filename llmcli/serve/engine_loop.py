@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llmcli.constrain.grammar import Format
 from llmcli.errors import UserError
 from llmcli.generate.outputs import CacheUse
 from llmcli.generate.text import Completion, Generator
@@ -42,6 +43,8 @@ class SequenceSpec:
     index: int  # the choice index
     prompt: Prompt
     params: SamplingParams
+    format: Format | None = None  # the output's format (constrained decoding), None: free text
+    adapter: int = 0  # the LoRA adapter its rows use (0: the base)
 
 
 @dataclass
@@ -215,7 +218,7 @@ class EngineLoop:
     def _submit(self, job: Job) -> None:
         try:
             for seq in job.sequences:
-                rid = self.generator.submit(seq.prompt.ids, seq.params)
+                rid = self.generator.submit(seq.prompt.ids, seq.params, seq.format, seq.adapter)
                 job.rids.append(rid)
                 self._owners[rid] = (job, seq.index)
                 if self.metrics is not None:

@@ -14,16 +14,18 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse
 
+from llmcli.constrain.grammar import Format, GrammarError
 from llmcli.errors import FieldError
-from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
+from llmcli.generate.request import FINISH_EOT, FINISH_FORMAT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion
 from llmcli.options.sampling import SamplingParams
+from llmcli.serve.tools import CallStream, Tool, parse_reply
 
 MAX_BODY_BYTES = 1 << 20
 MAX_TOKENS_LIMIT = 1 << 16  # max_tokens above this are refused
@@ -108,6 +110,7 @@ class Body(BaseModel):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
     user: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -173,6 +176,8 @@ class Message(BaseModel):
     role: str = Field(min_length=1)
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # role "tool": the call it answers
 
 
 class ChatBody(Body):
@@ -181,23 +186,72 @@ class ChatBody(Body):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingBody(BaseModel):
+    """POST /v1/embeddings: OpenAI's fields."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Optional[str] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be empty")
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return value
+
+    @field_validator("encoding_format")
+    @classmethod
+    def _encoding(cls, value: Any) -> Any:
+        if value not in (None, "float", "base64"):
+            raise ValueError(f"must be float or base64; got {value!r}")
+        return value
+
+
+def embedding_body(body: EmbeddingBody, vectors: Any, tokens: int, model: str) -> dict[str, Any]:
+    """OpenAI's embeddings response: floats, or base64 of little-endian float32 (what the openai
+    client asks for and decodes)."""
+    import base64
+
+    import numpy as np
+
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.encoding_format == "base64":
+            value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        else:
+            value = [float(x) for x in vector]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def unsupported(body: Any) -> None:
     """Refuse OpenAI fields that would change the answer and that this server does not implement."""
     checks = [
-        ("presence_penalty", body.presence_penalty not in (None, 0), "use repetition_penalty instead"),
-        ("frequency_penalty", body.frequency_penalty not in (None, 0), "use repetition_penalty instead"),
-        ("logit_bias", bool(body.logit_bias), None),
+        ("presence_penalty", getattr(body, "presence_penalty", None) not in (None, 0), "use repetition_penalty instead"),
+        ("frequency_penalty", getattr(body, "frequency_penalty", None) not in (None, 0),
+         "use repetition_penalty instead"),
+        ("logit_bias", bool(getattr(body, "logit_bias", None)), None),
         ("logprobs", getattr(body, "logprobs", None) not in (None, False, 0), None),
         ("top_logprobs", getattr(body, "top_logprobs", None) not in (None, 0), None),
         ("suffix", bool(getattr(body, "suffix", None)), None),
-        ("best_of", getattr(body, "best_of", None) not in (None, 1, body.n or 1), None),
-        ("tools", bool(getattr(body, "tools", None)), None),
-        ("functions", bool(getattr(body, "functions", None)), None),
-        ("response_format", (getattr(body, "response_format", None) or {}).get("type", "text") != "text", None),
+        ("best_of", getattr(body, "best_of", None) not in (None, 1, getattr(body, "n", None) or 1), None),
+        ("functions", bool(getattr(body, "functions", None)), "use tools"),
     ]
     for name, refused, hint in checks:
         if refused:
@@ -205,8 +259,9 @@ def unsupported(body: Any) -> None:
                           "unsupported_parameter")
 
 
-def chat_messages(messages: list[Message]) -> list[tuple[str, str]]:
-    """(role, text) of each message; content parts other than text are refused."""
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Each message as the chat template takes it ({"role", "content"}, and an assistant's
+    `tool_calls` or a tool's `tool_call_id`); content parts other than text are refused."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -218,8 +273,65 @@ def chat_messages(messages: list[Message]) -> list[tuple[str, str]]:
                                   f"messages.{i}.content.{j}")
                 texts.append(part.text)
             content = "".join(texts)
-        out.append((message.role, content or ""))
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [_earlier_call(call, f"messages.{i}.tool_calls.{j}")
+                                   for j, call in enumerate(message.tool_calls)]
+        if message.role == "tool":
+            entry["tool_call_id"] = message.tool_call_id or ""
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
     return out
+
+
+def _earlier_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    """An assistant's earlier call, with its arguments as an object (what chat templates expect)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(f"{where}: must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}",
+                      where)
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except ValueError:
+            raise invalid(f"{where}.function.arguments: not valid JSON", f"{where}.function.arguments") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def output_format(body: Body) -> Format | None:
+    """The body's `response_format` as a Format (None: free text). Besides OpenAI's `text`,
+    `json_object` and `json_schema` ({"name", "schema", "strict"}), llmcli takes `{"type": "regex",
+    "regex": ...}` and `{"type": "grammar", "grammar": LARK}`."""
+    spec = body.response_format
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Format.json_object()
+        if kind == "json_schema":
+            inner = spec.get("json_schema")
+            if not isinstance(inner, dict) or "schema" not in inner:
+                raise invalid("response_format.json_schema: must be an object with a \"schema\" (and \"name\", "
+                              "\"strict\")", "response_format.json_schema")
+            strict = inner.get("strict")
+            if strict is not None and not isinstance(strict, bool):
+                raise invalid("response_format.json_schema.strict: must be true or false",
+                              "response_format.json_schema.strict")
+            return Format.json_schema(inner["schema"], bool(strict))
+        if kind in ("regex", "grammar"):
+            value = spec.get(kind)
+            if not isinstance(value, str) or not value:
+                raise invalid(f"response_format.{kind}: must be a non-empty string", f"response_format.{kind}")
+            return Format.regex(value) if kind == "regex" else Format.grammar(value)
+    except GrammarError as exc:
+        raise invalid(f"response_format.json_schema.schema: {exc}", "response_format.json_schema.schema") from None
+    raise invalid(f"response_format.type: unknown type {kind!r} (expected text, json_object, json_schema, regex "
+                  "or grammar)", "response_format.type")
 
 
 def sampling_params(body: Body, max_tokens: int, extra_stop: Sequence[str] = ()) -> SamplingParams:
@@ -244,7 +356,7 @@ def sampling_params(body: Body, max_tokens: int, extra_stop: Sequence[str] = ())
 
 
 def finish_reason(reason: str | None) -> str | None:
-    if reason in (FINISH_EOT, FINISH_STOP):
+    if reason in (FINISH_EOT, FINISH_STOP, FINISH_FORMAT):
         return "stop"
     if reason == FINISH_LENGTH:
         return "length"
@@ -265,27 +377,39 @@ def sse(data: Any) -> str:
 
 @dataclass(frozen=True)
 class Reply:
-    """One response's id, time and model, and its JSON body or stream chunks in OpenAI's shape."""
+    """One response's id, time and model, and its JSON body or stream chunks in OpenAI's shape.
+    With `tools`, chat replies are parsed into `tool_calls` (tools.py)."""
 
     chat: bool
     model: str
     ident: str
     created: int
     include_usage: bool = False  # streams: a last chunk with the usage
+    tools: tuple[Tool, ...] = ()
+    _calls: dict[int, CallStream] = field(default_factory=dict, compare=False)  # streams: per choice
 
     @classmethod
-    def new(cls, chat: bool, model: str, include_usage: bool = False) -> Reply:
+    def new(cls, chat: bool, model: str, include_usage: bool = False, tools: Sequence[Tool] = ()) -> Reply:
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        return cls(chat, model, ident, int(time.time()), include_usage)
+        return cls(chat, model, ident, int(time.time()), include_usage, tuple(tools))
 
     def body(self, indices: Sequence[int], texts: Sequence[str], completions: Sequence[Completion],
              n: int) -> dict[str, Any]:
         """The whole (non-streamed) response."""
         choices = []
         for i, text, c in zip(indices, texts, completions, strict=True):
-            content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": i, **content, "logprobs": None,
-                            "finish_reason": finish_reason(c.finish_reason)})
+            reason = finish_reason(c.finish_reason)
+            if not self.chat:
+                content: dict[str, Any] = {"text": text}
+            else:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if self.tools:
+                    message["content"], calls = parse_reply(text, list(self.tools))
+                    if calls:
+                        message["tool_calls"] = [call.body() for call in calls]
+                        reason = "tool_calls"
+                content = {"message": message}
+            choices.append({"index": i, **content, "logprobs": None, "finish_reason": reason})
         return {"id": self.ident, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices,
                 "usage": usage(completions, n)}
@@ -299,7 +423,8 @@ class Reply:
             base["usage"] = None
         return sse({**base, "choices": choices, **extra})
 
-    def choice(self, index: int, text: str | None, reason: str | None, role: bool = False) -> dict[str, Any]:
+    def choice(self, index: int, text: str | None, reason: str | None, role: bool = False,
+               tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """A streamed choice: `text` for completions, a `delta` for chat (None: no content)."""
         if not self.chat:
             return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
@@ -308,6 +433,8 @@ class Reply:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
     def opening(self, prompts: Sequence[tuple[int, str]], echo: bool) -> str:
@@ -326,11 +453,28 @@ class Reply:
             if not self.chat:
                 out.append(self.chunk([self.choice(ev.index, ev.text, reason)]))
                 continue
-            if ev.text:
-                out.append(self.chunk([self.choice(ev.index, ev.text, None)]))
+            text = ev.text
+            if self.tools:
+                text, calls = self._calls.setdefault(ev.index, CallStream(list(self.tools))).push(ev.text, ev.finished)
+                out += self._call_chunks(ev.index, calls)
+                if ev.finished and self._calls[ev.index].calls:
+                    reason = "tool_calls"
+            if text:
+                out.append(self.chunk([self.choice(ev.index, text, None)]))
             if ev.finished:
                 out.append(self.chunk([self.choice(ev.index, None, reason)]))
         return "".join(out)
+
+    def _call_chunks(self, index: int, calls: Sequence[Any]) -> list[str]:
+        """OpenAI streams a call as its id and name, then its arguments (here in one piece)."""
+        out = []
+        first = self._calls[index].calls - len(calls)
+        for k, call in enumerate(calls, start=first):
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            out.append(self.chunk([self.choice(index, None, None, tool_calls=[head])]))
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            out.append(self.chunk([self.choice(index, None, None, tool_calls=[args])]))
+        return out
 
     def usage_chunk(self, completions: Sequence[Completion], n: int) -> str:
         return self.chunk([], usage=usage(completions, n))

@@ -15,10 +15,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from llmcli.constrain.grammar import Format
 from llmcli.options.sampling import SamplingParams
 from llmcli.serve.engine_loop import Job, Prompt, SequenceSpec
 from llmcli.serve.protocol import DONE, APIError, Reply, invalid, sampling_params
 from llmcli.serve.state import ServerState
+from llmcli.serve.tools import Tool
 
 log = logging.getLogger("uvicorn.error")  # shows in uvicorn's log format
 
@@ -44,14 +46,19 @@ def _check_prompt_fits(state: ServerState, ids: list[int]) -> None:
                       "(--num-blocks / --kv-cache-memory)", "prompt", "prompt_too_long")
 
 
-def _sequences(prompts: list[Prompt], n: int, params: SamplingParams) -> list[SequenceSpec]:
+def _sequences(prompts: list[Prompt], n: int, params: SamplingParams, fmt: Format | None,
+               adapter: int) -> list[SequenceSpec]:
     """n choices per prompt; with a seed, choice j uses seed + j."""
-    return [SequenceSpec(i * n + j, prompt, replace(params, seed=None if params.seed is None else params.seed + j))
+    return [SequenceSpec(i * n + j, prompt, replace(params, seed=None if params.seed is None else params.seed + j),
+                         fmt, adapter)
             for i, prompt in enumerate(prompts) for j in range(n)]
 
 
 async def serve_request(state: ServerState, request: Request, body: Any, prompts: list[Prompt], *, chat: bool,
-                 max_tokens: int, extra_stop: Sequence[str]) -> Response:
+                        max_tokens: int, extra_stop: Sequence[str], fmt: Format | None = None,
+                        tools: Sequence[Tool] = ()) -> Response:
+    """Admit the request's sequences (constrained to `fmt` when given), then answer; with `tools`,
+    chat replies are parsed into tool calls."""
     params = sampling_params(body, max_tokens, extra_stop)
     if state.speculative and params.repetition_penalty != 1.0:
         raise invalid("repetition_penalty: this server decodes speculatively (--draft or --prompt-lookup), which "
@@ -62,13 +69,15 @@ async def serve_request(state: ServerState, request: Request, body: Any, prompts
         if state.task == "lm" and state.block_size is not None and len(p.ids) > state.block_size:
             log.info("a prompt of %d tokens keeps its last %d (the context window)", len(p.ids), state.block_size)
         _check_prompt_fits(state, p.ids)
-    job = Job(state.engine, _sequences(prompts, n, params), on_release=state.release)
+    sequences = _sequences(prompts, n, params, fmt, state.adapter_index(body.model))
+    job = Job(state.engine, sequences, on_release=state.release)
     state.in_flight += len(job.sequences)
     state.requests += 1
     state.engine.submit(job)
 
     echo = bool(getattr(body, "echo", False))
-    reply = Reply.new(chat, state.model_name, include_usage=bool((body.stream_options or {}).get("include_usage")))
+    reply = Reply.new(chat, body.model or state.model_name, include_usage=bool((body.stream_options or {}).get("include_usage")),
+                      tools=tools)
     if body.stream:
         return EventStream(_stream(job, reply, n, echo), job, state)
     return await _answer(state, request, job, reply, n, echo)

@@ -20,7 +20,9 @@ from tokenizers import Tokenizer
 
 from llmcli import ui
 from llmcli.chat_template import load_chat_template
+from llmcli.constrain.grammar import Grammars
 from llmcli.device import configure_threads, select_device, select_dtype
+from llmcli.embed import Embedder
 from llmcli.errors import UserError
 from llmcli.generate.outputs import CacheUse
 from llmcli.generate.text import Generator
@@ -91,29 +93,37 @@ def cache_summary(use: CacheUse) -> str:
 
 def build_state(model: Any, tokenizer: Any, opts: ServeOptions, template: Any = None, *,
                 max_body_bytes: int = MAX_BODY_BYTES, stop_token_ids: Sequence[int] | None = None,
-                source_tokenizer: Any = None, speculation: Any = None) -> ServerState:
+                source_tokenizer: Any = None, speculation: Any = None, adapters: Any = None) -> ServerState:
     """Everything a server needs for a loaded model (the engine thread starts with the app).
 
     `template` defaults to the one `opts.chat_template` names; `stop_token_ids` to <|endoftext|>. A
     seq2seq model's prompts are its sources, encoded with `source_tokenizer` (default: the shared
-    `tokenizer`). `speculation` (speculator.Speculation) decodes speculatively.
+    `tokenizer`). `speculation` (speculator.Speculation) decodes speculatively. `adapters`
+    (llmcli.adapters.Adapters, already wrapped into `model`) are served beside the base; blocks are
+    then not shared between prompts (the same prefix has other keys under another adapter).
     """
     metrics = ServerMetrics(speculative=speculation is not None)
     options = engine_options(model, opts)
+    if adapters is not None and "prefix_cache" in options:
+        options["prefix_cache"] = False
+    grammars = Grammars(tokenizer, stop_token_ids[0] if stop_token_ids else eot_id(tokenizer))
     engine = EngineLoop(lambda: Generator(model, tokenizer, max_batch_size=opts.max_batch_size,
                                           source_tokenizer=source_tokenizer, stop_token_ids=stop_token_ids,
-                                          speculation=speculation, **options),
+                                          speculation=speculation, grammars=grammars, **options),
                         metrics)
     name = _model_name(opts)
     seq2seq = model.task == "seq2seq"
     prompts = source_tokenizer or tokenizer if seq2seq else tokenizer  # what requests encode with
     # what an empty prompt starts from
     eot = stop_token_ids[0] if stop_token_ids and not seq2seq else eot_id(prompts)
+    embedder = Embedder(model, Tokenizer.from_str(prompts.to_str()))
     return ServerState(engine=engine, tokenizer=Tokenizer.from_str(prompts.to_str()), eot=eot,
+                       embedder=embedder, adapters=adapters,
                        model_name=name, block_size=model.context_length,
                        vocab_size=prompts.get_vocab_size(with_added_tokens=True),
                        max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
                        template=template if template is not None else load_chat_template(opts.chat_template),
+                       grammars=grammars,
                        api_key=opts.api_key, max_body_bytes=max_body_bytes, task=model.task,
                        source_length=model.source_length, metrics=metrics, speculative=speculation is not None,
                        max_prompt_tokens=_pool_tokens(engine.stats.cache))
@@ -196,8 +206,9 @@ def serve_command(opts: ServeOptions) -> None:
                                  chat_template=opts.chat_template)
         template = loaded.chat_template  # a bad template fails here, before any request
         speculation = _speculation(opts, loaded.directory, loaded.tokenizer, device)
+        adapters = _adapters(opts, loaded.model, loaded.directory, device)
         state = build_state(loaded.model, loaded.tokenizer, opts, template, stop_token_ids=loaded.end_ids,
-                            source_tokenizer=loaded.source_tokenizer, speculation=speculation)
+                            source_tokenizer=loaded.source_tokenizer, speculation=speculation, adapters=adapters)
         _announce(opts, state, sock, loaded.parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done
@@ -215,6 +226,21 @@ def _speculation(opts: ServeOptions, directory: Path, tokenizer: Any, device: to
     return load_speculation(opts.speculation, directory, tokenizer, device, select_dtype(opts.dtype, device))
 
 
+def _adapters(opts: ServeOptions, model: Any, directory: Path, device: torch.device):
+    """--adapter NAME=RUN ... loaded onto the base (None without them)."""
+    if not opts.adapters:
+        return None
+    from llmcli.adapters import AdapterSpec, load_adapters
+
+    if model.task == "seq2seq":
+        raise UserError("--adapter: several adapters are served on a language model; this one is a "
+                        f"model.arch={model.config.arch} sequence-to-sequence model")
+    specs = [AdapterSpec.parse(text) for text in opts.adapters]
+    if _model_name(opts) in [s.name for s in specs]:
+        raise UserError(f"--adapter {_model_name(opts)}=...: that is the base model's name (see --model-name)")
+    return load_adapters(model, directory, specs, device, select_dtype(opts.dtype, device))
+
+
 def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, parameters: int,
               device: torch.device) -> None:
     host, port = sock.getsockname()[:2]
@@ -222,6 +248,8 @@ def _announce(opts: ServeOptions, state: ServerState, sock: socket.socket, param
     ui.log(f"serving {state.model_name} ({ui.format_count(parameters)} parameters, context {state.block_size or 'unlimited'}, "
            f"{device.type}) at http://{shown}:{port}/v1 - batch {opts.max_batch_size}, queue "
            f"{opts.max_queue}, {cache_summary(state.engine.stats.cache)}, API key {'required' if opts.api_key else 'off'}; Ctrl-C stops")
+    if state.adapters is not None:
+        ui.log(f"adapters: {', '.join(state.adapters.names)} (a request's model picks one; they share batches)")
     spec = opts.speculation
     if spec.enabled:
         source = f"draft {spec.draft}" if spec.draft is not None else f"prompt lookup (n={spec.prompt_lookup})"

@@ -351,7 +351,7 @@ def test_the_explicit_attention_path_gives_the_sdpa_logits(make_model, preset, e
     idx = torch.randint(0, VOCAB, (2, 13))
     record: list[torch.Tensor] = []
     with torch.no_grad():
-        explicit, fused = model._forward(idx, None, None, record), model(idx)
+        explicit, fused = model.lm_head(model._forward(idx, None, None, record)).float(), model(idx)
     assert len(record) == 2 and record[0].shape == (2, 4, 13, 13)
     torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-5)
 

@@ -126,6 +126,12 @@ class Running:
         assert not self.thread.is_alive()
 
 
+@pytest.fixture(scope="session")
+def running_class() -> type[Running]:
+    """The Running class, for module-scoped servers of other checkpoints."""
+    return Running
+
+
 @pytest.fixture
 def start_server(loaded):
     """start_server(model=None, tokenizer=None, **options): a Running server (of `loaded` unless
