@@ -3,6 +3,7 @@ one-line-error check every command's tests use."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -384,3 +386,12 @@ def read_png():
         return pixels
 
     return read
+
+
+def json_valid(text: str, schema: dict) -> bool:
+    """Whether `text` parses as JSON and matches `schema` (what constrained decoding promises)."""
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True

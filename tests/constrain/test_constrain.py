@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 
-import jsonschema
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from llmcli.generate.text import Generator
 from llmcli.models.registry import build_model
 from llmcli.options.sampling import SamplingParams
 from llmcli.tokenizer import decode, eot_id, train_tokenizer
+from tests.conftest import json_valid
 
 # Text whose characters spell JSON (the char vocabulary learns them all).
 JSON_TEXT = ('{"name": "ROMEO", "age": 17, "lines": ["But soft", "what light"], "mood": "sad"}\n'
@@ -54,14 +54,6 @@ def random_model(vocab: int, seed: int = 0, **fields):
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
     return model
-
-
-def valid(text: str, schema: dict) -> bool:
-    try:
-        jsonschema.validate(json.loads(text), schema)
-    except (ValueError, jsonschema.ValidationError):
-        return False
-    return True
 
 
 # -- what tokens spell -------------------------------------------------------------------------------
@@ -146,7 +138,7 @@ def test_every_family_samples_valid_json(json_tokenizer, family):
             texts[ev.id] += ev.text
     done = [generator.completion(i) for i in ids]
     for c in done:
-        assert c.finish_reason in (FINISH_EOT, FINISH_FORMAT) and valid(c.completion, SCHEMA), c.completion
+        assert c.finish_reason in (FINISH_EOT, FINISH_FORMAT) and json_valid(c.completion, SCHEMA), c.completion
         assert texts[c.id] == c.completion  # streamed pieces add up to the completion
     assert len({c.completion for c in done}) > 1  # seeds differ, samples differ
 
@@ -154,7 +146,7 @@ def test_every_family_samples_valid_json(json_tokenizer, family):
 def test_without_the_constraint_a_random_model_writes_no_json(json_tokenizer):
     generator = Generator(random_model(json_tokenizer.get_vocab_size()), json_tokenizer, max_batch_size=4)
     done = generator.generate(["ROMEO:"] * 4, [SamplingParams(max_new_tokens=60, seed=s) for s in range(4)])
-    assert not any(valid(c.completion, SCHEMA) for c in done)
+    assert not any(json_valid(c.completion, SCHEMA) for c in done)
 
 
 # Five schemas of different shapes: strings, bounded integers, enums, booleans, arrays, nested objects,
@@ -189,7 +181,7 @@ def test_two_hundred_requests_of_five_schemas_from_random_weights_all_validate(j
                for i in range(200)]
         while generator.has_work():
             generator.step()
-        return sum(valid(generator.completion(r).completion, schema) for r, schema in ids) / len(ids)
+        return sum(json_valid(generator.completion(r).completion, schema) for r, schema in ids) / len(ids)
 
     assert share_valid(True) == 1.0
     assert share_valid(False) < 0.05
@@ -201,7 +193,7 @@ def test_byte_level_bpe_and_greedy_decoding(bpe_tokenizer):
     while generator.has_work():
         generator.step()
     done = generator.completion(request)
-    assert valid(done.completion, SCHEMA), done.completion
+    assert json_valid(done.completion, SCHEMA), done.completion
 
 
 def test_regex_grammar_stop_strings_and_the_length_limit(json_tokenizer):
@@ -247,11 +239,11 @@ def test_speculative_decoding_checks_proposals_against_the_mask(json_tokenizer, 
         while generator.has_work():
             generator.step()
         outputs.append(generator.completion(request).completion)
-    assert outputs[0] == outputs[1] and valid(outputs[1], SCHEMA)  # greedy: the same tokens as without
+    assert outputs[0] == outputs[1] and json_valid(outputs[1], SCHEMA)  # greedy: the same tokens as without
     sampled = fast.submit("x", SamplingParams(max_new_tokens=150, seed=5), Format.json_schema(SCHEMA))
     while fast.has_work():
         fast.step()
-    assert valid(fast.completion(sampled).completion, SCHEMA)
+    assert json_valid(fast.completion(sampled).completion, SCHEMA)
 
 
 # -- the command line ----------------------------------------------------------------------------------

@@ -38,19 +38,30 @@ MODEL = "tiny"
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A random model with large weights (logits far from ties) and a char tokenizer, named MODEL."""
-    root = tmp_path_factory.mktemp("serve")
-    tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
-    save_tokenizer(tok, root / "tokenizer.json")
+    return char_checkpoint(tmp_path_factory.mktemp("serve") / MODEL, TEXT, BLOCK, std=0.15)
+
+
+@pytest.fixture(scope="session")
+def make_char_checkpoint():
+    """char_checkpoint(directory, text, block, std=) (below), for modules that need another vocabulary."""
+    return char_checkpoint
+
+
+def char_checkpoint(directory: Path, text: str, block: int, *, std: float) -> Path:
+    """`directory`: a random 2 x 32 Transformer with a char tokenizer of `text`, every matrix drawn
+    with spread `std` (large weights keep logits far from ties)."""
+    tok = train_tokenizer(TokenizerConfig(kind="char"), [text])
+    save_tokenizer(tok, directory.parent / "tokenizer.json")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=BLOCK,
+    model = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=block,
                                     vocab_size=tok.get_vocab_size())).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    write_checkpoint(root / MODEL, model, Config(model=model.config), (root / "tokenizer.json").read_bytes(),
+                p.normal_(0.0, std)
+    write_checkpoint(directory, model, Config(model=model.config), (directory.parent / "tokenizer.json").read_bytes(),
                      {"step": 1})
-    return root / MODEL
+    return directory
 
 
 @pytest.fixture(scope="session")

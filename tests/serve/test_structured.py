@@ -7,17 +7,15 @@ from __future__ import annotations
 import base64
 import json
 
-import jsonschema
 import numpy as np
 import pytest
 import torch
 
 from llmcli.checkpoint import BASE, base_pointer, write_checkpoint
-from llmcli.config import Config, LoraConfig, ModelConfig, TokenizerConfig
+from llmcli.config import Config, LoraConfig
 from llmcli.load import load_checkpoint
 from llmcli.lora import add_adapter
-from llmcli.models.transformer import Transformer
-from llmcli.tokenizer import save_tokenizer, train_tokenizer
+from tests.conftest import json_valid
 
 TEXT = ('{"name": "ROMEO", "age": 17, "city": "Verona", "mood": "sad"}\nuser: assistant: tool: tools: '
         "<tool_call></tool_call> 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ ,.:;!?-_'\"{}[]\n")
@@ -32,30 +30,10 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 BLOCK = 256
 
 
-def valid(text: str, schema: dict) -> bool:
-    try:
-        jsonschema.validate(json.loads(text), schema)
-    except (ValueError, jsonschema.ValidationError):
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
-def json_checkpoint(tmp_path_factory):
+def json_checkpoint(tmp_path_factory, make_char_checkpoint):
     """A random transformer whose char vocabulary spells JSON and tool calls."""
-    root = tmp_path_factory.mktemp("structured")
-    tok = train_tokenizer(TokenizerConfig(kind="char"), [TEXT])
-    save_tokenizer(tok, root / "tokenizer.json")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=BLOCK,
-                                    vocab_size=tok.get_vocab_size())).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    write_checkpoint(root / "json", model, Config(model=model.config), (root / "tokenizer.json").read_bytes(),
-                     {"step": 1})
-    return root / "json"
+    return make_char_checkpoint(tmp_path_factory.mktemp("structured") / "json", TEXT, BLOCK, std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +58,11 @@ def test_response_format_both_shapes(json_server):
         assert isinstance(json.loads(choice.message.content), dict), choice.message.content
     shaped = chat(client, response_format={"type": "json_schema", "json_schema": {
         "name": "person", "schema": SCHEMA, "strict": True}}, n=3, seed=2)
-    assert all(valid(c.message.content, SCHEMA) for c in shaped.choices)
+    assert all(json_valid(c.message.content, SCHEMA) for c in shaped.choices)
     assert all(c.finish_reason == "stop" for c in shaped.choices)
     streamed = chat(client, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
                     stream=True, seed=3)
-    assert valid("".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices), SCHEMA)
+    assert json_valid("".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices), SCHEMA)
     completion = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=100, seed=4,
                                            extra_body={"response_format": {"type": "regex", "regex": "[a-z]{3,6}!"}})
     assert completion.choices[0].text.endswith("!") and len(completion.choices[0].text) <= 7
@@ -98,7 +76,7 @@ def test_tool_choice_required_and_named_always_validate(json_server):
         call = choice.message.tool_calls[0]
         assert call.type == "function" and call.id.startswith("call_")
         schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
-        assert valid(call.function.arguments, schema)
+        assert json_valid(call.function.arguments, schema)
     named = chat(client, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
                  seed=6)
     assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
@@ -114,7 +92,7 @@ def test_tool_choice_required_and_named_always_validate(json_server):
             if choice.finish_reason:
                 reasons.append(choice.finish_reason)
     assert reasons == ["tool_calls"] and calls[0]["name"] == "get_weather"
-    assert valid(calls[0]["arguments"], WEATHER["function"]["parameters"])
+    assert json_valid(calls[0]["arguments"], WEATHER["function"]["parameters"])
 
 
 def test_tool_results_go_back_through_the_template_and_none_renders_no_tools(json_server):
@@ -206,11 +184,11 @@ def test_the_openai_client_against_llmcli_serve(serve_process, json_checkpoint):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     shaped = chat(client, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
                   seed=1)
-    assert valid(shaped.choices[0].message.content, SCHEMA)
+    assert json_valid(shaped.choices[0].message.content, SCHEMA)
     assert isinstance(json.loads(chat(client, response_format={"type": "json_object"}, seed=2)
                                  .choices[0].message.content), dict)
     called = chat(client, tools=[WEATHER], tool_choice="required", seed=3)
-    assert valid(called.choices[0].message.tool_calls[0].function.arguments, WEATHER["function"]["parameters"])
+    assert json_valid(called.choices[0].message.tool_calls[0].function.arguments, WEATHER["function"]["parameters"])
     streamed = [c for c in chat(client, tools=[WEATHER], tool_choice="required", stream=True, seed=3) if c.choices]
     arguments = "".join(d.function.arguments or "" for c in streamed for d in c.choices[0].delta.tool_calls or [])
     assert arguments == called.choices[0].message.tool_calls[0].function.arguments  # same seed, same call
