@@ -21,6 +21,7 @@ import torch
 
 from llmcli import ui
 from llmcli.errors import UserError
+from llmcli.io import read_text_file
 from llmcli.models.base import LanguageModel
 from llmcli.tokenizer import encode, unknown_chars, unknown_noun
 
@@ -79,12 +80,7 @@ def read_lines(path: Path | None) -> list[str]:
     if path is None or str(path) == "-":
         return [line for line in sys.stdin.read().splitlines() if line.strip()]
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    lines = [line for line in read_text_file(path, "input file").splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{path} has no text (only blank lines)")
     return lines

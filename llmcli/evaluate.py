@@ -47,6 +47,7 @@ from llmcli.config_loader import load_config
 from llmcli.data.shards import TokenShards
 from llmcli.device import configure_threads, select_device, select_dtype
 from llmcli.errors import FieldError, UserError
+from llmcli.io import read_text_file
 from llmcli.load import load_checkpoint
 from llmcli.models.base import Rows
 from llmcli.options.inference import EvalOptions
@@ -340,12 +341,7 @@ def _evaluate_pairs(checkpoint: str | Path, directory: Path, model: Any, tokeniz
 
 
 def _text_file_tokens(path: Path, tokenizer: Any) -> tuple[np.ndarray, int, str]:
-    if not path.is_file():
-        raise UserError(f"text file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    text = read_text_file(path, "text file")
     missing = unknown_chars(tokenizer, text)
     if missing:
         shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")

@@ -69,6 +69,18 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-"
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; a one-line error "`what` not found: PATH" or "PATH:
+    not UTF-8 text" otherwise."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, then move tmp_path over `path`."""
     path = Path(path)

@@ -15,6 +15,7 @@ from llmcli.errors import UserError
 from llmcli.generate.beam import BeamSearch, BeamSettings
 from llmcli.generate.request import FINISH_EOT, FINISH_LENGTH, FINISH_STOP
 from llmcli.generate.text import Completion, Generator, StopText, encode_text
+from llmcli.io import read_text_file
 from llmcli.load import Loaded, load_checkpoint
 from llmcli.options.inference import GenerateOptions
 from llmcli.tokenizer import decode, eot_id
@@ -34,13 +35,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, lines: bool,
     if prompt is not None:
         texts, source = [prompt], None
     elif prompt_file is not None:
-        path = Path(prompt_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"prompt file not found: {path}")
-        try:
-            texts, source = [path.read_text(encoding="utf-8")], str(path)
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+        texts, source = [read_text_file(prompt_file, "prompt file")], str(Path(prompt_file).expanduser())
     else:
         stdin = stdin or sys.stdin
         if stdin.isatty():

@@ -130,6 +130,7 @@ class FormatOptions(Options):
 
         from llmcli.constrain.grammar import Format, GrammarError
         from llmcli.errors import UserError
+        from llmcli.io import read_text_file
 
         if self.regex is not None:
             return Format.regex(self.regex)
@@ -137,12 +138,7 @@ class FormatOptions(Options):
         if path is None:
             return None
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserError(f"{'--json-schema' if self.json_schema else '--grammar'} file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+        text = read_text_file(path, f"{'--json-schema' if self.json_schema else '--grammar'} file")
         if self.grammar is not None:
             return Format.grammar(text)
         try:
