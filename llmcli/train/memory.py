@@ -1,7 +1,8 @@
 """Will the run fit? An estimate from the config alone, checked before anything is allocated.
 
 Training holds, per process, the float32 weights, their gradients and AdamW's two moments (16
-bytes a parameter under DDP; FSDP and DeepSpeed ZeRO divide some or all of it by the number of
+bytes a parameter under DDP; an upper bound with train.optimizer=muon, which keeps one moment for
+the matrices it updates; FSDP and DeepSpeed ZeRO divide some or all of it by the number of
 processes, see `state_bytes`), plus what the forward pass keeps for the backward one (the
 family's `activation_bytes` for one micro-batch; activation checkpointing is not credited). A run
 that needs more than the memory available is refused with the estimate and the strategy that
@@ -37,7 +38,7 @@ class Estimate:
         return self.state_bytes + self.activation_bytes
 
     def describe(self) -> str:
-        text = (f"~{format_bytes(self.state_bytes)} for weights, gradients and AdamW state + "
+        text = (f"~{format_bytes(self.state_bytes)} for weights, gradients and optimizer state + "
                 f"~{format_bytes(self.activation_bytes)} of activations per process")
         return text + (f" (+ ~{format_bytes(self.offloaded_bytes)} offloaded to CPU memory)" if self.offloaded_bytes else "")
 
@@ -55,7 +56,7 @@ def estimate(cfg: Config, vocab_size: int | None = None, world: int = 1) -> Esti
 
 def state_bytes(t: TrainConfig, parameters: int, world: int) -> tuple[int, int]:
     """(on the device, offloaded to CPU memory): one process's share of the weights, gradients and
-    AdamW state under t's strategy over `world` processes."""
+    optimizer state under t's strategy over `world` processes."""
     P, W = parameters, max(1, world)
     if t.strategy == "fsdp":  # float32 weights sharded too (full_shard) or whole between steps
         weights = 4 * P / W if t.fsdp_sharding == "full_shard" else 4 * P
@@ -95,7 +96,7 @@ def check_fits(cfg: Config, device: torch.device, vocab_size: int | None = None,
     if need.total > have:
         raise UserError(
             f"this run needs about {format_bytes(need.total)} per process ({need.parameters:,} parameters: "
-            f"{format_bytes(need.state_bytes)} for weights, gradients and AdamW state under "
+            f"{format_bytes(need.state_bytes)} for weights, gradients and optimizer state under "
             f"train.strategy={cfg.train.strategy} with {world} process(es); "
             f"~{format_bytes(need.activation_bytes)} of activations for a micro-batch of "
             f"{cfg.train.batch_size} x {cfg.model.block_size} tokens), but {format_bytes(have)} is {what}; "
