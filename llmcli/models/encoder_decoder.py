@@ -362,6 +362,8 @@ class EncoderDecoder(Seq2SeqModel):
         docstring).
         """
         B, T = idx.shape
+        if (source_segments is None) != (target_segments is None) or (state is not None and source_segments is not None):
+            raise ValueError("packed rows take both source_segments and target_segments, and teacher forcing (no state)")
         if state is not None:
             if rows is None or len(rows.slots) != B:
                 raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
