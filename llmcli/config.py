@@ -356,6 +356,10 @@ class TrainConfig(StrategyConfig):
     batch_tokens: Optional[int] = _opt(None, min=1, help="seq2seq: batches of length-sorted pairs filled up to "
                                                          "this many source + target tokens (padding included); "
                                                          "null = batch_size pairs")
+    pack_pairs: bool = _opt(False, help="seq2seq: each batch's pairs (shuffled, not length-sorted) packed into rows "
+                                        "up to the model's lengths, each pair attending only within itself")
+    average_last: Optional[int] = _opt(None, min=2, help="evaluate and save the mean of the weights at the last "
+                                                         "this many evaluations (null = off)")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

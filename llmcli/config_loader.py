@@ -366,7 +366,8 @@ def _check_seq2seq_fields(cfg: Config, fail: Any, origin: dict[str, str]) -> Non
 def _check_learning_options(cfg: Config, fail: Any) -> None:
     """Options that apply to some families, tasks or strategies only."""
     m, t = cfg.model, cfg.train
-    for key, value in (("optimizer", t.optimizer != "adamw"), ("ema_decay", t.ema_decay > 0)):
+    for key, value in (("optimizer", t.optimizer != "adamw"), ("ema_decay", t.ema_decay > 0),
+                       ("average_last", t.average_last is not None)):
         if value and t.strategy != "ddp":
             fail(f"train.{key}", f"needs train.strategy=ddp (it keeps whole weight matrices on every process); "
                                  f"got {t.strategy}")
@@ -376,6 +377,14 @@ def _check_learning_options(cfg: Config, fail: Any) -> None:
         fail("train.stateful", f"reads the text in order; data.format={cfg.data.format} trains one example per window")
     if t.batch_tokens is not None and m.task != "seq2seq":
         fail("train.batch_tokens", "fills batches of (source, target) pairs: set it with data.task=seq2seq")
+    if t.pack_pairs and m.task != "seq2seq":
+        fail("train.pack_pairs", "packs (source, target) pairs into rows: set it with data.task=seq2seq")
+    if t.pack_pairs and t.batch_tokens is not None:
+        fail("train.pack_pairs", "batches of batch_size pairs packed into rows; train.batch_tokens sorts and cuts "
+                                 "batches by length instead: set one of them")
+    if t.average_last is not None and t.ema_decay > 0:
+        fail("train.average_last", "and train.ema_decay each choose the weights that are evaluated and saved: "
+                                   "set one of them")
     if m.arch in ENCODER_DECODER and m.act == "relu2":
         fail("model.act", "model.arch=encoder-decoder uses relu or gelu, not relu2")
 

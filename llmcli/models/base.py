@@ -10,6 +10,7 @@ A family is an `nn.Module` subclass of `LanguageModel` that:
 * where it has attention, shows it (`attention_maps`: the weights of one real forward pass, for
   `llmcli attention`); the default refuses, naming the family;
 * names its repeated blocks for sharded training (`shard_units`);
+* says why it cannot train on rows of several packed pairs (`packing_refusal`, None where it can);
 * says whether it exports to `transformers` (`exports_to_hf`) and why llama.cpp cannot run it
   (`gguf_refusal`, None where it can);
 * names what LoRA may adapt in its own terms (`lora_targets`);
@@ -210,6 +211,9 @@ class LanguageModel(nn.Module):
     # Why this family's weights cannot be split across processes (train.strategy=fsdp, DeepSpeed
     # ZeRO-3), or None when they can; a run asking for it is refused with this reason.
     partition_refusal: str | None = None
+    # Why rows of several packed (source, target) pairs (train.pack_pairs) cannot train this family,
+    # or None when its forward takes them (source_segments / target_segments).
+    packing_refusal: str | None = "its forward reads one sequence or pair per row"
     # Whether `llmcli export --format hf` has a `transformers` class to write this family as.
     exports_to_hf: bool = False
     # Why llama.cpp (`llmcli export --format gguf`) cannot run this family, naming what can; None

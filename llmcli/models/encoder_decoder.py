@@ -13,6 +13,11 @@ Decoding: `EncoderDecoderState` keeps the decoder's self-attention cache (a kv_c
 PagedKVCache) and, per slot, the cross-attention keys and values of every decoder layer, computed
 once by `encode`.
 
+Packed rows (train.pack_pairs): several pairs share a row, `source_segments` / `target_segments`
+numbering each token's pair (1, 2, ...; 0 is padding). Each pair then attends only within itself
+(encoder self-attention, causal decoder self-attention, cross-attention to its own source) and its
+positions restart at 0, so a packed pair's logits are those it would have alone.
+
 Attention runs through SDPA. When its weights are asked for (`attention_maps`: a forward with a
 `record`), every attention computes them step by step instead (transformer.explicit_attention),
 the rest of the forward unchanged.
@@ -134,14 +139,15 @@ class DecoderLayer(_Layer):
         self.cross_attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
     def forward(self, x: torch.Tensor, memory_k: torch.Tensor, memory_v: torch.Tensor,
-                memory_mask: torch.Tensor | None, cache: CacheStep | None, record: Record | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None, cache: CacheStep | None, record: Record | None = None,
+                self_mask: torch.Tensor | None = None) -> torch.Tensor:
         own, cross = (None, None) if record is None else (record.setdefault(DECODER_SELF, []),
                                                           record.setdefault(CROSS, []))
 
         def self_attention(h: torch.Tensor) -> torch.Tensor:
             k, v = self.self_attn.keys_values(h)
-            if cache is None:
-                return self.self_attn.attend(h, k, v, None, causal=True, record=own)
+            if cache is None:  # teacher forcing: causal, or within each packed pair (self_mask)
+                return self.self_attn.attend(h, k, v, self_mask, causal=self_mask is None, record=own)
             k, v = cache.update(self.layer, k, v)
             return self.self_attn.attend(h, k, v, cache.mask, record=own)
 
@@ -186,6 +192,7 @@ class EncoderDecoder(Seq2SeqModel):
     gguf_refusal = ("llama.cpp has no Marian-style encoder-decoder; llmcli export --format hf writes it as a "
                     "MarianMTModel that transformers (and CTranslate2) run, and llmcli generate / serve run it as it is")
     pages_decode_state = True  # the decoder's self-attention cache; the source memory stays per slot
+    packing_refusal = None  # block-diagonal masks and per-pair positions (the module docstring)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -307,16 +314,20 @@ class EncoderDecoder(Seq2SeqModel):
 
     # -- encoder ---------------------------------------------------------------------------------
 
-    def _encoder(self, source: torch.Tensor, lengths,
-                 record: Record | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The encoder's output [B, S, d_model] and the source mask [B, 1, 1, S] (None: no padding)."""
+    def _encoder(self, source: torch.Tensor, lengths, record: Record | None = None,
+                 segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's output [B, S, d_model] and the source mask [B, 1, 1, S] (None: no padding);
+        packed rows (`segments`): the mask is [B, 1, S, S], each pair over itself."""
         B, S = source.shape
         if S > self.config.source_context:
             raise ValueError(f"sources may have at most {self.config.source_context} tokens "
                              f"(model.source_block_size); got {S}")
-        mask = key_padding_mask(lengths if lengths is not None else [S] * B, S, source.device)
-        mask = None if mask is None else mask[:, None, None, :]
-        positions = torch.arange(S, device=source.device).expand(B, S)
+        if segments is None:
+            mask = key_padding_mask(lengths if lengths is not None else [S] * B, S, source.device)
+            mask = None if mask is None else mask[:, None, None, :]
+            positions = torch.arange(S, device=source.device).expand(B, S)
+        else:
+            mask, positions = segment_mask(segments, segments), segment_positions(segments)
         x = self._embed(source, self.src_embed if self.src_embed is not None else self.tgt_embed, positions,
                         self.src_pos_embed)
         for layer in self.encoder:
@@ -337,16 +348,22 @@ class EncoderDecoder(Seq2SeqModel):
     # -- decoder ---------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, *, state: EncoderDecoderState | None = None, rows: Rows | None = None,
-                source: torch.Tensor | None = None, source_lengths=None, record: Record | None = None) -> torch.Tensor:
+                source: torch.Tensor | None = None, source_lengths=None, record: Record | None = None,
+                source_segments: torch.Tensor | None = None,
+                target_segments: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits [B, T, target vocab] for the decoder inputs `idx` [B, T].
 
         Teacher forcing: `source` [B, S] padded source ids (`source_lengths` real tokens per row;
-        default all), decoder inputs at positions 0..T-1. With a `state`: row b continues slot
-        `rows.slots[b]` from position `rows.starts[b]` over the source `encode` stored there.
+        default all), decoder inputs at positions 0..T-1. Packed rows: `source_segments` [B, S] and
+        `target_segments` [B, T] number each token's pair (0: padding); see the module docstring.
+        With a `state`: row b continues slot `rows.slots[b]` from position `rows.starts[b]` over
+        the source `encode` stored there.
         With `record`, each attention's weights are appended to record[its kind] (see the module
         docstring).
         """
         B, T = idx.shape
+        if (source_segments is None) != (target_segments is None) or (state is not None and source_segments is not None):
+            raise ValueError("packed rows take both source_segments and target_segments, and teacher forcing (no state)")
         if state is not None:
             if rows is None or len(rows.slots) != B:
                 raise ValueError(f"forward with a decode state needs rows: {B} slots, starts and lengths")
@@ -359,12 +376,19 @@ class EncoderDecoder(Seq2SeqModel):
             if T > self.config.block_size:
                 raise ValueError(f"positions must be in [0, {self.config.block_size}) "
                                  f"(block_size={self.config.block_size}); got 0..{T - 1}")
-            encoded, memory_mask = self._encoder(source, source_lengths, record)
+            encoded, memory_mask = self._encoder(source, source_lengths, record, source_segments)
             memory = [t for layer in self.decoder for t in layer.cross_attn.keys_values(encoded)]
             cache, positions = None, torch.arange(T, device=idx.device).expand(B, T)
+        self_mask = None
+        if target_segments is not None:
+            # 1) each decoder position over its own pair's earlier positions; 2) over its own source
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            self_mask = segment_mask(target_segments, target_segments) & causal
+            memory_mask = segment_mask(target_segments, source_segments)
+            positions = segment_positions(target_segments)
         x = self._embed(idx, self.tgt_embed, positions, self.pos_embed)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, memory[2 * i], memory[2 * i + 1], memory_mask, cache, record)
+            x = layer(x, memory[2 * i], memory[2 * i + 1], memory_mask, cache, record, self_mask)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return self.lm_head(x).float()
@@ -377,6 +401,20 @@ class EncoderDecoder(Seq2SeqModel):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         width = sum(m.n_head * m.head_dim for m in self.modules() if isinstance(m, Attention))
         return 6 * matmul + 12 * width * seq_len
+
+
+def segment_mask(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, 1, Tq, Tk] True where query and key belong to the same pair (segments [B, Tq], [B, Tk]);
+    a padding query (segment 0) sees every key, so that no row of the softmax is empty."""
+    return ((queries[:, :, None] == keys[:, None, :]) | (queries[:, :, None] == 0))[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] each token's position within its pair: its index minus that of its pair's first token."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(first, index, 0).cummax(dim=1).values
 
 
 def _check_config(config: ModelConfig) -> None:

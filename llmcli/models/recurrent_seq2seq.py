@@ -81,6 +81,8 @@ class RecurrentSeq2Seq(Seq2SeqModel):
     task = "seq2seq"
     pooling = "mean of the encoder's outputs (both directions, when bidirectional) over the source's tokens"
     gguf_refusal = "llama.cpp has no recurrent encoder-decoder; llmcli generate and llmcli serve run it"
+    packing_refusal = ("its recurrent encoder and decoder read a row as one sequence, so a pair would start "
+                       "from the state the pair before it left")
 
     def __init__(self, config: ModelConfig):
         super().__init__()

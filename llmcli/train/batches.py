@@ -12,8 +12,12 @@ batches of one uninterrupted process.
   (source length, target length) with random ties, cuts the order into batches of batch_size pairs
   and shuffles the batches, all from (seed, epoch); so every pair is seen once per epoch and a
   batch pads little. With train.batch_tokens the order is cut into batches of as many pairs as fit
-  that many source + target tokens (padding included) instead. Decoder inputs are `<|endoftext|>` + target, labels target + `<|endoftext|>`.
-  Pairs longer than the model takes are left out of training, with a warning.
+  that many source + target tokens (padding included) instead. With train.pack_pairs each epoch
+  shuffles the pairs (no sorting), cuts them into batches of batch_size pairs and packs each batch
+  into as few rows as hold its pairs within the model's lengths (first fit, longest source first),
+  with `source_segments` / `target_segments` numbering each token's pair (models/encoder_decoder.py).
+  Decoder inputs are `<|endoftext|>` + target, labels target + `<|endoftext|>`. Pairs longer than
+  the model takes are left out of training, with a warning.
 """
 
 from __future__ import annotations
@@ -70,9 +74,11 @@ class PairBatches:
     make one optimizer step (grad_accum x processes)."""
 
     def __init__(self, arrays: Any, batch_size: int, seed: int, per_step: int, eot: int, *,
-                 source_limit: int, target_limit: int, eval_batches: int = 0, batch_tokens: int | None = None):
+                 source_limit: int, target_limit: int, eval_batches: int = 0, batch_tokens: int | None = None,
+                 pack: bool = False):
         self.arrays, self.batch_size, self.seed, self.per_step, self.eot = arrays, batch_size, seed, per_step, eot
-        self.batch_tokens = batch_tokens
+        self.batch_tokens, self.pack = batch_tokens, pack
+        self.source_limit, self.target_limit = source_limit, target_limit
         src, tgt = arrays.source_lengths, arrays.target_lengths
         fits = (src <= source_limit) & (tgt + 1 <= target_limit)
         self.kept = np.flatnonzero(fits)
@@ -107,7 +113,11 @@ class PairBatches:
     def _batches_of_epoch(self, epoch: int) -> list[np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
             rng = np.random.default_rng([self.seed, 2, epoch])
-            chunks = self._sorted_chunks(np.arange(len(self.kept)), rng)
+            if self.pack:
+                order = rng.permutation(len(self.kept))
+                chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            else:
+                chunks = self._sorted_chunks(np.arange(len(self.kept)), rng)
             self._epoch = (epoch, [chunks[i] for i in rng.permutation(len(chunks))])
         return self._epoch[1]
 
@@ -138,7 +148,10 @@ class PairBatches:
         return max(1, math.ceil(self.n_batches / self.per_step))
 
     def collate(self, chunk: np.ndarray) -> Batch:
-        """Padded sources [B, S] and their lengths, decoder inputs and labels [B, T]."""
+        """Padded sources [B, S] and their lengths, decoder inputs and labels [B, T]; with `pack`,
+        rows of several pairs (`packed`)."""
+        if self.pack:
+            return self.packed(chunk)
         pairs = self.kept[chunk]
         sources = [self.arrays.source_ids(i) for i in pairs]
         targets = [self.arrays.target_ids(i) for i in pairs]
@@ -154,6 +167,44 @@ class PairBatches:
             labels[b, len(t)] = self.eot
         lengths = torch.tensor([len(s) for s in sources])
         return {"idx": idx, "source": source, "source_lengths": lengths}, labels
+
+
+    def packed(self, chunk: np.ndarray) -> Batch:
+        """The chunk's pairs in rows: sources [R, S] with source_segments, decoder inputs, labels and
+        target_segments [R, T]; segment j + 1 is a row's j-th pair, 0 padding."""
+        rows: list[list[int]] = []  # positions in self.kept, per row
+        room: list[list[int]] = []  # source and target tokens each row has left
+        for pair in sorted(chunk.tolist(), key=lambda p: -self.src_len[p]):
+            need = (int(self.src_len[pair]), int(self.tgt_len[pair]) + 1)
+            row = next((r for r, (s, t) in enumerate(room) if need[0] <= s and need[1] <= t), None)
+            if row is None:
+                rows.append([])
+                room.append([self.source_limit, self.target_limit])
+                row = len(rows) - 1
+            rows[row].append(pair)
+            room[row][0] -= need[0]
+            room[row][1] -= need[1]
+        width = max(self.source_limit - s for s, _ in room)
+        length = max(self.target_limit - t for _, t in room)
+        source = torch.full((len(rows), width), self.eot, dtype=torch.long)
+        idx = torch.full((len(rows), length), self.eot, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        source_segments = torch.zeros((len(rows), width), dtype=torch.long)
+        target_segments = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, pairs in enumerate(rows):
+            s_at = t_at = 0
+            for segment, pair in enumerate(pairs, start=1):
+                s = torch.from_numpy(self.arrays.source_ids(self.kept[pair]).astype(np.int64))
+                t = torch.from_numpy(self.arrays.target_ids(self.kept[pair]).astype(np.int64))
+                source[r, s_at:s_at + len(s)] = s
+                source_segments[r, s_at:s_at + len(s)] = segment
+                idx[r, t_at + 1:t_at + len(t) + 1] = t
+                labels[r, t_at:t_at + len(t)] = t
+                labels[r, t_at + len(t)] = self.eot
+                target_segments[r, t_at:t_at + len(t) + 1] = segment
+                s_at, t_at = s_at + len(s), t_at + len(t) + 1
+        return {"idx": idx, "source": source, "source_segments": source_segments,
+                "target_segments": target_segments}, labels
 
 
 @dataclass
@@ -175,7 +226,7 @@ def training_data(prepared: Any, cfg: Config, per_step: int) -> TrainingData:
         return TrainingData(train, val, prepared.tokenizer_path.read_bytes(), None)
     limits = dict(source_limit=m.source_context, target_limit=m.block_size)
     train = PairBatches(prepared.arrays("train"), t.batch_size, t.seed, per_step, prepared.eot_id,
-                        batch_tokens=t.batch_tokens, **limits)
+                        batch_tokens=t.batch_tokens, pack=t.pack_pairs, **limits)
     val = PairBatches(prepared.arrays("val"), t.batch_size, t.seed + 1, per_step, prepared.eot_id,
                       eval_batches=t.eval_batches, **limits)
     source = prepared.source_tokenizer_path

@@ -34,7 +34,7 @@ from llmcli.model_card import write_model_card
 from llmcli.models.base import Rows
 from llmcli.options.training import TrainOptions
 from llmcli.train import state as saved
-from llmcli.train.averaging import WeightAverage
+from llmcli.train.averaging import Average, SnapshotAverage, WeightAverage
 from llmcli.train.batches import PairBatches, WindowBatches, training_data
 from llmcli.train.finetune import IGNORE, carried_files, describe_trainable, starting_model
 from llmcli.train.memory import check_fits, estimate
@@ -176,8 +176,12 @@ class Trainer:
         fused = self.accelerator.device.type in ("cpu", "cuda")
         optimizer = make_optimizer(model, t, fused)
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)  # train.compile too
-        # train.ema_decay: the average that evaluations and checkpoints use (averaging.py).
-        self.average = WeightAverage(self._unwrapped(), t.ema_decay) if t.ema_decay > 0 else None
+        # train.ema_decay / train.average_last: the average that evaluations and checkpoints use (averaging.py).
+        self.average: Average | None = None
+        if t.ema_decay > 0:
+            self.average = WeightAverage(self._unwrapped(), t.ema_decay)
+        elif t.average_last is not None:
+            self.average = SnapshotAverage(self._unwrapped(), t.average_last)
         # train.stateful: each stream's hidden state, carried from step to step (grad_accum x batch_size slots).
         self.carry = self._unwrapped().new_decode_state(t.grad_accum * t.batch_size, device=self.accelerator.device) \
             if t.stateful else None
@@ -288,7 +292,7 @@ class Trainer:
             self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
                                               torch.tensor(self.state.step, device=device), self.first_bad_step)
         if self.average is not None:
-            self.average.update(self.state.step + 1)
+            self.average.after_step(self.state.step + 1)
         tokens = sum(self.train_windows.tokens(self.state.step, i) for i in range(t.grad_accum * self.world))
         self.window_tokens += tokens
         self.state.step += 1
@@ -339,6 +343,8 @@ class Trainer:
             raise UserError(f"loss became non-finite at step {bad + 1}; stopped ({where})")
 
     def _evaluate_and_save(self) -> dict[str, float]:
+        if self.average is not None:
+            self.average.before_evaluation()
         with self._averaged(self._unwrapped()):
             val = evaluate(self.model, self.val_windows, self.cfg.train.eval_batches, self.accelerator)
         if not math.isfinite(val["val_loss"]):
@@ -454,7 +460,7 @@ class Trainer:
         return self.strategy.unwrapped(self.model)
 
     def _averaged(self, model: torch.nn.Module) -> Any:
-        """train.ema_decay: `model` (the live one) holds the averaged weights inside the block."""
+        """train.ema_decay / average_last: `model` (the live one) holds the averaged weights inside the block."""
         if self.average is None:
             return contextlib.nullcontext()
         return self.average.swapped_in()

@@ -71,6 +71,9 @@ class Strategy:
                             "checkpoints hold only the adapter; use train.strategy=ddp (an adapter's "
                             "optimizer state is small)")
         family = FAMILIES[self.cfg.model.arch]
+        if self.t.pack_pairs and family.packing_refusal:
+            raise UserError(f"train.pack_pairs: model.arch={self.cfg.model.arch} cannot train on packed rows "
+                            f"({family.packing_refusal}); use model.arch=encoder-decoder or leave it off")
         if self.partitions_weights and family.partition_refusal:
             what = "train.strategy=fsdp" if self.name == "fsdp" else "DeepSpeed ZeRO-3 (train.zero_stage=3)"
             raise UserError(f"{what} partitions the weights across processes, which model.arch="

@@ -79,6 +79,7 @@ OPTIONS = {
     "muon": ("transformer", ["train.optimizer=muon"]),
     "wsd": ("transformer", ["train.schedule=wsd", "train.decay_fraction=0.5"]),
     "ema": ("transformer", ["train.ema_decay=0.9"]),
+    "average_last": ("transformer", ["train.average_last=2", "train.eval_interval=3"]),
     "transformer details": ("transformer", ["model.qk_norm=true", "model.act=relu2", "model.logit_softcap=15",
                                             "model.tie_embeddings=false"]),
     "stateful": ("lstm", ["train.stateful=true", "train.grad_accum=2"]),
@@ -112,6 +113,20 @@ def test_ema_weights_are_what_is_evaluated_and_saved(corpus, tmp_path):
     val = loop_mod.training_data(prepare_for_task(cfg), cfg, 1).val
     again = loop_mod.evaluate(load_model(run / "last"), val, cfg.train.eval_batches, Accelerator(cpu=True))
     assert again["val_loss"] == pytest.approx(metrics(run)[-1]["val_loss"], rel=1e-5)
+
+
+def test_snapshot_average_is_what_is_evaluated_and_saved(corpus, tmp_path):
+    """train.average_last=2 with evaluations at steps 6 and 12: last/ holds the mean of the weights
+    at those two steps (the live weights of a run stopped at 6, and of the whole run)."""
+    half, run = tmp_path / "half", tmp_path / "run"
+    extra = ("train.average_last=2", "model.tie_embeddings=false", "train.lr_decay_steps=12")
+    train(RunPlan(load_config(None, tiny(corpus, *extra, "train.max_steps=6")), half))
+    train(RunPlan(load_config(None, tiny(corpus, *extra)), run))
+    at_6, at_12 = load_file(half / "state" / "model.safetensors"), load_file(run / "state" / "model.safetensors")
+    saved = load_file(run / "last" / "model.safetensors")
+    assert saved.keys() == at_12.keys()
+    assert all(torch.allclose(saved[k], (at_6[k] + at_12[k]) / 2, atol=1e-7) for k in saved)
+    assert not all(torch.equal(saved[k], at_12[k]) for k in saved)
 
 
 def test_stateful_training_carries_the_state(corpus, tmp_path):
