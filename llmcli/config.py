@@ -337,6 +337,8 @@ class TrainConfig(StrategyConfig):
     seed: int = _opt(1337, min=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no")
     compile: bool = _opt(False)
+    threads: Optional[int] = _opt(None, min=1, help="CPU threads for this run (--threads wins); null = llmcli's "
+                                                    "choice, one per free core (docs/training.md, CPU threads)")
     check_memory: bool = _opt(True, help="refuse a run whose estimated memory exceeds what is available")
     log_with: list[str] = _opt([], help="experiment trackers via Accelerate: tensorboard, wandb, mlflow, ...")
     label_smoothing: float = _opt(0.0, min=0.0, max=0.5, help="spread this much of each target's probability "

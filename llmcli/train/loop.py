@@ -58,7 +58,7 @@ from llmcli.train.trackers import Trackers
 
 def train_command(opts: TrainOptions) -> None:
     plan = dataclasses.replace(plan_run(opts), plot=opts.plot)
-    configure_threads(opts.threads)
+    configure_threads(opts.threads or plan.cfg.train.threads)
     with removed_if_left_empty(plan.out_dir):
         trainer = Trainer(plan)
         summary = trainer.run()

@@ -69,6 +69,18 @@ def test_cli_train_writes_a_complete_run(corpus, tmp_path, cli, arch):
     assert info["step"] == 12
 
 
+def test_a_recipe_names_its_threads_and_the_option_wins(corpus, tmp_path, cli):
+    before = torch.get_num_threads()
+    try:
+        result = cli("train", "--out", tmp_path / "a", *tiny(corpus, "train.threads=1", "train.max_steps=2"))
+        assert result.exit_code == 0 and ", 1 CPU threads" in result.output, result.output
+        result = cli("train", "--out", tmp_path / "b", "--threads", "2",
+                     *tiny(corpus, "train.threads=1", "train.max_steps=2"))
+        assert result.exit_code == 0 and ", 2 CPU threads" in result.output, result.output
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_resume_is_bit_identical_to_one_run(corpus, tmp_path, cli, arch):
     _resume_is_bit_identical(corpus, tmp_path, cli, arch)
