@@ -3,6 +3,7 @@ prompt arrives, with chunked prefill (a couple of step budgets) and without.
 
     python benchmarks/bench_chunked_prefill.py                          # a random 4x128 char model, context 2,304
     python benchmarks/bench_chunked_prefill.py --budgets 512 256 --rounds 3 --tokens 256
+    python benchmarks/bench_chunked_prefill.py --server-arg=--slot-cache     # full-context slots, not paged
 
 Starts one `llmcli serve` subprocess per configuration (batch = --clients + 1, 1 thread; the
 decode step compiled and warmed up before the server answers): `--max-num-batched-tokens B` for
@@ -97,6 +98,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 256],
                         help="--max-num-batched-tokens of the chunked configurations")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="OPTION",
+                        help="one more `llmcli serve` option for every configuration (repeatable), "
+                             "e.g. --server-arg=--slot-cache")
     args = parser.parse_args()
 
     text = (REPO / "data" / "sample.txt").read_text()
@@ -112,7 +116,7 @@ def main() -> None:
         try:
             for i, (name, budget) in enumerate(configs.items()):
                 servers[name] = start_server(run_dir, args.clients + 1, 1, tmp_path / f"server-{i}.log",
-                                             "--max-num-batched-tokens", str(budget))
+                                             "--max-num-batched-tokens", str(budget), *args.server_arg)
                 warmed = [ln for ln in (tmp_path / f"server-{i}.log").read_text().splitlines() if "compiled decode" in ln]
                 print(f"{name}: {warmed[0] if warmed else 'no compiled decode step'}", flush=True)
             for name in configs:  # a rehearsal, not measured: first-use costs of new shapes (oneDNN's kernels)
@@ -136,7 +140,7 @@ def main() -> None:
             for name in configs]
     table(f"llmcli serve: {args.clients} greedy streams of {args.tokens} tokens, one {args.long_prompt_tokens}-token "
           f"prompt arriving once they are a quarter through; random 4x128 char model, context {CONTEXT}, 1 server "
-          f"thread; ms, median (min-max) of {args.rounds} interleaved rounds",
+          f"thread{''.join(' ' + a for a in args.server_arg)}; ms, median (min-max) of {args.rounds} interleaved rounds",
           ["prefill of the long prompt", "ITL p50", "ITL p95", "ITL max", "window p50", "window p95", "window max",
            "long prompt TTFT"], rows)
     base = [percentile(r["window"], 95) for r in results[next(iter(configs))]]
