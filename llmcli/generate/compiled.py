@@ -10,8 +10,9 @@ placeholders that write a scratch slot, so one graph per bucket serves every ste
 slots decode and wherever they are. `warm_up()` compiles every bucket at once (serve does it
 before it accepts a request); a bucket not warmed is compiled on first use. Inductor keeps the
 compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default torchinductor_$USER in the
-temp directory), so a later process loads it instead of compiling: `Warmup` says which it was. Greedy output is the eager step's (the tests compare them), up to the float rounding of
-fused kernels.
+temp directory), so a later process loads it instead of compiling: `Warmup` says which it was.
+Greedy output is the eager step's (the tests compare them), up to the float rounding of fused
+kernels.
 
 On a CUDA device torch.compile's "reduce-overhead" mode also captures each bucket's graph as a
 CUDA graph; that path is written but has not run here (no GPU on the machine these were built on).
@@ -94,8 +95,8 @@ class CompiledDecode:
                 self.step(torch.zeros(n, 1, dtype=torch.long, device=self.device),
                           torch.full((n,), -1, device=self.device))
                 self.warmup_seconds[n] = time.perf_counter() - begun
-        return Warmup(tuple(self.sizes), time.perf_counter() - started,
-                      counters["inductor"]["fxgraph_cache_hit"] - hits, counters["inductor"]["fxgraph_cache_miss"] - misses)
+        return Warmup(tuple(self.sizes), time.perf_counter() - started, counters["inductor"]["fxgraph_cache_hit"] - hits,
+                      counters["inductor"]["fxgraph_cache_miss"] - misses)
 
     def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         n = next(size for size in self.sizes if size > max(slots))
