@@ -58,12 +58,14 @@ def make_model(directory: Path) -> Path:
     return directory / "bench-model"
 
 
-def start_server(run_dir: Path, batch: int, threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path, batch: int, threads: int, log_path: Path,
+                 *options: str) -> tuple[subprocess.Popen, str]:
+    """`llmcli serve` with more `options`; (process, base url) once /health answers."""
     log = open(log_path, "w")
     extra = ["--threads", str(threads)] if threads else []
     without_api_key = {name: value for name, value in os.environ.items() if name != "LLMCLI_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", str(run_dir), "--port", "0",
-                             "--max-batch-size", str(batch), "--model-name", "bench", *extra],
+                             "--max-batch-size", str(batch), "--model-name", "bench", *extra, *options],
                             stdout=log, stderr=subprocess.STDOUT, env=without_api_key)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -7,10 +7,12 @@ fused into a few loops and the step runs as one call. A graph has fixed shapes, 
 computes the rows of slots 0..n-1 for the smallest bucket n (1, 2, 4, 8, ..., the slot count)
 that covers every slot decoding in it (models.base.BucketRows): the other rows of the bucket are
 placeholders that write a scratch slot, so one graph per bucket serves every step, whichever
-slots decode and wherever they are. Each graph is compiled on first use (the warm-up, timed in
-`warmup_seconds`); inductor keeps compiled code in its on-disk cache, so a later process warms up
-faster. Greedy output is the eager step's (the tests compare them), up to the float rounding of
-fused kernels.
+slots decode and wherever they are. `warm_up()` compiles every bucket at once (serve does it
+before it accepts a request); a bucket not warmed is compiled on first use. Inductor keeps the
+compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default torchinductor_$USER in the
+temp directory), so a later process loads it instead of compiling: `Warmup` says which it was.
+Greedy output is the eager step's (the tests compare them), up to the float rounding of fused
+kernels.
 
 On a CUDA device torch.compile's "reduce-overhead" mode also captures each bucket's graph as a
 CUDA graph; that path is written but has not run here (no GPU on the machine these were built on).
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 
 from llmcli.models.base import BucketRows, LanguageModel
 
@@ -38,6 +42,28 @@ def buckets(slots: int) -> list[int]:
     while out[-1] * 2 < slots:
         out.append(out[-1] * 2)
     return out + [slots] if slots > 1 else out
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What `CompiledDecode.warm_up` compiled: the buckets, the seconds it took, and how many of
+    their graphs inductor loaded from its on-disk cache (hits) or compiled (misses)."""
+
+    buckets: tuple[int, ...]
+    seconds: float
+    cache_hits: int
+    cache_misses: int
+
+    @property
+    def cache(self) -> str:
+        """Inductor's cache in one word: warm (every graph loaded), cold (every graph compiled), partly warm."""
+        if not self.cache_misses:
+            return "warm"
+        return "cold" if not self.cache_hits else "partly warm"
+
+    def summary(self) -> str:
+        return (f"compiled decode for batch {', '.join(map(str, self.buckets))} in {self.seconds:.1f} s "
+                f"(inductor cache: {self.cache})")
 
 
 class CompiledDecode:
@@ -58,16 +84,19 @@ class CompiledDecode:
         self.warmup_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
 
     @torch.inference_mode()
-    def warm_up(self) -> dict[int, float]:
-        """Compile (or load from inductor's cache) every bucket's graph now, each step's rows all
-        placeholders; the seconds each took."""
+    def warm_up(self) -> Warmup:
+        """Compile (or load from inductor's cache) every bucket's graph not run yet, each step's rows
+        all placeholders (they write the scratch slot only)."""
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        started = time.perf_counter()
         for n in self.sizes:
             if n not in self.warmup_seconds:
-                started = time.perf_counter()
+                begun = time.perf_counter()
                 self.step(torch.zeros(n, 1, dtype=torch.long, device=self.device),
                           torch.full((n,), -1, device=self.device))
-                self.warmup_seconds[n] = time.perf_counter() - started
-        return self.warmup_seconds
+                self.warmup_seconds[n] = time.perf_counter() - begun
+        return Warmup(tuple(self.sizes), time.perf_counter() - started, counters["inductor"]["fxgraph_cache_hit"] - hits,
+                      counters["inductor"]["fxgraph_cache_miss"] - misses)
 
     def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         n = next(size for size in self.sizes if size > max(slots))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from llmcli.generate.runner import ModelRunner
 from llmcli.generate.scheduler import Scheduler
 from llmcli.models.base import LanguageModel
 from llmcli.options.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llmcli.generate.compiled import Warmup
 
 
 def check_source(model: LanguageModel, source_ids: Sequence[int] | None) -> list[int] | None:
@@ -178,6 +181,16 @@ class Engine:
     def cache_use(self) -> CacheUse:
         """The decode state's load (serve's /health and /metrics)."""
         return self.scheduler.cache_use(self.max_len)
+
+    @property
+    def compiled_buckets(self) -> tuple[int, ...]:
+        """The batch shapes the decode step is compiled for (none where it is not compiled)."""
+        return tuple(self.runner.compiled.sizes) if self.runner.compiled is not None else ()
+
+    def warm_up(self) -> Warmup | None:
+        """Compile the decode step for every batch shape now, not on the first step of each (serve
+        does it before it accepts a request); None where the step is not compiled."""
+        return self.runner.compiled.warm_up() if self.runner.compiled is not None else None
 
     # -- stepping ----------------------------------------------------------------------------
 

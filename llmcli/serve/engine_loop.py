@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcli.constrain.grammar import Format
 from llmcli.errors import UserError
@@ -26,6 +26,9 @@ from llmcli.generate.text import Completion, Generator
 from llmcli.options.sampling import SamplingParams
 from llmcli.serve.metrics import ServerMetrics, TokenClock
 from llmcli.serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from llmcli.generate.compiled import Warmup
 
 log = logging.getLogger("uvicorn.error")  # shows in uvicorn's log format
 
@@ -155,6 +158,7 @@ class EngineLoop:
 
     def __init__(self, make_generator: Callable[[], Generator], metrics: ServerMetrics | None = None):
         self._make_generator = make_generator
+        self._warm = False  # whether a generator made after a failed step is warmed up too
         self.metrics = metrics
         self._clock = TokenClock(metrics)
         self.generator = make_generator()
@@ -163,6 +167,17 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = LoopStats(0, 0, 0, 0, self.generator.engine.cache_use())
+
+    @property
+    def compiled_buckets(self) -> tuple[int, ...]:
+        """The batch shapes the engine's decode step is compiled for (none: not compiled)."""
+        return self.generator.engine.compiled_buckets
+
+    def warm_up(self) -> Warmup | None:
+        """Compile the engine's decode step for every batch shape before the thread starts (see
+        Engine.warm_up); None where it is not compiled."""
+        self._warm = True
+        return self.generator.engine.warm_up()
 
     # -- called on the event loop -----------------------------------------------------------
 
@@ -243,6 +258,8 @@ class EngineLoop:
             self._fail_all(APIError(500, "generation failed (see the server log)", type="server_error"),
                            inbox=False)
             self.generator = self._make_generator()  # a fresh cache; the model is unchanged
+            if self._warm:
+                self.generator.engine.warm_up()
             return
         self.stats = replace(self.stats, steps=self.stats.steps + 1,
                              generated_tokens=self.stats.generated_tokens + len(text_events))

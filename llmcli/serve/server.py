@@ -209,12 +209,23 @@ def serve_command(opts: ServeOptions) -> None:
         adapters = _adapters(opts, loaded.model, loaded.directory, device)
         state = build_state(loaded.model, loaded.tokenizer, opts, template, stop_token_ids=loaded.end_ids,
                             source_tokenizer=loaded.source_tokenizer, speculation=speculation, adapters=adapters)
+        warm_up(state)
         _announce(opts, state, sock, loaded.parameters, device)
         server = make_uvicorn_server(create_app(state))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: we are done
             server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def warm_up(state: ServerState) -> None:
+    """Compile the decode step's batch shapes before uvicorn accepts a request (so /health answers
+    only once they are ready, and no client waits for a compile), and say what it took."""
+    buckets = state.engine.compiled_buckets
+    if buckets:
+        ui.log(f"compiling the decode step for batch {', '.join(map(str, buckets))} before serving "
+               "(--compile off skips it)")
+        ui.log(state.engine.warm_up().summary())
 
 
 def _speculation(opts: ServeOptions, directory: Path, tokenizer: Any, device: torch.device):

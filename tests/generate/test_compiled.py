@@ -16,6 +16,15 @@ def test_buckets_are_powers_of_two_and_the_slot_count():
     assert buckets(12) == [1, 2, 4, 8, 12]
 
 
+def test_an_engine_names_the_buckets_it_compiles_and_warms_nothing_when_not_compiling(make_model):
+    from llmcli.generate.engine import Engine
+
+    model = make_model(40)
+    assert Engine(model, max_batch_size=3, compile=True).compiled_buckets == (1, 2, 3)  # nothing compiled yet
+    eager = Engine(model, max_batch_size=3)
+    assert eager.compiled_buckets == () and eager.warm_up() is None
+
+
 def test_only_families_with_bucket_rows_compile(make_model, tiny_recurrent, tiny_seq2seq):
     assert compiles(make_model(40))
     assert not compiles(tiny_recurrent("lstm", 40)) and not compiles(tiny_seq2seq("encoder-decoder"))

@@ -25,6 +25,7 @@ from llmcli.models.transformer import Transformer  # noqa: E402
 from llmcli.options.inference import ServeOptions  # noqa: E402
 from llmcli.serve.app import create_app  # noqa: E402
 from llmcli.serve.server import bind_socket, build_state, make_uvicorn_server  # noqa: E402
+from llmcli.serve.server import warm_up as warm_up_server  # noqa: E402
 from llmcli.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 
 # The tokenizer's corpus: any piece of it is a prompt of known characters.
@@ -80,14 +81,17 @@ def corpus_text() -> str:
 class Running:
     """A uvicorn server on a free 127.0.0.1 port, in a background thread; `options` are
     ServeOptions fields (model_name defaults to MODEL); a seq2seq model may bring its `source_tokenizer`,
-    a speculative server its `speculation` (speculator.Speculation)."""
+    a speculative server its `speculation` (speculator.Speculation). With `warm_up` it compiles its
+    decode step before it starts, as `llmcli serve` does (else on first use, which keeps tests fast)."""
 
     model = MODEL
     block = BLOCK
 
-    def __init__(self, model, tokenizer, source_tokenizer=None, speculation=None, **options):
+    def __init__(self, model, tokenizer, source_tokenizer=None, speculation=None, warm_up=False, **options):
         opts = ServeOptions(run_dir=Path(MODEL), model_name=options.pop("model_name", MODEL), **options)
         self.state = build_state(model, tokenizer, opts, source_tokenizer=source_tokenizer, speculation=speculation)
+        if warm_up:
+            warm_up_server(self.state)
         self.sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = make_uvicorn_server(create_app(self.state), log_level="warning", access_log=False)
@@ -174,7 +178,7 @@ def serve_process(tmp_path):
                                      "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
                                     env=_environment(env or {}))
         started.append(proc)
-        deadline, url = time.monotonic() + 60, None
+        deadline, url = time.monotonic() + 120, None  # a cold compile of the decode step comes first
         while url is None:
             assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
             found = [w for w in log_path.read_text().split() if w.startswith("http://127.0.0.1:")]

@@ -1,11 +1,16 @@
 """The `llmcli serve` command: one-line errors, and a real process serving until Ctrl-C."""
 
+import re
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from torch._dynamo.utils import counters
+
+from llmcli.load import load_checkpoint
+from llmcli.options.inference import EngineOptions
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -58,6 +63,9 @@ def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
     proc, url, log_path = serve_process(checkpoint, env={"LLMCLI_API_KEY": "k\n"})  # an env file can leave the newline
     assert "API key required" in log_path.read_text()
     assert "KV cache 64 blocks of 16 tokens, prefix caching on" in log_path.read_text()  # 16 x 64/16
+    # --compile auto compiles a transformer's decode step for every batch shape before serving
+    assert re.search(r"compiled decode for batch 1, 2, 4, 8, 16 in \d+\.\d s \(inductor cache: (warm|cold|partly warm)\)",
+                     log_path.read_text())
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=20)
     got = client.completions.create(model=checkpoint.name, prompt="ROMEO:", max_tokens=3,
                                     temperature=0)  # greedy: never an EOT-first sample
@@ -80,6 +88,30 @@ def test_the_command_serves_until_ctrl_c(checkpoint, serve_process):
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         assert long.result(timeout=30).usage.completion_tokens == 1500
     assert proc.wait(20) == 0
+
+
+@pytest.mark.slow
+def test_a_compiled_server_answers_its_first_requests_without_compiling(make_char_checkpoint, corpus_text, tmp_path,
+                                                                       running_class, complete, capsys):
+    # A context no other test uses: a decode graph this process has not compiled yet.
+    loaded = load_checkpoint(make_char_checkpoint(tmp_path / "warm", corpus_text, 56, std=0.15))
+    before = counters["frames"]["ok"]
+    server = running_class(loaded.model, loaded.tokenizer, warm_up=True, max_batch_size=2,
+                            steps=EngineOptions(compile="on"))
+    try:
+        assert re.search(r"compiled decode for batch 1, 2 in \d+\.\d s \(inductor cache: (warm|cold|partly warm)\)",
+                         capsys.readouterr().err)
+        warmed = counters["frames"]["ok"]
+        assert warmed > before  # the buckets' graphs, before the server started
+        client = server.client()
+        assert complete(client, "ROMEO:", max_tokens=5).usage.completion_tokens == 5  # batch 1
+        with ThreadPoolExecutor(2) as pool:  # batch 2
+            both = list(pool.map(lambda p: complete(client, p, max_tokens=20, extra_body={"ignore_eos": True}),
+                                 ["ROMEO:", "All:"]))
+        assert [r.usage.completion_tokens for r in both] == [20, 20]
+        assert counters["frames"]["ok"] == warmed
+    finally:
+        server.stop()
 
 
 def test_memory_budgets_become_blocks(loaded, tiny_recurrent):
