@@ -7,7 +7,8 @@ fused into a few loops and the step runs as one call. A graph has fixed shapes, 
 computes the rows of slots 0..n-1 for the smallest bucket n (1, 2, 4, 8, ..., the slot count)
 that covers every slot decoding in it (models.base.BucketRows): the other rows of the bucket are
 placeholders that write a scratch slot, so one graph per bucket serves every step, whichever
-slots decode and wherever they are. Each graph is compiled on first use (the warm-up, timed in
+slots decode and wherever they are. The graph also takes each row's arg-max over the tokenizer's
+vocabulary, so a step whose rows are all greedy samples nothing outside it. Each graph is compiled on first use (the warm-up, timed in
 `warmup_seconds`); inductor keeps compiled code in its on-disk cache, so a later process warms up
 faster. Greedy output is the eager step's (the tests compare them), up to the float rounding of
 fused kernels.
@@ -41,17 +42,20 @@ def buckets(slots: int) -> list[int]:
 
 
 class CompiledDecode:
-    """`decode(tokens, slots, positions)`: next-token logits [n, V] for one token per row, through one
-    compiled graph per bucket (see the module docstring)."""
+    """`decode(tokens, slots, positions)`: next-token logits [n, V] for one token per row and each
+    row's arg-max over the first `vocab_size` ids, through one compiled graph per bucket (see the
+    module docstring)."""
 
-    def __init__(self, model: LanguageModel, state, slots: int):
+    def __init__(self, model: LanguageModel, state, slots: int, vocab_size: int):
         self.sizes = buckets(slots)
         self.device = next(model.parameters()).device
+        self.prefixes = [tuple(range(n)) for n in range(slots + 1)]  # slots 0..n-1: the usual rows
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)  # one graph per bucket
 
-        def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return model(tokens, state=state, rows=BucketRows(positions))[:, -1]
+        def step(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(tokens, state=state, rows=BucketRows(positions))[:, -1]
+            return logits, logits[:, :vocab_size].argmax(-1)
 
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs (unverified here)
         self.step = torch.compile(step, dynamic=False, mode=mode)
@@ -69,9 +73,11 @@ class CompiledDecode:
                 self.warmup_seconds[n] = time.perf_counter() - started
         return self.warmup_seconds
 
-    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def __call__(self, tokens: Sequence[int], slots: tuple[int, ...], positions: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, V], arg-max ids [n]) of the rows in `slots`."""
         n = next(size for size in self.sizes if size > max(slots))
-        prefix = list(slots) == list(range(len(slots)))  # slots 0, 1, ...: the usual case
+        prefix = slots == self.prefixes[len(slots)]
         if prefix and len(slots) == n:
             ids, at = torch.tensor(tokens)[:, None], torch.tensor(positions)
         else:
@@ -80,9 +86,12 @@ class CompiledDecode:
             ids[index, 0], at[index] = torch.tensor(tokens), torch.tensor(positions)
         ids, at = ids.to(self.device, non_blocking=True), at.to(self.device, non_blocking=True)
         if n in self.warmup_seconds:
-            out = self.step(ids, at)
+            logits, greedy = self.step(ids, at)
         else:
             started = time.perf_counter()
-            out = self.step(ids, at)
+            logits, greedy = self.step(ids, at)
             self.warmup_seconds[n] = time.perf_counter() - started
-        return out[:len(slots)] if prefix else out[torch.tensor(slots, device=out.device)]
+        if prefix:
+            return (logits, greedy) if len(slots) == n else (logits[:len(slots)], greedy[:len(slots)])
+        rows = torch.tensor(slots, device=logits.device)
+        return logits[rows], greedy[rows]
