@@ -8,10 +8,11 @@ computes the rows of slots 0..n-1 for the smallest bucket n (1, 2, 4, 8, ..., th
 that covers every slot decoding in it (models.base.BucketRows): the other rows of the bucket are
 placeholders that write a scratch slot, so one graph per bucket serves every step, whichever
 slots decode and wherever they are. The graph also takes each row's arg-max over the tokenizer's
-vocabulary, so a step whose rows are all greedy samples nothing outside it. Each graph is compiled on first use (the warm-up, timed in
-`warmup_seconds`); inductor keeps compiled code in its on-disk cache, so a later process warms up
-faster. Greedy output is the eager step's (the tests compare them), up to the float rounding of
-fused kernels.
+vocabulary, so a step whose rows are all greedy samples nothing outside it. Each graph is compiled
+on first use (the warm-up, timed in `warmup_seconds`); inductor keeps compiled code in its on-disk
+cache, so a later process warms up faster. On the CPU the graph is launched from inductor's C++
+wrapper rather than its Python one. Greedy output is the eager step's (the tests compare them), up
+to the float rounding of fused kernels.
 
 On a CUDA device torch.compile's "reduce-overhead" mode also captures each bucket's graph as a
 CUDA graph; that path is written but has not run here (no GPU on the machine these were built on).
@@ -57,8 +58,10 @@ class CompiledDecode:
             logits = model(tokens, state=state, rows=BucketRows(positions))[:, -1]
             return logits, logits[:, :vocab_size].argmax(-1)
 
-        mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs (unverified here)
-        self.step = torch.compile(step, dynamic=False, mode=mode)
+        if self.device.type == "cuda":  # CUDA graphs (unverified here)
+            self.step = torch.compile(step, dynamic=False, mode="reduce-overhead")
+        else:  # the graph's launcher in C++: inductor's Python one costs more than a small model's step
+            self.step = torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
         self.warmup_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
 
     @torch.inference_mode()
