@@ -7,12 +7,14 @@ fused into a few loops and the step runs as one call. A graph has fixed shapes, 
 computes the rows of slots 0..n-1 for the smallest bucket n (1, 2, 4, 8, ..., the slot count)
 that covers every slot decoding in it (models.base.BucketRows): the other rows of the bucket are
 placeholders that write a scratch slot, so one graph per bucket serves every step, whichever
-slots decode and wherever they are. `warm_up()` compiles every bucket at once (serve does it
-before it accepts a request); a bucket not warmed is compiled on first use. Inductor keeps the
-compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default torchinductor_$USER in the
-temp directory), so a later process loads it instead of compiling: `Warmup` says which it was.
-Greedy output is the eager step's (the tests compare them), up to the float rounding of fused
-kernels.
+slots decode and wherever they are. The graph also takes each row's arg-max over the tokenizer's
+vocabulary, so a step whose rows are all greedy samples nothing outside it. On the CPU the graph is
+launched from inductor's C++ wrapper rather than its Python one. `warm_up()` compiles every bucket
+at once (serve does it before it accepts a request); a bucket not warmed is compiled on first use.
+Inductor keeps the compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
+torchinductor_$USER in the temp directory), so a later process loads it instead of compiling:
+`Warmup` says which it was. Greedy output is the eager step's (the tests compare them), up to the
+float rounding of fused kernels.
 
 On a CUDA device torch.compile's "reduce-overhead" mode also captures each bucket's graph as a
 CUDA graph; that path is written but has not run here (no GPU on the machine these were built on).
@@ -67,20 +69,25 @@ class Warmup:
 
 
 class CompiledDecode:
-    """`decode(tokens, slots, positions)`: next-token logits [n, V] for one token per row, through one
-    compiled graph per bucket (see the module docstring)."""
+    """`decode(tokens, slots, positions)`: next-token logits [n, V] for one token per row and each
+    row's arg-max over the first `vocab_size` ids, through one compiled graph per bucket (see the
+    module docstring)."""
 
-    def __init__(self, model: LanguageModel, state, slots: int):
+    def __init__(self, model: LanguageModel, state, slots: int, vocab_size: int):
         self.sizes = buckets(slots)
         self.device = next(model.parameters()).device
+        self.prefixes = [tuple(range(n)) for n in range(slots + 1)]  # slots 0..n-1: the usual rows
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)  # one graph per bucket
 
-        def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return model(tokens, state=state, rows=BucketRows(positions))[:, -1]
+        def step(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(tokens, state=state, rows=BucketRows(positions))[:, -1]
+            return logits, logits[:, :vocab_size].argmax(-1)
 
-        mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs (unverified here)
-        self.step = torch.compile(step, dynamic=False, mode=mode)
+        if self.device.type == "cuda":  # CUDA graphs (unverified here)
+            self.step = torch.compile(step, dynamic=False, mode="reduce-overhead")
+        else:  # the graph's launcher in C++: inductor's Python one costs more than a small model's step
+            self.step = torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
         self.warmup_seconds: dict[int, float] = {}  # bucket -> seconds its first call took
 
     @torch.inference_mode()
@@ -98,9 +105,11 @@ class CompiledDecode:
         return Warmup(tuple(self.sizes), time.perf_counter() - started, counters["inductor"]["fxgraph_cache_hit"] - hits,
                       counters["inductor"]["fxgraph_cache_miss"] - misses)
 
-    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def __call__(self, tokens: Sequence[int], slots: tuple[int, ...], positions: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, V], arg-max ids [n]) of the rows in `slots`."""
         n = next(size for size in self.sizes if size > max(slots))
-        prefix = list(slots) == list(range(len(slots)))  # slots 0, 1, ...: the usual case
+        prefix = slots == self.prefixes[len(slots)]
         if prefix and len(slots) == n:
             ids, at = torch.tensor(tokens)[:, None], torch.tensor(positions)
         else:
@@ -109,9 +118,12 @@ class CompiledDecode:
             ids[index, 0], at[index] = torch.tensor(tokens), torch.tensor(positions)
         ids, at = ids.to(self.device, non_blocking=True), at.to(self.device, non_blocking=True)
         if n in self.warmup_seconds:
-            out = self.step(ids, at)
+            logits, greedy = self.step(ids, at)
         else:
             started = time.perf_counter()
-            out = self.step(ids, at)
+            logits, greedy = self.step(ids, at)
             self.warmup_seconds[n] = time.perf_counter() - started
-        return out[:len(slots)] if prefix else out[torch.tensor(slots, device=out.device)]
+        if prefix:
+            return (logits, greedy) if len(slots) == n else (logits[:len(slots)], greedy[:len(slots)])
+        rows = torch.tensor(slots, device=logits.device)
+        return logits[rows], greedy[rows]

@@ -114,22 +114,29 @@ class ModelRunner:
         if compile:
             from llmcli.generate.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, self.state, slots)
+            self.compiled = CompiledDecode(self.model, self.state, slots, self.vocab_size)
 
     def decode(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int],
                adapters: Sequence[int] | None = None) -> torch.Tensor:
         """Next-token logits [n, V]: each row's token at its position in its slot (compiled where on,
         and no row uses a LoRA adapter)."""
+        return self.decode_argmax(tokens, tuple(slots), positions, adapters)[0]
+
+    def decode_argmax(self, tokens: Sequence[int], slots: tuple[int, ...], positions: Sequence[int],
+                      adapters: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode`'s logits and, from a compiled step, each row's arg-max over the vocabulary (None eager)."""
         if self.compiled is not None and not any(adapters or ()):
             return self.compiled(tokens, slots, positions)
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        return decode(self.decoder, self.state, ids, slots, positions, adapters)
+        return decode(self.decoder, self.state, ids, slots, positions, adapters), None
 
     # -- a step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run the plan's forwards and sample its tokens (see the module docstring)."""
+        if plan.decode_only and self.speculator is None:
+            return self._decode_step(plan)
         for seq in plan.admitted:
             self._admit(seq)
         encode_seconds = self._encode([s for s in plan.admitted if s.request.source_ids is not None])
@@ -158,6 +165,21 @@ class ModelRunner:
             sampled = sampled[len(plan.decode):]
         return StepOutput(decoded, sampled, decode_seconds, prefill_seconds, chunk_seconds, encode_seconds,
                           sample_seconds, proposed)
+
+    def _decode_step(self, plan: StepPlan) -> StepOutput:
+        """The steady state: every running sequence decodes one token, nothing else runs. Rows that
+        all take the arg-max (plan.argmax) use the one the compiled graph computed."""
+        seqs = plan.sequences
+        started = time.perf_counter()
+        logits, greedy = self.decode_argmax([s.request.tokens[-1] for s in seqs], plan.slots,
+                                            [s.cached for s in seqs], plan.adapters)
+        decode_seconds = self._since(started)
+        started = time.perf_counter()
+        if greedy is None or not plan.argmax or self._seen is not None:
+            greedy = self.sample(seqs, logits, plan.argmax)
+        tokens = greedy.tolist()
+        return StepOutput([[t] for t in tokens], [], decode_seconds, 0.0, [],
+                          sample_seconds=time.perf_counter() - started)
 
     def _decode(self, rows: Sequence[Decode]) -> torch.Tensor:
         seqs = [d.seq for d in rows]
@@ -221,9 +243,14 @@ class ModelRunner:
             logits[..., self.vocab_size:] = -math.inf
         return logits
 
-    def sample(self, rows: list[Seq], logits: torch.Tensor) -> torch.Tensor:
+    def sample(self, rows: Sequence[Seq], logits: torch.Tensor, argmax: bool = False) -> torch.Tensor:
         """One token per row of `logits` [n, V] with each row's sequence's settings (and its format's
-        mask, constrain/mask.py)."""
+        mask, constrain/mask.py); `argmax`: every row is greedy and unconstrained (Seq.argmax)."""
+        if argmax:
+            tokens = logits[:, :self.vocab_size].argmax(-1)
+            if self._seen is not None:
+                self._seen[torch.tensor([s.slot for s in rows], device=logits.device), tokens] = True
+            return tokens
         logits = mask_logits(logits, [s.request.constraint for s in rows])
         params = [s.request.params for s in rows]
         if all(p.greedy for p in params) and not any(p.repetition_penalty != 1.0 for p in params):

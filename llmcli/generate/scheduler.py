@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from llmcli.generate.outputs import CacheUse, EngineStats, TokenEvent
 from llmcli.generate.paged import PagedCache
@@ -45,6 +46,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)
     admitted: int = 0  # admission order: the latest admitted is preempted first
+    argmax: bool = False  # its tokens are the logits' arg-max: greedy, no repetition penalty, no format
 
     @property
     def uncached(self) -> int:
@@ -85,6 +87,29 @@ class StepPlan:
     def empty(self) -> bool:
         return not (self.admitted or self.decode or self.prefill)
 
+    @cached_property
+    def decode_only(self) -> bool:
+        """Only decodes, none speculative: the steady state of a batch, which a plan is reused for."""
+        return bool(self.decode) and not (self.admitted or self.prefill) and not any(d.lookahead for d in self.decode)
+
+    @cached_property
+    def sequences(self) -> tuple[Sequence, ...]:
+        """The decoding sequences, in the plan's (ascending slot) order."""
+        return tuple(d.seq for d in self.decode)
+
+    @cached_property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(seq.slot for seq in self.sequences)
+
+    @cached_property
+    def adapters(self) -> tuple[int, ...]:
+        return tuple(seq.request.adapter for seq in self.sequences)
+
+    @cached_property
+    def argmax(self) -> bool:
+        """Every decoding sequence takes the arg-max (Sequence.argmax)."""
+        return all(seq.argmax for seq in self.sequences)
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -120,11 +145,14 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
         self._admissions = 0
+        self._steady: StepPlan | None = None  # the last plan, while every running sequence decodes it again
 
     # -- requests ---------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self._waiting.append(Sequence(request))
+        p = request.params
+        argmax = p.greedy and p.repetition_penalty == 1.0 and request.constraint is None
+        self._waiting.append(Sequence(request, argmax=argmax))
 
     def get(self, request_id: int) -> Request | None:
         seq = self._running.get(request_id) or next((s for s in self._waiting if s.request.id == request_id), None)
@@ -170,7 +198,13 @@ class Scheduler:
     # -- planning ---------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """This step's plan (see the module docstring)."""
+        """This step's plan (see the module docstring). While nothing joins, leaves or slides and
+        every running sequence decodes one token, the previous plan is this step's too."""
+        steady = self._steady
+        if steady is not None and not (self._waiting and self._free) and (
+                self.window is None or all(seq.cached < self.window for seq in steady.sequences)):
+            return steady
+        self._steady = None
         budget = self.max_tokens if self.max_tokens is not None else 1 << 62
         # 1) full windows slide: their last half is prefilled again
         if self.window is not None:
@@ -192,7 +226,10 @@ class Scheduler:
             count = min(seq.uncached, budget)
             chunks.append(Chunk(seq, seq.cached, count, samples=count == seq.uncached))
             budget -= count
-        return StepPlan(tuple(admitted), tuple(decode), tuple(chunks))
+        plan = StepPlan(tuple(admitted), tuple(decode), tuple(chunks))
+        if self.paged is None and not self.lookahead and plan.decode_only and len(decode) == len(self._running):
+            self._steady = plan  # paging grows blocks on the way, so a paged plan is made every step
+        return plan
 
     def _decodes(self, decoding: list[Sequence], budget: int) -> list[Decode]:
         """The decode rows, each with the speculative room its limits, the budget and the blocks allow."""
@@ -239,6 +276,7 @@ class Scheduler:
         return admitted
 
     def _slide(self, seq: Sequence) -> None:
+        self._steady = None
         seq.request.metrics.slides += 1
         seq.offset, seq.cached = len(seq.request.tokens) - self.slide_keep, 0
         if self.paged is not None:
@@ -269,15 +307,14 @@ class Scheduler:
             for seq in encoded:
                 seq.request.metrics.prefill_seconds += out.encode_seconds
         events: list[TokenEvent] = []
-        for row, tokens in zip(plan.decode, out.decoded, strict=True):
-            seq = row.seq
+        took = out.decode_seconds + out.sample_seconds
+        for seq, tokens in zip(plan.sequences, out.decoded, strict=True):
             seq.cached += len(tokens)  # its last token, then the guesses kept
             self._register(seq)
-            metrics = seq.request.metrics
-            metrics.decode_seconds += out.decode_seconds + out.sample_seconds
-            stats.decode_tokens += len(tokens)
+            seq.request.metrics.decode_seconds += took
             self._emit(seq, tokens, events, now)
         if plan.decode:
+            stats.decode_tokens += sum(map(len, out.decoded))
             stats.decode_seconds += out.decode_seconds
         if out.proposed:
             made, kept = sum(out.proposed), sum(len(t) - 1 for t in out.decoded)
@@ -337,6 +374,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         """The running sequence gives its slot (and blocks) back."""
+        self._steady = None
         if self.paged is not None:
             self.paged.release(seq)
         self._running.pop(seq.request.id, None)

@@ -135,6 +135,31 @@ def test_cancel_frees_the_slot(make_model):
     assert [e.id for e in events] == [second]
 
 
+def test_a_steady_decode_step_reuses_the_previous_plan_until_a_request_joins_or_leaves(make_model):
+    engine = Engine(make_model(30), max_batch_size=3)
+    scheduler, runner = engine.scheduler, engine.runner
+    params = SamplingParams(max_new_tokens=7, temperature=0)
+    engine.add([1, 2, 3], params)
+    engine.add([4, 5], params)
+    engine.step()  # both prompts prefilled
+
+    def step():
+        plan = scheduler.schedule()
+        scheduler.update(plan, runner.execute(plan))
+        return plan
+
+    first = step()
+    assert step() is first and first.decode_only and first.argmax
+    engine.add([6], params)  # a request joins: the next plan admits it
+    joined = step()
+    assert joined is not first and len(joined.admitted) == 1
+    steady = step()
+    assert step() is steady and len(steady.decode) == 3
+    step()  # the first two requests generate their 7th token and finish
+    left = step()
+    assert left is not steady and len(left.decode) == 1
+
+
 def test_repetition_penalty_in_the_engine_matches_a_reference_loop(make_model, run_engine):
     model = make_model(30)
     prompt, penalty = [1, 2, 3], 3.0
