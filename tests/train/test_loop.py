@@ -233,7 +233,10 @@ def test_compiled_training_compiles_once_and_learns_as_eager(corpus, tmp_path, m
     eager = train(RunPlan(load_config(None, tiny(corpus, *llama)), tmp_path / "eager"))
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    compiled = train(RunPlan(load_config(None, tiny(corpus, *llama, "train.compile=true")), tmp_path / "compiled"))
+    try:
+        compiled = train(RunPlan(load_config(None, tiny(corpus, *llama, "train.compile=true")), tmp_path / "compiled"))
+    finally:
+        torch._dynamo.reset()  # later tests compile the same forward afresh
     assert compiled["steps"] == eager["steps"] == 12
     for a, b in zip(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager"), strict=True):
         key = "val_loss" if "val_loss" in a else "train_loss"
