@@ -224,7 +224,7 @@ def test_bf16_autocast_on_cpu_trains(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_compiles_once_and_learns_as_eager(corpus, tmp_path, monkeypatch):
+def test_compiled_training_compiles_once_and_learns_as_eager(corpus, tmp_path):
     """train.compile: one graph for the whole run (evaluations run the uncompiled model; rope tables
     exist before the first forward), and the same losses as the eager run, to float rounding."""
     import torch._dynamo
@@ -232,9 +232,10 @@ def test_compiled_training_compiles_once_and_learns_as_eager(corpus, tmp_path, m
     llama = ("model.preset=llama", "model.qk_norm=true", "train.optimizer=muon")
     eager = train(RunPlan(load_config(None, tiny(corpus, *llama)), tmp_path / "eager"))
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     try:
-        compiled = train(RunPlan(load_config(None, tiny(corpus, *llama, "train.compile=true")), tmp_path / "compiled"))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = train(RunPlan(load_config(None, tiny(corpus, *llama, "train.compile=true")),
+                                     tmp_path / "compiled"))
     finally:
         torch._dynamo.reset()  # later tests compile the same forward afresh
     assert compiled["steps"] == eager["steps"] == 12
