@@ -217,8 +217,11 @@ class Transformer(LanguageModel):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         # Rope tables are a plain attribute, not a buffer, so model.to(bfloat16) cannot coarsen
-        # them; they are (re)built in float32 on whichever device the input arrives.
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # them; they are (re)built in float32 on whichever device the input arrives. Built here
+        # already, so a compiled forward (train.compile) sees them from its first call and is not
+        # compiled a second time once they exist.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = \
+            rope_tables(config, self.tok_embed.weight.device) if self.pos_embed is None else None
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # keeps the residual stream's variance flat
         for block in self.blocks:

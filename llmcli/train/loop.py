@@ -346,7 +346,7 @@ class Trainer:
         if self.average is not None:
             self.average.before_evaluation()
         with self._averaged(self._unwrapped()):
-            val = evaluate(self.model, self.val_windows, self.cfg.train.eval_batches, self.accelerator)
+            val = evaluate(self.strategy.eval_model(self.model), self.val_windows, self.cfg.train.eval_batches, self.accelerator)
         if not math.isfinite(val["val_loss"]):
             raise UserError(f"validation loss is non-finite at step {self.state.step}; stopped "
                             "(the last good checkpoint stays)")

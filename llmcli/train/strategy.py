@@ -206,6 +206,11 @@ class Strategy:
             model = torch.compile(model)  # sharded strategies compile through Accelerate, after wrapping
         return self.accelerator.prepare(model, optimizer)
 
+    def eval_model(self, model: Any) -> Any:
+        """What evaluations run: `model`, but uncompiled where prepare() compiled it (train.compile),
+        so that a no-grad forward in eval mode does not compile a second graph of every layer."""
+        return self.unwrapped(model) if self.t.compile and not self.sharded else model
+
     def unwrapped(self, model: Any) -> torch.nn.Module:
         inner = self.accelerator.unwrap_model(model)
         return getattr(inner, "_orig_mod", inner)

@@ -251,6 +251,27 @@ def test_bf16_autocast_on_cpu_trains(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_training_compiles_once_and_learns_as_eager(corpus, tmp_path):
+    """train.compile: one graph for the whole run (evaluations run the uncompiled model; rope tables
+    exist before the first forward), and the same losses as the eager run, to float rounding."""
+    import torch._dynamo
+
+    llama = ("model.preset=llama", "model.qk_norm=true", "train.optimizer=muon")
+    eager = train(RunPlan(load_config(None, tiny(corpus, *llama)), tmp_path / "eager"))
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = train(RunPlan(load_config(None, tiny(corpus, *llama, "train.compile=true")),
+                                     tmp_path / "compiled"))
+    finally:
+        torch._dynamo.reset()  # later tests compile the same forward afresh
+    assert compiled["steps"] == eager["steps"] == 12
+    for a, b in zip(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager"), strict=True):
+        key = "val_loss" if "val_loss" in a else "train_loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-3), a["step"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "lstm", "gru"])  # rnn: gru's one-tensor state, in the same class
 def test_two_processes_match_one_with_double_accumulation(corpus, tmp_path, torchrun, arch):
     """torchrun with 2 CPU (gloo) processes == 1 process with grad_accum=2, within float tolerance."""
