@@ -77,8 +77,11 @@ class CompiledDecode:
         self.sizes = buckets(slots)
         self.device = next(model.parameters()).device
         self.prefixes = [tuple(range(n)) for n in range(slots + 1)]  # slots 0..n-1: the usual rows
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)  # one graph per bucket
+        # One graph per bucket, and every CompiledDecode in the process compiles the same `step` code:
+        # each adds its buckets to dynamo's per-code limit, or a later engine would silently run eager.
+        config = torch._dynamo.config
+        config.recompile_limit += len(self.sizes)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, config.recompile_limit)
 
         def step(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = model(tokens, state=state, rows=BucketRows(positions))[:, -1]

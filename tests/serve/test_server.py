@@ -95,14 +95,14 @@ def test_a_compiled_server_answers_its_first_requests_without_compiling(make_cha
                                                                        running_class, complete, capsys):
     # A context no other test uses: a decode graph this process has not compiled yet.
     loaded = load_checkpoint(make_char_checkpoint(tmp_path / "warm", corpus_text, 56, std=0.15))
-    before = counters["frames"]["ok"]
     server = running_class(loaded.model, loaded.tokenizer, warm_up=True, max_batch_size=2,
                             steps=EngineOptions(compile="on"))
     try:
         assert re.search(r"compiled decode for batch 1, 2 in \d+\.\d s \(inductor cache: (warm|cold|partly warm)\)",
                          capsys.readouterr().err)
+        # The warm-up may find graphs dynamo already holds from earlier engines of these shapes (the
+        # count then stays, as seen in the whole suite); what matters: serving compiles nothing more.
         warmed = counters["frames"]["ok"]
-        assert warmed > before  # the buckets' graphs, before the server started
         client = server.client()
         assert complete(client, "ROMEO:", max_tokens=5).usage.completion_tokens == 5  # batch 1
         with ThreadPoolExecutor(2) as pool:  # batch 2
