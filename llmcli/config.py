@@ -162,6 +162,10 @@ class ModelConfig:
                          families=TRANSFORMER)
     logit_softcap: Optional[float] = _opt(None, min=0.0, min_exclusive=True,
                                           help="logits become c * tanh(logits / c); null = off", families=TRANSFORMER)
+    value_embeds: int = _opt(0, min=0, help="extra token-embedding tables added to the attention values "
+                                            "(modded-nanogpt's value embeddings): table j feeds layer j and "
+                                            "layer n_layer - value_embeds + j, so 2 * value_embeds <= n_layer; "
+                                            "0 = off", families=TRANSFORMER)
     embed_dropout: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: drop whole rows of the embedding table "
                                                              "(every use of a word) while training",
                                 families=RECURRENT)
@@ -240,6 +244,14 @@ class ModelConfig:
     def ff_in(self, layer: int) -> int:
         """MLP hidden units of layer `layer`."""
         return self.layer_ff[layer] if self.layer_ff else self.ff_dim
+
+    def value_embed_of(self, layer: int) -> int | None:
+        """The value-embedding table transformer layer `layer` reads: table j feeds the j-th layer
+        from the start and the j-th of the last `value_embeds` layers; None for the layers between."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        return layer - (self.n_layer - k) if layer >= self.n_layer - k else None
 
     def encoder_heads_in(self, layer: int) -> int:
         """encoder-decoder: self-attention heads of encoder layer `layer`."""
