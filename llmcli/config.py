@@ -186,6 +186,11 @@ class ModelConfig:
     layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer (encoder-decoder: the "
                                                            "decoder's); null = ff_dim in every layer",
                                          families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    layer_value_embeds: Optional[list[int]] = _opt(None, min=-1, help="the value-embedding table each layer reads, "
+                                                                      "-1 = none (a model that lost layers to "
+                                                                      "llmcli prune --layers); null = the "
+                                                                      "value_embeds rule",
+                                                   families=TRANSFORMER, omit_none=True)
     encoder_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: self-attention heads of "
                                                                       "each encoder layer; null = n_head",
                                                     families=ENCODER_DECODER, omit_none=True)
@@ -247,11 +252,19 @@ class ModelConfig:
 
     def value_embed_of(self, layer: int) -> int | None:
         """The value-embedding table transformer layer `layer` reads: table j feeds the j-th layer
-        from the start and the j-th of the last `value_embeds` layers; None for the layers between."""
+        from the start and the j-th of the last `value_embeds` layers; None for the layers between.
+        A model that lost layers lists each kept layer's table instead (`layer_value_embeds`)."""
+        if self.layer_value_embeds is not None:
+            table = self.layer_value_embeds[layer]
+            return None if table < 0 else table
         k = self.value_embeds
         if layer < k:
             return layer
         return layer - (self.n_layer - k) if layer >= self.n_layer - k else None
+
+    def value_embed_layers(self, table: int) -> list[int]:
+        """The transformer layers that read value-embedding table `table`."""
+        return [i for i in range(self.n_layer) if self.value_embed_of(i) == table]
 
     def encoder_heads_in(self, layer: int) -> int:
         """encoder-decoder: self-attention heads of encoder layer `layer`."""

@@ -62,6 +62,8 @@ def test_preset_fills_unset_fields_only():
         (["model.n_head=3"], "n_head=3 must divide d_model=128"),
         (["model.n_head=4", "model.n_kv_head=3"], "n_kv_head=3 must divide n_head=4"),
         (["model.value_embeds=-1"], "model.value_embeds: must be >= 0; got -1"),
+        (["model.value_embeds=1", "model.layer_value_embeds=[0,-1]"],
+         "model.layer_value_embeds: needs one table per layer (n_layer=4), -1 for none, using every table 0..0"),
         (["model.value_embeds=3"], ("model.value_embeds: 3 tables need 2 * 3 layers (each feeds one of the first "
                                    "and one of the last layers); n_layer=4")),
         (["train.max_steps=null"], "set train.max_steps, train.max_epochs or train.max_minutes"),

@@ -210,7 +210,8 @@ class Transformer(LanguageModel):
 
     With `model.value_embeds: k`, k more token-embedding tables (`value_embeds.j`, vocab x the kv
     width) feed the attention values of the first k and the last k layers (table j: layer j and layer
-    n_layer - k + j; `ModelConfig.value_embed_of`); the layers between have none.
+    n_layer - k + j; `ModelConfig.value_embed_of`); the layers between have none. A model that lost
+    layers (`llmcli prune --layers`) lists each kept layer's table (`layer_value_embeds`).
     """
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
@@ -227,8 +228,8 @@ class Transformer(LanguageModel):
         self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.block_size, config.d_model) if config.pos == "learned" else None
         self.embed_dropout = nn.Dropout(config.dropout)
-        # A shared table has the kv width of its first layer; pruning keeps both layers' heads alike.
-        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.kv_heads_in(j) * config.head_dim)
+        # A shared table has its layers' kv width; pruning keeps the heads of a table's layers alike.
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, _value_embed_width(config, j))
                                           for j in range(config.value_embeds))
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.final_norm = make_norm(config)
@@ -267,6 +268,7 @@ class Transformer(LanguageModel):
         c, groups = self.config, []
         group_dim = c.n_head // c.kv_heads * c.head_dim
         for g, layers in enumerate(self._head_layers()):
+            table = c.value_embed_of(layers[0])
             heads = []
             for i in layers:
                 a = f"blocks.{i}.attn"
@@ -276,9 +278,9 @@ class Transformer(LanguageModel):
                 if c.bias:
                     heads += [UnitSlice(f"{a}.q_proj.bias", 0, size=group_dim)]
                     heads += [UnitSlice(f"{a}.{p}_proj.bias", 0, size=c.head_dim) for p in "kv"]
-            if len(layers) > 1:
-                heads.append(UnitSlice(f"value_embeds.{layers[0]}.weight", 1, size=c.head_dim))
-            label = f"layers {layers[0]} and {layers[1]}" if len(layers) > 1 else ""
+            if table is not None:
+                heads.append(UnitSlice(f"value_embeds.{table}.weight", 1, size=c.head_dim))
+            label = f"layers {' and '.join(map(str, layers))}" if len(layers) > 1 else ""
             groups.append(PruneGroup("heads", g, self.blocks[layers[0]].attn.n_kv_head, tuple(heads), label=label))
         for i, block in enumerate(self.blocks):
             m = f"blocks.{i}.mlp"
@@ -289,10 +291,12 @@ class Transformer(LanguageModel):
         return groups
 
     def _head_layers(self) -> list[tuple[int, ...]]:
-        """The layers of each "heads" prune group, in order: a layer alone, or the two layers that
-        share value-embedding table j, (j, n_layer - value_embeds + j)."""
-        n, k = self.config.n_layer, self.config.value_embeds
-        return [(i, n - k + i) if i < k else (i,) for i in range(n - k)]
+        """The layers of each "heads" prune group, by first layer: a layer alone, or the layers that
+        share a value-embedding table."""
+        c = self.config
+        tables = [c.value_embed_layers(j) for j in range(c.value_embeds)]
+        alone = [[i] for i in range(c.n_layer) if c.value_embed_of(i) is None]
+        return sorted(tuple(layers) for layers in tables + alone)
 
     def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
         """Per-layer sizes: `layer_heads` (kv groups kept times the group size) and `layer_ff`."""
@@ -305,17 +309,32 @@ class Transformer(LanguageModel):
         return dataclasses.replace(c, layer_heads=heads, layer_ff=kept.get("mlp", c.layer_ff))
 
     def layer_stacks(self) -> list[LayerStack]:
-        if self.config.value_embeds:
-            raise UserError(f"llmcli prune --layers: model.value_embeds={self.config.value_embeds} ties its tables to "
-                            "the first and last layers by position, which removing a layer would move; prune heads "
-                            "or MLP units instead")
         return [LayerStack("layers", self.config.n_layer, r"blocks\.(\d+)\..*")]
 
     def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
-        """n_layer and the per-layer sizes of the blocks kept."""
+        """n_layer and the per-layer sizes of the blocks kept; the value-embedding tables some kept
+        layer reads, renumbered in order, with each kept layer's table (null when the rule still holds)."""
         c, kept = self.config, list(keep["layers"])
-        return dataclasses.replace(c, n_layer=len(kept), layer_heads=kept_of(c.layer_heads, kept),
-                                   layer_ff=kept_of(c.layer_ff, kept))
+        used = self._tables_kept(kept)
+        tables = [-1 if c.value_embed_of(i) is None else used.index(c.value_embed_of(i)) for i in kept]
+        shallower = dataclasses.replace(c, n_layer=len(kept), layer_heads=kept_of(c.layer_heads, kept),
+                                        layer_ff=kept_of(c.layer_ff, kept), value_embeds=len(used),
+                                        layer_value_embeds=None)
+        ruled = [-1 if shallower.value_embed_of(i) is None else shallower.value_embed_of(i) for i in range(len(kept))]
+        if 2 * len(used) <= len(kept) and ruled == tables:
+            return shallower
+        return dataclasses.replace(shallower, layer_value_embeds=tables)
+
+    def _tables_kept(self, kept: Sequence[int]) -> list[int]:
+        """The value-embedding tables that some layer in `kept` reads, in order."""
+        return sorted({self.config.value_embed_of(i) for i in kept} - {None})
+
+    def layers_state(self, state: dict[str, torch.Tensor], keep: dict[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+        """The value-embedding tables of the kept layers, renumbered as `layers_config` does."""
+        used = self._tables_kept(list(keep["layers"]))
+        out = {k: v for k, v in state.items() if not k.startswith("value_embeds.")}
+        out.update({f"value_embeds.{new}.weight": state[f"value_embeds.{old}.weight"] for new, old in enumerate(used)})
+        return out
 
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
@@ -341,8 +360,9 @@ class Transformer(LanguageModel):
             mlp = (3 if config.act == "swiglu" else 2) * d * ff + bias * ((2 if config.act == "swiglu" else 1) * ff + d)
             layers += attention + mlp + 2 * norm
         embeddings = V * d + (config.block_size * d if config.pos == "learned" else 0)
-        # value-embedding tables (each as wide as its first layer's values) and two gates per layer using one
-        embeddings += sum(V * config.kv_heads_in(j) * config.head_dim + 2 * 2 for j in range(config.value_embeds))
+        # value-embedding tables (as wide as their layers' values) and two gates per layer reading one
+        embeddings += sum(V * _value_embed_width(config, j) + 2 * len(config.value_embed_layers(j))
+                          for j in range(config.value_embeds))
         head = 0 if config.tie_embeddings else V * d
         return embeddings + layers + norm + head
 
@@ -462,11 +482,22 @@ def _check_config(config: ModelConfig) -> None:
         raise UserError(f"model.n_kv_head={config.kv_heads} must divide model.n_head={config.n_head}")
     if config.pos == "rope" and config.head_dim % 2:
         raise UserError(f"rope needs an even head size; d_model/n_head = {config.head_dim}")
-    if config.value_embeds < 0 or 2 * config.value_embeds > config.n_layer:
+    if config.layer_value_embeds is not None:
+        tables = config.layer_value_embeds
+        if len(tables) != config.n_layer or sorted(set(tables) - {-1}) != list(range(config.value_embeds)):
+            raise UserError(f"model.layer_value_embeds={tables}: needs one table per layer (n_layer={config.n_layer}), "
+                            f"-1 for none, using every table 0..{config.value_embeds - 1}")
+    elif config.value_embeds < 0 or 2 * config.value_embeds > config.n_layer:
         raise UserError(f"model.value_embeds={config.value_embeds}: between 0 and n_layer / 2 = "
                         f"{config.n_layer // 2} tables (each feeds one of the first and one of the last layers)")
     for j in range(config.value_embeds):
-        last = config.n_layer - config.value_embeds + j
-        if config.heads_in(j) != config.heads_in(last):
-            raise UserError(f"model.layer_heads: layers {j} and {last} share value-embedding table {j}, so they need "
-                            f"the same heads; got {config.heads_in(j)} and {config.heads_in(last)}")
+        layers = config.value_embed_layers(j)
+        heads = [config.heads_in(i) for i in layers]
+        if len(set(heads)) > 1:
+            raise UserError(f"model.layer_heads: layers {' and '.join(map(str, layers))} share value-embedding table "
+                            f"{j}, so they need the same heads; got {' and '.join(map(str, heads))}")
+
+
+def _value_embed_width(config: ModelConfig, table: int) -> int:
+    """The kv width of the layers that read value-embedding table `table` (alike: _check_config)."""
+    return config.kv_heads_in(config.value_embed_layers(table)[0]) * config.head_dim
