@@ -371,7 +371,7 @@ class Transformer(LanguageModel):
         # Per layer and token: ~34 * d_model values kept for the backward pass (projections, MLP,
         # norms, dropout masks); SDPA's fused kernels keep no [T, T] attention matrix. A layer with a
         # value embedding keeps its table rows and the values before the mix: 2 * d_model more.
-        value_layers = 2 * config.value_embeds
+        value_layers = sum(config.value_embed_of(i) is not None for i in range(config.n_layer))
         return 4 * tokens * (34 * config.n_layer * config.d_model + 2 * value_layers * config.d_model
                              + 3 * (config.vocab_size or 0))
 
