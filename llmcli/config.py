@@ -162,6 +162,10 @@ class ModelConfig:
                          families=TRANSFORMER)
     logit_softcap: Optional[float] = _opt(None, min=0.0, min_exclusive=True,
                                           help="logits become c * tanh(logits / c); null = off", families=TRANSFORMER)
+    value_embeds: int = _opt(0, min=0, help="extra token-embedding tables added to the attention values "
+                                            "(modded-nanogpt's value embeddings): table j feeds layer j and "
+                                            "layer n_layer - value_embeds + j, so 2 * value_embeds <= n_layer; "
+                                            "0 = off", families=TRANSFORMER)
     embed_dropout: float = _opt(0.0, min=0.0, max=1.0, help="recurrent: drop whole rows of the embedding table "
                                                              "(every use of a word) while training",
                                 families=RECURRENT)
@@ -182,6 +186,11 @@ class ModelConfig:
     layer_ff: Optional[list[int]] = _opt(None, min=1, help="MLP hidden units of each layer (encoder-decoder: the "
                                                            "decoder's); null = ff_dim in every layer",
                                          families=TRANSFORMER + ENCODER_DECODER, omit_none=True)
+    layer_value_embeds: Optional[list[int]] = _opt(None, min=-1, help="the value-embedding table each layer reads, "
+                                                                      "-1 = none (a model that lost layers to "
+                                                                      "llmcli prune --layers); null = the "
+                                                                      "value_embeds rule",
+                                                   families=TRANSFORMER, omit_none=True)
     encoder_layer_heads: Optional[list[int]] = _opt(None, min=1, help="encoder-decoder: self-attention heads of "
                                                                       "each encoder layer; null = n_head",
                                                     families=ENCODER_DECODER, omit_none=True)
@@ -240,6 +249,22 @@ class ModelConfig:
     def ff_in(self, layer: int) -> int:
         """MLP hidden units of layer `layer`."""
         return self.layer_ff[layer] if self.layer_ff else self.ff_dim
+
+    def value_embed_of(self, layer: int) -> int | None:
+        """The value-embedding table transformer layer `layer` reads: table j feeds the j-th layer
+        from the start and the j-th of the last `value_embeds` layers; None for the layers between.
+        A model that lost layers lists each kept layer's table instead (`layer_value_embeds`)."""
+        if self.layer_value_embeds is not None:
+            table = self.layer_value_embeds[layer]
+            return None if table < 0 else table
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        return layer - (self.n_layer - k) if layer >= self.n_layer - k else None
+
+    def value_embed_layers(self, table: int) -> list[int]:
+        """The transformer layers that read value-embedding table `table`."""
+        return [i for i in range(self.n_layer) if self.value_embed_of(i) == table]
 
     def encoder_heads_in(self, layer: int) -> int:
         """encoder-decoder: self-attention heads of encoder layer `layer`."""

@@ -305,6 +305,15 @@ def _check_cross_fields(cfg: Config, origin: dict[str, str]) -> None:
         fail("model.n_kv_head", f"n_kv_head={m.kv_heads} must divide n_head={m.n_head}")
     if m.applies("pos") and m.pos == "rope" and m.head_dim % 2:
         fail("model.n_head", f"rope needs an even head size; d_model/n_head = {m.head_dim}")
+    if m.applies("layer_value_embeds") and m.layer_value_embeds is not None:
+        tables = m.layer_value_embeds
+        if len(tables) != m.n_layer or sorted(set(tables) - {-1}) != list(range(m.value_embeds)):
+            fail("model.layer_value_embeds", f"needs one table per layer (n_layer={m.n_layer}), -1 for none, using "
+                                             f"every table 0..{m.value_embeds - 1} (value_embeds={m.value_embeds}); "
+                                             f"got {tables}")
+    elif m.applies("value_embeds") and 2 * m.value_embeds > m.n_layer:
+        fail("model.value_embeds", f"{m.value_embeds} tables need 2 * {m.value_embeds} layers (each feeds one "
+                                   f"of the first and one of the last layers); n_layer={m.n_layer}")
     if t.max_steps is not None and t.max_epochs is not None:
         fail("train.max_epochs", f"give train.max_epochs or train.max_steps, not both (max_steps={t.max_steps} "
                                  f"from {origin.get('train.max_steps', 'config')}; max_steps=null counts epochs)")

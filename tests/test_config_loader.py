@@ -61,6 +61,11 @@ def test_preset_fills_unset_fields_only():
         (["model.bias=1"], "model.bias: must be true or false"),
         (["model.n_head=3"], "n_head=3 must divide d_model=128"),
         (["model.n_head=4", "model.n_kv_head=3"], "n_kv_head=3 must divide n_head=4"),
+        (["model.value_embeds=-1"], "model.value_embeds: must be >= 0; got -1"),
+        (["model.value_embeds=1", "model.layer_value_embeds=[0,-1]"],
+         "model.layer_value_embeds: needs one table per layer (n_layer=4), -1 for none, using every table 0..0"),
+        (["model.value_embeds=3"], ("model.value_embeds: 3 tables need 2 * 3 layers (each feeds one of the first "
+                                   "and one of the last layers); n_layer=4")),
         (["train.max_steps=null"], "set train.max_steps, train.max_epochs or train.max_minutes"),
         (["train.min_lr=1", "train.lr=0.1"], "min_lr=1 is larger than lr=0.1"),
         (["model.preset=gpt3"], "model.preset: must be one of gpt2, llama"),
@@ -125,6 +130,8 @@ def test_saved_config_reloads_identically(tmp_path):
     (["model.arch=rnn", "model.pos=rope"], "model.pos: does not apply to model.arch=rnn"),
     (["model.d_hidden=64"], "model.d_hidden: does not apply to model.arch=transformer (only to lstm, gru, rnn, gru-seq2seq and lstm-seq2seq)"),
     (["model.arch=gru", "model.qk_norm=true"], "model.qk_norm: does not apply to model.arch=gru (only to transformer)"),
+    (["model.arch=lstm", "model.value_embeds=1"],
+     "model.value_embeds: does not apply to model.arch=lstm (only to transformer)"),
     (["model.weight_drop=0.2"], "model.weight_drop: does not apply to model.arch=transformer (only to lstm, gru and rnn)"),
     (["model.arch=mamba"], "model.arch: must be one of transformer, lstm, gru, rnn"),
 ])

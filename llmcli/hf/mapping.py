@@ -53,6 +53,9 @@ def export_family(config: ModelConfig, target: str = "transformers") -> str:
     if config.qk_norm or config.logit_softcap is not None:
         raise UserError("model.qk_norm / model.logit_softcap have no place in a GPT-2 or Llama config; such a "
                         "model cannot be exported with --format hf")
+    if config.value_embeds:
+        raise UserError(f"model.value_embeds={config.value_embeds}: GPT-2 and Llama have no value-embedding tables, "
+                        f"so {target} cannot run this model")
     needs = {
         GPT2: {"norm": "layernorm", "pos": "learned", "act": "gelu", "bias": True},
         LLAMA: {"norm": "rmsnorm", "pos": "rope", "act": "swiglu", "bias": False},

@@ -354,7 +354,12 @@ class LanguageModel(nn.Module):
                 state[renamed] = tensor
         _cut(state, ((where, stack.layers, sorted(set(range(stack.layers)) - set(keep.get(stack.name, ()))))
                      for stack in stacks if stack.name in keep for where in stack.slices))
-        return self._rebuilt(self.layers_config(keep), state)
+        return self._rebuilt(self.layers_config(keep), self.layers_state(state, keep))
+
+    def layers_state(self, state: dict[str, torch.Tensor], keep: dict[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+        """`state` of the layers `keep`, renumbered, with what else follows the layers (a transformer's
+        value-embedding tables); the default keeps the rest as it is."""
+        return state
 
     def _rebuilt(self, config: ModelConfig, state: dict[str, torch.Tensor]) -> LanguageModel:
         """A model of `config` holding `state` (copies), in this model's train/eval mode."""

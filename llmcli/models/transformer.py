@@ -116,16 +116,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.out_proj = nn.Linear(q_dim, config.d_model, bias=config.bias)
         self.qk_norm = config.qk_norm
+        # With a value-embedding table (model.value_embeds): v = gate[0] * v + gate[1] * table[token],
+        # the two gates learned, starting at 1/2 each (modded-nanogpt's lambdas).
+        self.value_gate = nn.Parameter(torch.full((2,), 0.5)) if config.value_embed_of(layer) is not None else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: CacheStep | None, record: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """With `record`, attention runs step by step and its weights [B, H, T, S] are appended."""
+                cache: CacheStep | None, record: list[torch.Tensor] | None = None,
+                value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """With `record`, attention runs step by step and its weights [B, H, T, S] are appended.
+        `value_embed` [B, T, kv width]: this layer's value-embedding rows of the tokens, mixed into
+        the values before they are cached, so a cached value already holds its token's row."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x)
+        if value_embed is not None:
+            v = self.value_gate[0] * v + self.value_gate[1] * value_embed.to(v.dtype)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # each head's query and key scaled to unit RMS (no gain)
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
@@ -190,13 +199,20 @@ class Block(nn.Module):
         self.mlp = MLP(config, layer)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: CacheStep | None, record: list[torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache, record)
+                cache: CacheStep | None, record: list[torch.Tensor] | None = None,
+                value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, record, value_embed)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(LanguageModel):
-    """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head."""
+    """Token embedding (+ learned positions) → n_layer blocks → final norm → LM head.
+
+    With `model.value_embeds: k`, k more token-embedding tables (`value_embeds.j`, vocab x the kv
+    width) feed the attention values of the first k and the last k layers (table j: layer j and layer
+    n_layer - k + j; `ModelConfig.value_embed_of`); the layers between have none. A model that lost
+    layers (`llmcli prune --layers`) lists each kept layer's table (`layer_value_embeds`).
+    """
 
     exports_to_hf = True  # as GPT2LMHeadModel or LlamaForCausalLM (llmcli/hf/mapping.py)
     gguf_refusal = None  # llama.cpp's gpt2 and llama architectures (llmcli/llamacpp/)
@@ -212,6 +228,9 @@ class Transformer(LanguageModel):
         self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.block_size, config.d_model) if config.pos == "learned" else None
         self.embed_dropout = nn.Dropout(config.dropout)
+        # A shared table has its layers' kv width; pruning keeps the heads of a table's layers alike.
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, _value_embed_width(config, j))
+                                          for j in range(config.value_embeds))
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -244,37 +263,78 @@ class Transformer(LanguageModel):
 
     def prune_groups(self) -> list[PruneGroup]:
         """Per layer: its kv groups ("heads": one kv head and the query heads sharing it; a head
-        alone without GQA) and its MLP hidden units ("mlp")."""
+        alone without GQA) and its MLP hidden units ("mlp"). Two layers that share a value-embedding
+        table are one "heads" group: kv group h goes from both, with the table's columns of head h."""
         c, groups = self.config, []
         group_dim = c.n_head // c.kv_heads * c.head_dim
+        for g, layers in enumerate(self._head_layers()):
+            table = c.value_embed_of(layers[0])
+            heads = []
+            for i in layers:
+                a = f"blocks.{i}.attn"
+                heads += [UnitSlice(f"{a}.q_proj.weight", 0, size=group_dim),
+                          UnitSlice(f"{a}.out_proj.weight", 1, size=group_dim)]
+                heads += [UnitSlice(f"{a}.{p}_proj.weight", 0, size=c.head_dim) for p in "kv"]
+                if c.bias:
+                    heads += [UnitSlice(f"{a}.q_proj.bias", 0, size=group_dim)]
+                    heads += [UnitSlice(f"{a}.{p}_proj.bias", 0, size=c.head_dim) for p in "kv"]
+            if table is not None:
+                heads.append(UnitSlice(f"value_embeds.{table}.weight", 1, size=c.head_dim))
+            label = f"layers {' and '.join(map(str, layers))}" if len(layers) > 1 else ""
+            groups.append(PruneGroup("heads", g, self.blocks[layers[0]].attn.n_kv_head, tuple(heads), label=label))
         for i, block in enumerate(self.blocks):
-            a, m, bias = f"blocks.{i}.attn", f"blocks.{i}.mlp", c.bias
-            heads = [UnitSlice(f"{a}.q_proj.weight", 0, size=group_dim), UnitSlice(f"{a}.out_proj.weight", 1, size=group_dim)]
-            heads += [UnitSlice(f"{a}.{p}_proj.weight", 0, size=c.head_dim) for p in "kv"]
-            if bias:
-                heads += [UnitSlice(f"{a}.q_proj.bias", 0, size=group_dim)]
-                heads += [UnitSlice(f"{a}.{p}_proj.bias", 0, size=c.head_dim) for p in "kv"]
+            m = f"blocks.{i}.mlp"
             ups = ("gate_proj", "up_proj") if c.act == "swiglu" else ("up_proj",)
             mlp = [UnitSlice(f"{m}.{p}.weight", 0) for p in ups] + [UnitSlice(f"{m}.down_proj.weight", 1)]
-            mlp += [UnitSlice(f"{m}.{p}.bias", 0) for p in ups] if bias else []
-            groups += [PruneGroup("heads", i, block.attn.n_kv_head, tuple(heads)),
-                       PruneGroup("mlp", i, block.mlp.down_proj.in_features, tuple(mlp))]
+            mlp += [UnitSlice(f"{m}.{p}.bias", 0) for p in ups] if c.bias else []
+            groups.append(PruneGroup("mlp", i, block.mlp.down_proj.in_features, tuple(mlp)))
         return groups
+
+    def _head_layers(self) -> list[tuple[int, ...]]:
+        """The layers of each "heads" prune group, by first layer: a layer alone, or the layers that
+        share a value-embedding table."""
+        c = self.config
+        tables = [c.value_embed_layers(j) for j in range(c.value_embeds)]
+        alone = [[i] for i in range(c.n_layer) if c.value_embed_of(i) is None]
+        return sorted(tuple(layers) for layers in tables + alone)
 
     def pruned_config(self, kept: dict[str, list[int]]) -> ModelConfig:
         """Per-layer sizes: `layer_heads` (kv groups kept times the group size) and `layer_ff`."""
-        c = self.config
-        heads = [k * (c.n_head // c.kv_heads) for k in kept["heads"]] if "heads" in kept else c.layer_heads
+        c, heads = self.config, self.config.layer_heads
+        if "heads" in kept:
+            heads = [0] * c.n_layer
+            for layers, count in zip(self._head_layers(), kept["heads"], strict=True):
+                for i in layers:
+                    heads[i] = count * (c.n_head // c.kv_heads)
         return dataclasses.replace(c, layer_heads=heads, layer_ff=kept.get("mlp", c.layer_ff))
 
     def layer_stacks(self) -> list[LayerStack]:
         return [LayerStack("layers", self.config.n_layer, r"blocks\.(\d+)\..*")]
 
     def layers_config(self, keep: dict[str, Sequence[int]]) -> ModelConfig:
-        """n_layer and the per-layer sizes of the blocks kept."""
+        """n_layer and the per-layer sizes of the blocks kept; the value-embedding tables some kept
+        layer reads, renumbered in order, with each kept layer's table (null when the rule still holds)."""
         c, kept = self.config, list(keep["layers"])
-        return dataclasses.replace(c, n_layer=len(kept), layer_heads=kept_of(c.layer_heads, kept),
-                                   layer_ff=kept_of(c.layer_ff, kept))
+        used = self._tables_kept(kept)
+        tables = [-1 if c.value_embed_of(i) is None else used.index(c.value_embed_of(i)) for i in kept]
+        shallower = dataclasses.replace(c, n_layer=len(kept), layer_heads=kept_of(c.layer_heads, kept),
+                                        layer_ff=kept_of(c.layer_ff, kept), value_embeds=len(used),
+                                        layer_value_embeds=None)
+        ruled = [-1 if shallower.value_embed_of(i) is None else shallower.value_embed_of(i) for i in range(len(kept))]
+        if 2 * len(used) <= len(kept) and ruled == tables:
+            return shallower
+        return dataclasses.replace(shallower, layer_value_embeds=tables)
+
+    def _tables_kept(self, kept: Sequence[int]) -> list[int]:
+        """The value-embedding tables that some layer in `kept` reads, in order."""
+        return sorted({self.config.value_embed_of(i) for i in kept} - {None})
+
+    def layers_state(self, state: dict[str, torch.Tensor], keep: dict[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+        """The value-embedding tables of the kept layers, renumbered as `layers_config` does."""
+        used = self._tables_kept(list(keep["layers"]))
+        out = {k: v for k, v in state.items() if not k.startswith("value_embeds.")}
+        out.update({f"value_embeds.{new}.weight": state[f"value_embeds.{old}.weight"] for new, old in enumerate(used)})
+        return out
 
     def lora_targets(self) -> dict[str, list[str]]:
         """q, k, v, o (attention), gate, up, down (MLP) in every block; embed and head when the head is
@@ -300,14 +360,20 @@ class Transformer(LanguageModel):
             mlp = (3 if config.act == "swiglu" else 2) * d * ff + bias * ((2 if config.act == "swiglu" else 1) * ff + d)
             layers += attention + mlp + 2 * norm
         embeddings = V * d + (config.block_size * d if config.pos == "learned" else 0)
+        # value-embedding tables (as wide as their layers' values) and two gates per layer reading one
+        embeddings += sum(V * _value_embed_width(config, j) + 2 * len(config.value_embed_layers(j))
+                          for j in range(config.value_embeds))
         head = 0 if config.tie_embeddings else V * d
         return embeddings + layers + norm + head
 
     @classmethod
     def activation_bytes(cls, config: ModelConfig, tokens: int) -> int:
         # Per layer and token: ~34 * d_model values kept for the backward pass (projections, MLP,
-        # norms, dropout masks); SDPA's fused kernels keep no [T, T] attention matrix.
-        return 4 * tokens * (34 * config.n_layer * config.d_model + 3 * (config.vocab_size or 0))
+        # norms, dropout masks); SDPA's fused kernels keep no [T, T] attention matrix. A layer with a
+        # value embedding keeps its table rows and the values before the mix: 2 * d_model more.
+        value_layers = sum(config.value_embed_of(i) is not None for i in range(config.n_layer))
+        return 4 * tokens * (34 * config.n_layer * config.d_model + 2 * value_layers * config.d_model
+                             + 3 * (config.vocab_size or 0))
 
     def new_decode_state(self, max_slots: int, max_len: int | None = None, *, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu") -> KVCache:
@@ -381,8 +447,10 @@ class Transformer(LanguageModel):
         else:
             rope = self._rope_at(positions, x.dtype)
         x = self.embed_dropout(x)
-        for block in self.blocks:
-            x = block(x, rope, cache, record)
+        tables = [table(idx) for table in self.value_embeds]
+        for i, block in enumerate(self.blocks):
+            j = self.config.value_embed_of(i)
+            x = block(x, rope, cache, record, None if j is None else tables[j])
         return self.final_norm(x)
 
     def _rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,3 +482,22 @@ def _check_config(config: ModelConfig) -> None:
         raise UserError(f"model.n_kv_head={config.kv_heads} must divide model.n_head={config.n_head}")
     if config.pos == "rope" and config.head_dim % 2:
         raise UserError(f"rope needs an even head size; d_model/n_head = {config.head_dim}")
+    if config.layer_value_embeds is not None:
+        tables = config.layer_value_embeds
+        if len(tables) != config.n_layer or sorted(set(tables) - {-1}) != list(range(config.value_embeds)):
+            raise UserError(f"model.layer_value_embeds={tables}: needs one table per layer (n_layer={config.n_layer}), "
+                            f"-1 for none, using every table 0..{config.value_embeds - 1}")
+    elif config.value_embeds < 0 or 2 * config.value_embeds > config.n_layer:
+        raise UserError(f"model.value_embeds={config.value_embeds}: between 0 and n_layer / 2 = "
+                        f"{config.n_layer // 2} tables (each feeds one of the first and one of the last layers)")
+    for j in range(config.value_embeds):
+        layers = config.value_embed_layers(j)
+        heads = [config.heads_in(i) for i in layers]
+        if len(set(heads)) > 1:
+            raise UserError(f"model.layer_heads: layers {' and '.join(map(str, layers))} share value-embedding table "
+                            f"{j}, so they need the same heads; got {' and '.join(map(str, heads))}")
+
+
+def _value_embed_width(config: ModelConfig, table: int) -> int:
+    """The kv width of the layers that read value-embedding table `table` (alike: _check_config)."""
+    return config.kv_heads_in(config.value_embed_layers(table)[0]) * config.head_dim

@@ -31,10 +31,13 @@ def test_only_families_with_bucket_rows_compile(make_model, tiny_recurrent, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, paged, vocab", [("llama", False, 40), ("gpt2", True, 40),
-                                                  ("llama", False, PACK_MIN_WEIGHTS // 32)])  # a head eager packs
-def test_compiled_and_eager_steps_give_the_same_greedy_tokens(make_model, run_engine, preset, paged, vocab):
-    model = make_model(vocab, preset=preset, block_size=48)
+@pytest.mark.parametrize("preset, paged, vocab, extra", [
+    ("llama", False, 40, {}), ("gpt2", True, 40, {}),
+    ("llama", False, PACK_MIN_WEIGHTS // 32, {}),  # a head eager packs
+    ("llama", True, 40, {"value_embeds": 1}),  # the cached values hold the value embeddings
+])
+def test_compiled_and_eager_steps_give_the_same_greedy_tokens(make_model, run_engine, preset, paged, vocab, extra):
+    model = make_model(vocab, preset=preset, block_size=48, **extra)
     rng = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 40, (n,), generator=rng).tolist() for n in (5, 17, 2, 40, 9)]
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (30, 12, 45, 20, 8)]

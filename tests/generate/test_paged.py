@@ -20,9 +20,11 @@ GREEDY = [SamplingParams(max_new_tokens=n, temperature=0) for n in (20, 35, 12, 
 SEEDED = [SamplingParams(max_new_tokens=30, temperature=1.0, top_k=10, seed=s) for s in range(5)]
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "llama"])
-def test_paged_equals_slot_with_joins_and_leaves(make_model, run_engine, preset):
-    model = make_model(40, preset=preset, n_kv_head=2 if preset == "llama" else None)
+@pytest.mark.parametrize("preset,extra", [("gpt2", {}), ("llama", {"n_kv_head": 2}),
+                                          ("llama", {"n_kv_head": 2, "value_embeds": 1})],
+                         ids=["gpt2", "llama", "value-embeds"])
+def test_paged_equals_slot_with_joins_and_leaves(make_model, run_engine, preset, extra):
+    model = make_model(40, preset=preset, **extra)
     prompts = _prompts((3, 17, 9, 1, 30))
     for params in (GREEDY, SEEDED):
         slot, _ = run_engine(model, prompts, params, batch_size=2, add_later={5: [(prompts[0], params[1])]})

@@ -45,18 +45,20 @@ def models(make_model):
     return target, draft
 
 
-@pytest.mark.parametrize("mode", ["draft", "same-model draft", "prompt lookup"])
+@pytest.mark.parametrize("mode", ["draft", "same-model draft", "prompt lookup", "value embeds"])
 def test_speculative_greedy_equals_plain_greedy(models, make_model, run_engine, mode):
     target, draft = models
     if mode == "same-model draft":  # a window the runs never leave: the draft's context is the target's
         target, draft = make_model(40, block_size=128), make_model(40, block_size=128)
+    if mode == "value embeds":  # rolled-back positions are rewritten with their tokens' value embeddings
+        target = make_model(40, block_size=32, value_embeds=1)
     rng = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 40, (n,), generator=rng).tolist() for n in (5, 20, 1, 31)]
     prompts.append([1, 2, 3, 4] * 6)  # repetitive: prompt lookup proposes
     params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (70, 25, 40, 10, 50)]
     plain, _ = run_engine(target, prompts, params, batch_size=2)
     spec = {"draft": Speculation(tokens=4, draft=draft), "prompt lookup": Speculation(tokens=3, lookup=3),
-            "same-model draft": Speculation(tokens=5, draft=draft)}[mode]
+            "same-model draft": Speculation(tokens=5, draft=draft), "value embeds": Speculation(tokens=4, draft=draft)}[mode]
     engine = Engine(target, speculation=spec, max_batch_size=2)
     assert run(engine, prompts, params) == plain
     proposed, accepted = engine.stats.proposed_tokens, engine.stats.accepted_tokens

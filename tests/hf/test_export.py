@@ -91,6 +91,8 @@ def test_exported_tokenizer_gives_identical_ids(tmp_path, transformers, bpe_json
     ("gpt2", {"n_kv_head": 2}, ["model.n_kv_head=2 cannot be exported as GPT-2"]),
     ("llama", {"bias": True}, ["model.bias=true cannot be exported as Llama"]),
     ("llama", {"act": "gelu"}, ["model.act=gelu cannot be exported as Llama"]),
+    ("llama", {"value_embeds": 1}, [("model.value_embeds=1: GPT-2 and Llama have no value-embedding tables, so "
+                                    "transformers cannot run this model")]),
 ])
 def test_export_refuses_configs_without_a_transformers_counterpart(tmp_path, bpe_json, make_model, save_run,
                                                                    preset, extra, fragments):

@@ -278,6 +278,8 @@ def test_only_the_transformer_family_runs_in_llama_cpp():
 @pytest.mark.parametrize("extra,fragment", [
     ({"act": "relu"}, "model.act=relu cannot be exported as GPT-2"),
     ({"layer_ff": [64, 32]}, "a pruned model (per-layer model.layer_heads / model.layer_ff) has no llama.cpp config"),
+    ({"value_embeds": 1}, ("model.value_embeds=1: GPT-2 and Llama have no value-embedding tables, so llama.cpp "
+                          "cannot run this model")),
 ])
 def test_transformers_without_a_llama_cpp_architecture_are_refused(tmp_path, make_run, cli, one_line_error,
                                                                     extra, fragment):

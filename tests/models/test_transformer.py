@@ -21,9 +21,11 @@ PRESET_VARIANTS = [
     pytest.param("llama", {}, id="llama"),
     pytest.param("llama", {"n_kv_head": 2}, id="llama-gqa"),
 ]
-# With the learning-efficiency options (qk_norm, relu2, logit_softcap): shapes, causality and caching hold.
+# With the learning-efficiency options (qk_norm, relu2, logit_softcap, value embeddings): shapes,
+# causality, caching and attention maps hold.
 WITH_OPTIONS = [*PRESET_VARIANTS, pytest.param("llama", {"qk_norm": True, "act": "relu2", "logit_softcap": 5.0},
-                                               id="options")]
+                                               id="options"),
+                pytest.param("llama", {"n_kv_head": 2, "value_embeds": 1}, id="value-embeds")]
 
 
 @pytest.fixture
@@ -71,6 +73,63 @@ def test_qk_norm_relu2_and_softcap_do_what_they_say(make_model, monkeypatch):
     for q, k in seen:
         for t in (q, k):  # rope rotates pairs of dims: the RMS over the head is kept
             assert torch.allclose(t.pow(2).mean(-1).sqrt(), torch.ones(t.shape[:-1]), atol=1e-4)
+
+
+def test_value_embeds_feed_the_first_and_last_layers_values(make_model, monkeypatch):
+    model = make_model("gpt2", n_layer=6, value_embeds=2)
+    assert [model.config.value_embed_of(i) for i in range(6)] == [0, 1, None, None, 0, 1]
+    assert [b.attn.value_gate is not None for b in model.blocks] == [True, True, False, False, True, True]
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():  # the table dominates: each gated layer's values are its table's rows
+        for block in model.blocks:
+            if block.attn.value_gate is not None:
+                block.attn.value_gate.copy_(torch.tensor([0.0, 1.0]))
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: seen.append(v) or real(q, k, v, *a, **kw))
+    with torch.no_grad():
+        model(idx)
+    assert len(seen) == 6
+    for layer in (0, 1, 4, 5):
+        rows = model.value_embeds[model.config.value_embed_of(layer)].weight[idx]
+        torch.testing.assert_close(seen[layer], rows.view(2, 10, 4, 8).transpose(1, 2), rtol=0, atol=0)
+    assert not torch.allclose(seen[0], seen[2])  # the middle layers keep their projected values
+
+
+def test_zero_value_embeds_is_the_plain_model_and_gates_one_zero_undo_them(make_model):
+    plain, embedded = make_model("llama", n_layer=4), make_model("llama", n_layer=4, value_embeds=1, seed=1)
+    assert plain.config.value_embeds == 0 and not any("value" in k for k in plain.state_dict())
+    assert set(embedded.state_dict()) - set(plain.state_dict()) == {
+        "value_embeds.0.weight", "blocks.0.attn.value_gate", "blocks.3.attn.value_gate"}
+    assert embedded.value_embeds[0].weight.shape == (VOCAB, 32)
+    embedded.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(embedded(idx), plain(idx))
+        for i in (0, 3):
+            embedded.blocks[i].attn.value_gate.copy_(torch.tensor([1.0, 0.0]))
+        torch.testing.assert_close(embedded(idx), plain(idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_head": 2}, {"n_kv_head": 2, "layer_heads": [2, 4, 2, 4]}])
+def test_value_embeds_are_counted_as_embeddings(make_model, extra):
+    model = make_model("llama", n_layer=4, value_embeds=2, **extra)
+    assert model.num_params() == Transformer.param_count(model.config)
+    tables = sum(t.weight.numel() for t in model.value_embeds)
+    assert tables == VOCAB * (model.config.kv_heads_in(0) + model.config.kv_heads_in(1)) * 8
+    plain = make_model("llama", n_layer=4, **extra)
+    assert model.num_params(non_embedding=True) == plain.num_params(non_embedding=True) + 4 * 2
+    assert Transformer.activation_bytes(model.config, 64) > Transformer.activation_bytes(plain.config, 64)
+
+
+@pytest.mark.parametrize("value_embeds,extra,message", [
+    (-1, {}, "model.value_embeds=-1: between 0 and n_layer / 2 = 2 tables"),
+    (3, {}, "model.value_embeds=3: between 0 and n_layer / 2 = 2 tables"),
+    (1, {"layer_heads": [2, 4, 4, 4]}, "layers 0 and 3 share value-embedding table 0, so they need the same heads"),
+])
+def test_bad_value_embeds_are_refused(make_model, value_embeds, extra, message):
+    with pytest.raises(UserError, match=message):
+        make_model("llama", n_layer=4, value_embeds=value_embeds, **extra)
 
 
 def test_gqa_has_fewer_kv_parameters(make_model):

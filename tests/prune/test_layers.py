@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmcli.checkpoint import load_model, read_pruning
+from llmcli.checkpoint import load_model, read_pruning, save_model
 from llmcli.errors import UserError
 from llmcli.models.base import Rows
 from llmcli.prune import structured
@@ -42,6 +42,42 @@ def test_a_transformer_without_a_block_equals_the_hand_built_reference(tiny_mode
         got = shallower(idx)
         torch.testing.assert_close(got, ref(idx), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(_stepped(shallower, idx), got, atol=1e-4, rtol=1e-4)  # the cache is renumbered
+
+
+@pytest.mark.parametrize("preset,extra", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
+@pytest.mark.parametrize("value_embeds,kept,tables,layer_tables", [
+    (1, [0, 1, 3], 1, None),  # a middle layer went: the first and last layers still share table 0
+    (1, [1, 2, 3], 1, [-1, -1, 0]),  # the first went: table 0 stays for the last, listed per layer
+    (1, [1, 2], 0, None),  # both readers of table 0 went, and the table with them
+    (2, [0, 1, 3], 2, [0, 1, 1]),  # tables 0, 1 in layers 0, 1, 0, 1: 2 tables in 3 layers need the list
+    (2, [1, 2], 2, [1, 0]),  # both tables stay: the kept layers 1 and 2 read tables 1 and 0
+])
+def test_a_transformer_with_value_embeds_without_layers_equals_skipping_them(tiny_model, tmp_path, preset, extra,
+                                                                                value_embeds, kept, tables,
+                                                                                layer_tables):
+    model = tiny_model(VOCAB, preset=preset, std=0.3, seed=3, n_layer=4, value_embeds=value_embeds, **extra)
+    shallower = model.without_layers({"layers": kept})
+    c = shallower.config
+    assert (c.n_layer, c.value_embeds, c.layer_value_embeds) == (len(kept), tables, layer_tables)
+    assert shallower.num_params() == type(shallower).param_count(c)
+    for new, old in enumerate(sorted({model.config.value_embed_of(i) for i in kept} - {None})):
+        torch.testing.assert_close(shallower.value_embeds[new].weight, model.value_embeds[old].weight, rtol=0, atol=0)
+    ref = copy.deepcopy(model)
+    for i in set(range(4)) - set(kept):  # the original with the removed blocks passing x through
+        ref.blocks[i].forward = lambda x, *args, **kwargs: x
+    idx = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        got = shallower(idx)
+        torch.testing.assert_close(got, ref(idx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_stepped(shallower, idx), got, atol=1e-4, rtol=1e-4)
+        save_model(shallower, tmp_path / "s")
+        torch.testing.assert_close(load_model(tmp_path / "s")(idx), got, rtol=0, atol=0)
+        # heads then go as usual: a table read by one layer loses that layer's removed heads' columns
+        pruned = shallower.pruned({"heads": [[0] for _ in range(len(shallower.prune_groups()) - len(kept))],
+                                   "mlp": [list(range(8))] * len(kept)})
+        assert pruned.num_params() == type(pruned).param_count(pruned.config)
+        if tables:
+            assert pruned.value_embeds[0].weight.shape[1] == c.head_dim
 
 
 def test_an_encoder_decoder_without_layers_equals_the_hand_built_reference(tiny_seq2seq):

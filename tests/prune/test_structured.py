@@ -52,6 +52,52 @@ def test_a_pruned_transformer_equals_the_hand_pruned_reference(tiny_model, prese
     torch.testing.assert_close(torch.cat([stepped, last], 1), got, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset,extra", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
+def test_value_embedding_columns_go_with_their_heads(tiny_model, preset, extra):
+    """Layers 0 and 3 share table 0, so they are one "heads" group: the kv groups kept there are
+    kept in both, and the table keeps those groups' columns."""
+    model = tiny_model(VOCAB, preset=preset, std=0.3, seed=3, n_layer=4, value_embeds=1, **extra)
+    groups = [g for g in model.prune_groups() if g.part == "heads"]
+    assert [g.where for g in groups] == ["layers 0 and 3", "layer 1", "layer 2"]
+    kv = model.config.kv_heads
+    keep = {"heads": [[kv - 1], [0], list(range(kv))], "mlp": [[0, 3, 17], [1], list(range(40)), [5, 6]]}
+    pruned = model.pruned(keep)
+    ratio, head_dim = model.config.n_head // kv, model.config.head_dim
+    assert pruned.config.layer_heads == [ratio, ratio, kv * ratio, ratio]
+    table = model.value_embeds[0].weight[:, (kv - 1) * head_dim:kv * head_dim]
+    torch.testing.assert_close(pruned.value_embeds[0].weight, table, rtol=0, atol=0)
+    assert pruned.num_params() == type(pruned).param_count(pruned.config) < model.num_params()
+    per_layer = {"heads": [keep["heads"][0], keep["heads"][1], keep["heads"][2], keep["heads"][0]],
+                 "mlp": keep["mlp"]}
+    idx = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        expected = hand_pruned_transformer(model, per_layer)(idx)
+        got = pruned(idx)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        state = pruned.new_decode_state(2, 24)
+        stepped = pruned(idx[:, :20], state=state, rows=Rows([0, 1], [0, 0], [20, 20]))
+        last = pruned(idx[:, 20:], state=state, rows=Rows([0, 1], [20, 20], [4, 4]))
+    torch.testing.assert_close(torch.cat([stepped, last], 1), got, atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_a_model_with_value_embeds_scores_shared_heads_together(tiny_model, tmp_path):
+    model = tiny_model(VOCAB, preset="llama", std=0.3, seed=2, n_layer=4, value_embeds=1)
+    idx = torch.randint(0, VOCAB, (4, 16))
+    batches = [({"idx": idx[:, :-1]}, idx[:, 1:])]
+    scores = structured.importance(model, batches)
+    assert sorted(scores) == [("heads", 0), ("heads", 1), ("heads", 2)] + [("mlp", i) for i in range(4)]
+    assert (scores["heads", 0] > 0).all()
+    pruned, _ = structured.prune(model, {"heads": 0.5}, batches)
+    heads = pruned.config.layer_heads
+    assert heads[0] == heads[3] and sum(heads) < 16
+    save_model(pruned, tmp_path / "p")
+    loaded = load_model(tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), pruned(idx), rtol=0, atol=0)
+    with pytest.raises(UserError, match="would remove every attention head of layers 0 and 3"):
+        structured.select(model.prune_groups(), scores, {"heads": 0.99})
+
+
 @pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
 def test_a_pruned_recurrent_model_equals_the_hand_pruned_reference(tiny_recurrent, arch):
     model = tiny_recurrent(arch, VOCAB, std=0.3, seed=5)

@@ -94,6 +94,7 @@ OPTIONS = {
     "average_last": ("transformer", ["train.average_last=2", "train.eval_interval=3"]),
     "transformer details": ("transformer", ["model.qk_norm=true", "model.act=relu2", "model.logit_softcap=15",
                                             "model.tie_embeddings=false"]),
+    "value_embeds": ("transformer", ["model.value_embeds=1", "train.optimizer=muon"]),
     "stateful": ("lstm", ["train.stateful=true", "train.grad_accum=2"]),
     "awd": ("lstm", ["model.embed_dropout=0.1", "model.weight_drop=0.3", "model.d_hidden=48",
                      "train.optimizer=muon", "train.ema_decay=0.5"]),

@@ -9,9 +9,11 @@ from llmcli.config import TrainConfig
 from llmcli.train.optim import MuonAdamW, make_optimizer, set_lr
 
 
-@pytest.mark.parametrize("family", ["transformer", "recurrent"])
+@pytest.mark.parametrize("family", ["transformer", "value embeddings", "recurrent"])
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(family, tiny_model, tiny_recurrent):
-    model = tiny_model(preset="llama") if family == "transformer" else tiny_recurrent("lstm")
+    model = {"transformer": lambda: tiny_model(preset="llama"),
+             "value embeddings": lambda: tiny_model(preset="llama", value_embeds=1),
+             "recurrent": lambda: tiny_recurrent("lstm")}[family]()
     optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), fused=True)
     muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
     adamw = {id(p) for g in optimizer.adamw.param_groups for p in g["params"]}
@@ -20,6 +22,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(family, tiny_model, t
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("embed" not in names[i] and "lm_head" not in names[i] for i in muon)
     assert all(p.dim() == 2 for g in optimizer.muon.param_groups for p in g["params"])
+    for name, p in model.named_parameters():  # value-embedding tables and their gates: AdamW
+        if name.startswith("value_embeds.") or name.endswith("value_gate"):
+            assert id(p) in adamw
 
 
 def test_a_step_is_muon_on_the_matrices_and_adamw_on_the_rest(tiny_model):
