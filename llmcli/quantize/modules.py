@@ -24,7 +24,11 @@ Runtime, chosen by measurement (docs/benchmarks.md): int8 on the CPU in models o
 `FBGEMM_MIN_MODEL_WEIGHTS` quantized weights quantizes activations per token and runs fbgemm's
 dynamic int8 kernel, row by row up to `ROW_LOOP_MAX_TOKENS` tokens and as the same arithmetic in
 float32 beyond, so a token's output never depends on the rest of the batch. Smaller int8 models
-and int4 run float32 matmuls on a weight dequantized once (int4 buys size, not speed). Other
+and int4 run float32 matmuls on a weight dequantized once (int4 buys size, not speed). Inside a
+compiled decode step (generate/compiled.py) an int8 layer is one reduction over its int8 weight
+with float activations, which inductor fuses into a loop that converts each weight as it reads it
+(weight-only int8; `torch._weight_int8pack_mm` measured 5-12x slower than float32 on this AVX2
+CPU, and int4 written the same way 2.6-4.5x slower than float32: it stays on its float copy). Other
 devices (unverified here) try `torch._weight_int8pack_mm`, else a dequantized matmul.
 """
 
@@ -149,6 +153,8 @@ class QuantizedWeight(nn.Module):
             return _FrozenMatmul.apply(x, self)
         if not x.is_cpu:
             return self._matmul_accelerator(x)
+        if self.method == "int8" and torch.compiler.is_compiling():
+            return self._int8_reduction(x)
         x32 = x if x.dtype == torch.float32 else x.float()
         if not self.dynamic_activations:
             y = F.linear(x32, *self._cached("dense", self._dense))
@@ -170,6 +176,13 @@ class QuantizedWeight(nn.Module):
                 y = y + self.bias.float()
             y = y.reshape(*x.shape[:-1], self.rows)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _int8_reduction(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T written as one reduction over the int8 weight, for a compiled decode step:
+        inductor converts each weight to float inside its loop, so a step reads one byte a weight
+        and keeps no float copy (float activations: weight-only int8)."""
+        y = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * self.weight_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _matmul_accelerator(self, x: torch.Tensor) -> torch.Tensor:
         # Not verified (no GPU here): weight-only int8 via torch's kernel when it accepts the

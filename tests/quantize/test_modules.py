@@ -67,6 +67,20 @@ def test_accelerator_path_computes_the_dequantized_matmul(method, group):
         torch.testing.assert_close(layer._matmul_accelerator(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_compiled_int8_layer_is_one_graph_computing_the_dequantized_matmul():
+    """What a compiled decode step runs: the int8 weight read inside the graph, no break out of it."""
+    torch.manual_seed(5)
+    layer = Q.QuantizedLinear.from_linear(nn.Linear(64, 48), "int8", None)
+    x = torch.randn(3, 1, 64)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(layer)(x)
+        compiled = torch.compile(layer, dynamic=False)(x)
+        expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dequantized_model_computes_what_the_weight_only_path_computes(make_model):
     model = make_model("llama")
     Q.quantize_model(model, Q.quantization_entry("int4", 32, include_embeddings=True))
