@@ -25,7 +25,9 @@ Models:
 
 Decode speed: greedy runs of 32 tokens at batch 1 through llmcli.generate's Engine, fp32 and
 quantized timed in --rounds interleaved rounds, on --threads threads (default: torch's, all
-cores); the table shows the median per-round ratio and its range.
+cores); the table shows the median per-round ratio and its range. With --compile both sides run
+the compiled decode step (generate/compiled.py, warmed up first; int8 layers then read their int8
+weights inside the graph), as `serve` does by default.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def measure(name: str, source: Path, variants, args, out_root: Path, *, ppl: boo
         quantized = load_model(out).eval()
         size = (out / "model.safetensors").stat().st_size / (source / "model.safetensors").stat().st_size
         (fp32_speed, _), (speed, tokens) = M.measure_decode_pair(fp32, quantized, args.decode_tokens, prompt,
-                                                                 rounds=args.rounds)
+                                                                 rounds=args.rounds, compile=args.compile)
         same = sum(x == y for x, y in zip(tokens, base_tokens, strict=False)) / max(1, len(base_tokens))
         row = Row(name, label, size, speed=ratios(speed, fp32_speed), target=method)
         row.detail = (f"decode {Spread.of(fp32_speed)} -> {Spread.of(speed)} tok/s; greedy tokens = fp32: "
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed decode runs per model")
+    parser.add_argument("--compile", action="store_true", help="decode with the compiled step on both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fbgemm "

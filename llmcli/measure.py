@@ -73,10 +73,19 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
     end token) until it has `new_tokens` tokens. With `batch` > 1 (language models), that many
     copies of the request decode together; the tokens are the first one's."""
     from llmcli.generate.engine import Engine
+
+    return decode_run(Engine(model, max_batch_size=1 if sources is not None else batch), model, new_tokens,
+                      prompt_ids, sources, batch)
+
+
+def decode_run(engine, model: nn.Module, new_tokens: int, prompt_ids: list[int],
+               sources: list[list[int]] | None = None, batch: int = 1) -> tuple[float, list[int]]:
+    """`measure_decode` on an engine of `model` that may have run before (its rate: this run's)."""
     from llmcli.options.sampling import SamplingParams
 
+    done, seconds = engine.stats.decode_tokens, engine.stats.decode_seconds
+    tokens: list[int] = []
     if sources is not None:
-        engine, tokens = Engine(model, max_batch_size=1), []
         params = SamplingParams(max_new_tokens=(model.context_length or model.config.block_size + 1) - 1,
                                 temperature=0.0)
         for source in sources:
@@ -85,38 +94,45 @@ def measure_decode(model: nn.Module, new_tokens: int, prompt_ids: list[int],
                 tokens += [ev.token for ev in engine.step()]
             if len(tokens) >= new_tokens:
                 break
-        return engine.stats.decode_rate, tokens
-    if model.context_length is not None:
-        new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
-    engine = Engine(model, max_batch_size=batch)
-    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eot=True)
-    request = [engine.add(prompt_ids, params) for _ in range(batch)][0]
-    tokens = []
-    while engine.has_work():
-        tokens += [ev.token for ev in engine.step() if ev.id == request]
-    return engine.stats.decode_rate, tokens
+    else:
+        if model.context_length is not None:
+            new_tokens = max(1, min(new_tokens, model.context_length - len(prompt_ids)))
+        params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, ignore_eot=True)
+        request = [engine.add(prompt_ids, params) for _ in range(batch)][0]
+        while engine.has_work():
+            tokens += [ev.token for ev in engine.step() if ev.id == request]
+    took = engine.stats.decode_seconds - seconds
+    return (engine.stats.decode_tokens - done) / took if took else 0.0, tokens
 
 
 def measure_decode_pair(a: nn.Module, b: nn.Module, new_tokens: int, prompt_ids: list[int], *,
-                        rounds: int = 3, sources: list[list[int]] | None = None
+                        rounds: int = 3, sources: list[list[int]] | None = None, compile: bool = False
                         ) -> tuple[tuple[list[float], list[int]], tuple[list[float], list[int]]]:
     """Decode speed of two models timed in turn (a, b, a, b, ...) after a warm-up run of each, so
     that load from other jobs on the machine hits both alike. Returns ((tok/s per round, tokens)
     of a, (tok/s per round, tokens) of b)."""
-    first, second = measure_decode_rounds([a, b], new_tokens, prompt_ids, rounds=rounds, sources=sources)
+    first, second = measure_decode_rounds([a, b], new_tokens, prompt_ids, rounds=rounds, sources=sources,
+                                          compile=compile)
     return first, second
 
 
 def measure_decode_rounds(models: list[nn.Module], new_tokens: int, prompt_ids: list[int], *, rounds: int = 3,
-                          sources: list[list[int]] | None = None, batch: int = 1
+                          sources: list[list[int]] | None = None, batch: int = 1, compile: bool = False
                           ) -> list[tuple[list[float], list[int]]]:
-    """Decode speed of several models timed in turn, round after round, after a warm-up run of
-    each: per model (tok/s per round, the warm-up's greedy tokens)."""
-    tokens = [measure_decode(model, new_tokens, prompt_ids, sources, batch)[1] for model in models]  # warm-up
+    """Decode speed of several models timed in turn, round after round, each on one engine kept
+    across rounds (as a server keeps it; `compile`: its decode step compiled and warmed up first),
+    after a warm-up run of each: per model (tok/s per round, the warm-up's greedy tokens)."""
+    from llmcli.generate.engine import Engine
+
+    engines = [Engine(model, max_batch_size=1 if sources is not None else batch, compile=compile) for model in models]
+    for engine in engines:
+        engine.warm_up()
+    tokens = [decode_run(engine, model, new_tokens, prompt_ids, sources, batch)[1]
+              for engine, model in zip(engines, models, strict=True)]
     speeds: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
-        for speed, model in zip(speeds, models, strict=True):
-            speed.append(measure_decode(model, new_tokens, prompt_ids, sources, batch)[0])
+        for speed, engine, model in zip(speeds, engines, models, strict=True):
+            speed.append(decode_run(engine, model, new_tokens, prompt_ids, sources, batch)[0])
     return list(zip(speeds, tokens, strict=True))
 
 

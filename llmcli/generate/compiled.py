@@ -40,9 +40,12 @@ def host_longs(values: Sequence[int]) -> torch.Tensor:
 
 
 def compiles(model: LanguageModel) -> bool:
-    """Whether the engine can compile `model`'s decode step (a family with BucketRows, on CPU or CUDA)."""
+    """Whether the engine can compile `model`'s decode step: a family with BucketRows, on CPU or CUDA,
+    none of whose modules says it would break the graph (`compiles = False`: int4 layers, which look
+    up a float copy of their weight outside it)."""
     device = next(model.parameters()).device
-    return model.compiles_decode and device.type in ("cpu", "cuda")
+    return (model.compiles_decode and device.type in ("cpu", "cuda")
+            and all(getattr(module, "compiles", True) for module in model.modules()))
 
 
 def buckets(slots: int) -> list[int]:

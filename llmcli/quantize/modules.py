@@ -95,6 +95,12 @@ class QuantizedWeight(nn.Module):
         self.dynamic_activations = dynamic_activations and method == "int8" and fbgemm_available()
         self._runtime: dict[str, Any] = {}
 
+    @property
+    def compiles(self) -> bool:
+        """Whether a compiled decode step runs this layer inside its graph (int8: `_int8_reduction`);
+        int4 reads its float copy through `_cached`, a break out of the graph at every call."""
+        return self.method == "int8"
+
     def _set_weight(self, w: torch.Tensor) -> None:
         """Quantize the float matrix `w` into this module's buffers."""
         if self.method == "int8":

@@ -81,6 +81,16 @@ def test_a_compiled_int8_layer_is_one_graph_computing_the_dequantized_matmul():
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method,group,compiled", [("int8", None, True), ("int4", 32, False)])
+def test_a_decode_step_compiles_int8_models_and_leaves_int4_ones_eager(make_model, method, group, compiled):
+    from llmcli.generate.compiled import compiles
+
+    model = make_model("llama")
+    assert compiles(model)
+    Q.quantize_model(model, Q.quantization_entry(method, group))
+    assert compiles(model) is compiled
+
+
 def test_dequantized_model_computes_what_the_weight_only_path_computes(make_model):
     model = make_model("llama")
     Q.quantize_model(model, Q.quantization_entry("int4", 32, include_embeddings=True))
