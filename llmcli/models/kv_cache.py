@@ -223,9 +223,35 @@ class PagedStep:
         return out[0], out[1]
 
 
+def paged_read(pool: torch.Tensor, tables: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's keys (or values) at positions 0..width-1 [n, width, H, D], read through its block
+    table [n, blocks] from `pool` [N, block_len, H, D]: a gather in eager; under torch.compile, an
+    indexed load that inductor fuses into whatever consumes it."""
+    at = torch.arange(width, device=pool.device)
+    return pool[tables[:, at // pool.shape[1]], at % pool.shape[1]]
+
+
+def paged_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tables: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """One query per row, q [n, H, 1, D], attending to its keys/values straight from the pools through
+    its block table (no [n, S, H, D] copy under torch.compile); `mask` [n, 1, 1, S] is True where a
+    row may attend. Grouped kv heads are shared by H / H_kv query heads; the sums run in float32."""
+    n, heads, _, dim = q.shape
+    width, kv_heads = mask.shape[-1], pool_k.shape[2]
+    q = q.float().view(n, 1, kv_heads, heads // kv_heads, dim)
+    # 1) scores [n, S, H_kv, G]: each query head against each key of its kv head
+    scores = (q * paged_read(pool_k, tables, width).float()[:, :, :, None]).sum(-1) * (1.0 / math.sqrt(dim))
+    # 2) softmax over the positions a row may attend
+    weights = torch.softmax(scores.masked_fill(~mask.view(n, width, 1, 1), float("-inf")), dim=1)
+    # 3) the weighted sum of the values [n, H_kv, G, D]
+    y = (weights[..., None] * paged_read(pool_v, tables, width).float()[:, :, :, None]).sum(1)
+    return y.reshape(n, heads, 1, dim)
+
+
 class PagedBucketStep:
     """One compiled decode step's view of a PagedKVCache: slots 0..n-1 write into their blocks (rows
-    that do not decode: the scratch block) and read every block of their tables, masked by position."""
+    that do not decode: the scratch block) and attend to every block of their tables, masked by
+    position, straight from the pool (`attend`); `update` also returns the gathered keys/values."""
 
     def __init__(self, cache: PagedKVCache, positions: torch.Tensor):
         self.cache, n, size = cache, positions.shape[0], cache.block_len
@@ -236,11 +262,19 @@ class PagedBucketStep:
         self.blocks = torch.where(live, self.tables.gather(1, (at // size)[:, None])[:, 0], cache.scratch_block)
         self.offsets = at % size
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's k/v [n, H, 1, D] at each row's position."""
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             pool[self.blocks, self.offsets] = new[:, :, 0].to(pool.dtype)
-            n, blocks = self.tables.shape
-            read = pool.index_select(0, self.tables.flatten()).view(n, blocks * self.cache.block_len, *pool.shape[2:])
-            out.append(read.transpose(1, 2))
-        return out[0], out[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, then every block of the rows' tables gathered: keys/values [n, H, S, D]."""
+        self.write(layer, k, v)
+        width = self.mask.shape[-1]
+        return tuple(paged_read(pool[layer], self.tables, width).transpose(1, 2)
+                     for pool in (self.cache.k, self.cache.v))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`write`, then each row's attention output [n, H, 1, D] read from the pool (paged_attention)."""
+        self.write(layer, k, v)
+        return paged_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.mask).to(q.dtype)
