@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcli.models.base import BucketRows
-from llmcli.models.kv_cache import paged_attention, paged_read
+from llmcli.models.base import BucketRows, Rows
+from llmcli.models.kv_cache import grouped_attention, paged_attention, paged_read
 
 
 def gathered_attention(q, pool_k, pool_v, tables, mask):
@@ -62,3 +62,30 @@ def test_a_paged_bucket_step_attends_as_its_gathered_keys_do(tiny_model):
     keys, values = (t.repeat_interleave(config.n_head // config.kv_heads, dim=1) for t in step.update(layer, k, v))
     want = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("copy_bytes,group_bytes", [(0, 1), (0, 5120), (2**30, 0)])  # groups of 1 block, of 2-4, one copy
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_grouped_read_equals_the_gathered_read(copy_bytes, group_bytes, kv_heads):
+    q, pool_k, pool_v, tables, mask = pool_case(torch.float32, kv_heads=kv_heads)
+    mask = mask[..., :18]  # the eager step reads up to its furthest position, not a whole block
+    got = grouped_attention(q, pool_k, pool_v, tables, mask, copy_bytes, group_bytes)
+    torch.testing.assert_close(got, gathered_attention(q, pool_k, pool_v, tables, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_a_one_token_paged_step_attends_as_its_gathered_keys_do(tiny_model):
+    model = tiny_model(preset="llama", n_kv_head=2)
+    cache = model.new_paged_decode_state(3, 32, 4, dtype=torch.float32, device="cpu")
+    for slot, blocks in enumerate([[5, 2, 9], [30, 1, 7, 4, 12], [0]]):
+        cache.set_blocks(slot, blocks)
+    for pool in cache.k + cache.v:
+        pool[:cache.num_blocks].normal_()
+    step = cache.bind(Rows((2, 0, 1), (2, 10, 18), (1, 1, 1)), 1, torch.device("cpu"))
+    config = model.config
+    q = torch.randn(3, config.n_head, 1, config.head_dim)
+    k, v = (torch.randn(3, config.kv_heads, 1, config.head_dim) for _ in "kv")
+    got = step.attend(0, q, k, v)
+    keys, values = (t.repeat_interleave(config.n_head // config.kv_heads, dim=1) for t in step.update(0, k, v))
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask))
+    assert not hasattr(cache.bind(Rows((0,), (0,), (2,)), 2, torch.device("cpu")), "attend"), \
+        "a prefill step reads its gathered keys/values"
