@@ -8,6 +8,10 @@ shared by every sequence whose prompt starts with the same tokens (prefix cachin
 slot gets is the engine's business (generate/blocks.py); the cache only writes and reads through
 the tables. Both hand a forward the same kind of step object (`positions`, `mask`,
 `update(layer, k, v)`), and a paged step returns exactly the keys/values a slot step would.
+A paged step of one token per row also offers `attend(layer, q, k, v)`, which the transformer
+takes instead where it has it: the step writes k/v and computes the attention itself, reading its
+rows' blocks in place (compiled) or a group of blocks at a time (eager) rather than gathering
+every block into one copy for SDPA.
 
 A compiled decode step binds `BucketRows` instead of `Rows`: one token for every slot 0..n-1, the
 positions a device tensor, so nothing about a step is a host-side integer the graph could
@@ -243,8 +247,9 @@ def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, width: int) -> torch
 
 
 # grouped_attention's copies of keys (per layer and step, as many again for values): a read up to
-# COPY_BYTES is one copy; a larger one goes in groups of GROUP_BYTES (docs/benchmarks.md measures it).
-COPY_BYTES, GROUP_BYTES = 12 * 2**20, 4 * 2**20
+# COPY_BYTES is one copy; a larger one, which glibc's malloc always maps fresh (its largest mmap
+# threshold is 32 MiB), goes in groups of GROUP_BYTES (docs/benchmarks.md measures both).
+COPY_BYTES, GROUP_BYTES = 32 * 2**20, 4 * 2**20
 
 
 def grouped_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tables: torch.Tensor,
@@ -328,8 +333,7 @@ class PagedBucketStep:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`write`, then every block of the rows' tables gathered: keys/values [n, H, S, D]."""
         self.write(layer, k, v)
-        width = self.mask.shape[-1]
-        return tuple(paged_read(pool[layer], self.tables, width).transpose(1, 2)
+        return tuple(gather_blocks(pool[layer], self.tables, self.mask.shape[-1]).transpose(1, 2)
                      for pool in (self.cache.k, self.cache.v))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
