@@ -8,6 +8,10 @@ shared by every sequence whose prompt starts with the same tokens (prefix cachin
 slot gets is the engine's business (generate/blocks.py); the cache only writes and reads through
 the tables. Both hand a forward the same kind of step object (`positions`, `mask`,
 `update(layer, k, v)`), and a paged step returns exactly the keys/values a slot step would.
+A paged step of one token per row also offers `attend(layer, q, k, v)`, which the transformer
+takes instead where it has it: the step writes k/v and computes the attention itself, reading its
+rows' blocks in place (compiled) or a group of blocks at a time (eager) rather than gathering
+every block into one copy for SDPA.
 
 A compiled decode step binds `BucketRows` instead of `Rows`: one token for every slot 0..n-1, the
 positions a device tensor, so nothing about a step is a host-side integer the graph could
@@ -21,6 +25,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from llmcli.config import ModelConfig
 from llmcli.models.base import BucketRows, Rows
@@ -191,7 +196,7 @@ class PagedKVCache:
             if start + count > self.held[slot] * self.block_len:
                 raise ValueError(f"slot {slot} holds {self.held[slot]} blocks of {self.block_len}: positions "
                                  f"{start}..{start + count - 1} need more")
-        return PagedStep(self, rows, length, width, device)
+        return (PagedDecodeStep if length == 1 else PagedStep)(self, rows, length, width, device)
 
 
 class PagedStep:
@@ -210,22 +215,106 @@ class PagedStep:
             where = tuple(w[self.real] for w in where)
         self.blocks, self.offsets = (w.flatten() for w in where)  # where each real token is written
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's real k/v [B, H, T, D] into their blocks; the rows' keys/values to attend."""
-        out = []
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's real k/v [B, H, T, D] into their blocks."""
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             new = new.transpose(1, 2)  # [B, T, H, D]
             new = new[self.real] if self.real is not None else new.flatten(0, 1)
             pool[self.blocks, self.offsets] = new.to(pool.dtype)
-            B, n = self.read.shape
-            gathered = pool.index_select(0, self.read.flatten()).view(B, n * self.cache.block_len, *pool.shape[2:])
-            out.append(gathered[:, :self.mask.shape[-1]].transpose(1, 2))
-        return out[0], out[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, then the rows' keys/values to attend [B, H, width, D], gathered from their blocks."""
+        self.write(layer, k, v)
+        return tuple(gather_blocks(pool[layer], self.read, self.mask.shape[-1]).transpose(1, 2)
+                     for pool in (self.cache.k, self.cache.v))
+
+
+class PagedDecodeStep(PagedStep):
+    """A PagedStep of one token per row, which attends group by group of blocks (`attend`) rather
+    than through one copy of every block its rows read."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`write`, then each row's attention output [B, H, 1, D] (grouped_attention)."""
+        self.write(layer, k, v)
+        return grouped_attention(q, self.cache.k[layer], self.cache.v[layer], self.read, self.mask)
+
+
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, width: int) -> torch.Tensor:
+    """The blocks of each row's table [B, n] copied in order from `pool` [N, block_len, H, D]: the
+    row's keys (or values) at positions 0..width-1, [B, width, H, D]."""
+    B, n = tables.shape
+    return pool.index_select(0, tables.flatten()).view(B, n * pool.shape[1], *pool.shape[2:])[:, :width]
+
+
+# grouped_attention's copies of keys (per layer and step, as many again for values): a read up to
+# COPY_BYTES is one copy; a larger one, which glibc's malloc always maps fresh (its largest mmap
+# threshold is 32 MiB), goes in groups of GROUP_BYTES (docs/benchmarks.md measures both).
+COPY_BYTES, GROUP_BYTES = 32 * 2**20, 4 * 2**20
+
+
+def grouped_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tables: torch.Tensor,
+                      mask: torch.Tensor, copy_bytes: int = COPY_BYTES, group_bytes: int = GROUP_BYTES
+                      ) -> torch.Tensor:
+    """One query per row, q [B, H, 1, D], over its keys/values in the blocks of `tables` [B, n].
+    A small read is one copy of every block, through SDPA; a large one is copied a group of blocks
+    at a time with an online softmax across groups (flash-decoding's split), since a large fresh
+    copy costs more to fault into memory than to fill. `mask` [B, 1, 1, width]: where a row may attend."""
+    B, heads, _, dim = q.shape
+    block_len, kv_heads = pool_k.shape[1], pool_k.shape[2]
+    per_block = B * block_len * kv_heads * dim * q.element_size()
+    size = max(1, group_bytes // per_block)
+    if per_block * tables.shape[1] <= copy_bytes:  # 1) one copy: SDPA over it (kv heads repeated)
+        k, v = (gather_blocks(pool, tables, mask.shape[-1]).transpose(1, 2).to(q.dtype) for pool in (pool_k, pool_v))
+        if kv_heads != heads:
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # 2) groups: running max, normalizer and weighted sum per query head, in float32
+    qg = q.float().view(B, kv_heads, heads // kv_heads, dim) * (1.0 / math.sqrt(dim))  # [B, Hkv, G, D]
+    mask = F.pad(mask.view(B, 1, 1, -1), (0, tables.shape[1] * block_len - mask.shape[-1]))
+    top = torch.full((B, kv_heads, heads // kv_heads, 1), float("-inf"), device=q.device)
+    total, out = torch.zeros_like(top), torch.zeros_like(qg)
+    for first in range(0, tables.shape[1], size):
+        group = tables[:, first:first + size]
+        k, v = (gather_blocks(pool, group, group.shape[1] * block_len).float().permute(0, 2, 1, 3)
+                for pool in (pool_k, pool_v))  # [B, Hkv, positions, D]
+        at = slice(first * block_len, (first + group.shape[1]) * block_len)
+        scores = (qg @ k.transpose(-2, -1)).masked_fill(~mask[..., at], float("-inf"))
+        new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+        weights, rescale = torch.exp(scores - new_top), torch.exp(top - new_top)
+        total = total * rescale + weights.sum(-1, keepdim=True)
+        out, top = out * rescale + weights @ v, new_top
+    return (out / total).view(B, heads, 1, dim).to(q.dtype)
+
+
+def paged_read(pool: torch.Tensor, tables: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's keys (or values) at positions 0..width-1 [n, width, H, D], read through its block
+    table [n, blocks] from `pool` [N, block_len, H, D]: a gather in eager; under torch.compile, an
+    indexed load that inductor fuses into whatever consumes it."""
+    at = torch.arange(width, device=pool.device)
+    return pool[tables[:, at // pool.shape[1]], at % pool.shape[1]]
+
+
+def paged_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tables: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """One query per row, q [n, H, 1, D], attending to its keys/values straight from the pools through
+    its block table (no [n, S, H, D] copy under torch.compile); `mask` [n, 1, 1, S] is True where a
+    row may attend. Grouped kv heads are shared by H / H_kv query heads; the sums run in float32."""
+    n, heads, _, dim = q.shape
+    width, kv_heads = mask.shape[-1], pool_k.shape[2]
+    q = q.float().view(n, 1, kv_heads, heads // kv_heads, dim)
+    # 1) scores [n, S, H_kv, G]: each query head against each key of its kv head
+    scores = (q * paged_read(pool_k, tables, width).float()[:, :, :, None]).sum(-1) * (1.0 / math.sqrt(dim))
+    # 2) softmax over the positions a row may attend
+    weights = torch.softmax(scores.masked_fill(~mask.view(n, width, 1, 1), float("-inf")), dim=1)
+    # 3) the weighted sum of the values [n, H_kv, G, D]
+    y = (weights[..., None] * paged_read(pool_v, tables, width).float()[:, :, :, None]).sum(1)
+    return y.reshape(n, heads, 1, dim)
 
 
 class PagedBucketStep:
     """One compiled decode step's view of a PagedKVCache: slots 0..n-1 write into their blocks (rows
-    that do not decode: the scratch block) and read every block of their tables, masked by position."""
+    that do not decode: the scratch block) and attend to every block of their tables, masked by
+    position, straight from the pool (`attend`); `update` also returns the gathered keys/values."""
 
     def __init__(self, cache: PagedKVCache, positions: torch.Tensor):
         self.cache, n, size = cache, positions.shape[0], cache.block_len
@@ -236,11 +325,18 @@ class PagedBucketStep:
         self.blocks = torch.where(live, self.tables.gather(1, (at // size)[:, None])[:, 0], cache.scratch_block)
         self.offsets = at % size
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this step's k/v [n, H, 1, D] at each row's position."""
         for pool, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
             pool[self.blocks, self.offsets] = new[:, :, 0].to(pool.dtype)
-            n, blocks = self.tables.shape
-            read = pool.index_select(0, self.tables.flatten()).view(n, blocks * self.cache.block_len, *pool.shape[2:])
-            out.append(read.transpose(1, 2))
-        return out[0], out[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write`, then every block of the rows' tables gathered: keys/values [n, H, S, D]."""
+        self.write(layer, k, v)
+        return tuple(gather_blocks(pool[layer], self.tables, self.mask.shape[-1]).transpose(1, 2)
+                     for pool in (self.cache.k, self.cache.v))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`write`, then each row's attention output [n, H, 1, D] read from the pool (paged_attention)."""
+        self.write(layer, k, v)
+        return paged_attention(q, self.cache.k[layer], self.cache.v[layer], self.tables, self.mask).to(q.dtype)

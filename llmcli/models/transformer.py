@@ -139,6 +139,10 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        attend = getattr(cache, "attend", None) if record is None else None
+        if attend is not None:  # the cache step reads its keys/values itself (a paged decode step)
+            y = attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+            return self.resid_dropout(self.out_proj(y))
         mask = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
