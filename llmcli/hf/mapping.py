@@ -44,33 +44,60 @@ def _fmt(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+_NEEDS = {
+    GPT2: {"norm": "layernorm", "pos": "learned", "act": "gelu", "bias": True},
+    LLAMA: {"norm": "rmsnorm", "pos": "rope", "act": "swiglu", "bias": False},
+}
+
+
+def _extras(config: ModelConfig) -> list[tuple[str, str]]:
+    """(setting, override that turns it off) for each llmcli extra that neither GPT-2 nor Llama has."""
+    found = []
+    if config.qk_norm:
+        found.append(("model.qk_norm=true", "model.qk_norm=false"))
+    if config.logit_softcap is not None:
+        found.append((f"model.logit_softcap={_fmt(config.logit_softcap)}", "model.logit_softcap=null"))
+    if config.value_embeds or any(t >= 0 for t in config.layer_value_embeds or []):
+        found.append((f"model.value_embeds={config.value_embeds}", "model.value_embeds=0"))
+    return found
+
+
+def _mismatches(config: ModelConfig, family: str) -> list[tuple[str, str]]:
+    """(setting, override that fixes it) for each field where `config` differs from `family`."""
+    wrong = [(f"model.{key}={_fmt(getattr(config, key))}", f"model.{key}={_fmt(want)}")
+             for key, want in _NEEDS[family].items() if getattr(config, key) != want]
+    if family == GPT2 and config.kv_heads != config.n_head:
+        wrong.append((f"model.n_kv_head={config.n_kv_head}", f"model.n_kv_head={config.n_head}"))
+    return wrong
+
+
 def export_family(config: ModelConfig, target: str = "transformers") -> str:
     """"gpt2" or "llama": the model family (of `target`, named in refusals) with exactly this config's
-    maths; else a UserError."""
-    if config.layer_heads or config.layer_ff:
-        raise UserError(f"a pruned model (per-layer model.layer_heads / model.layer_ff) has no {target} "
-                        "config: GPT-2 and Llama give every layer the same heads and MLP width")
-    if config.qk_norm or config.logit_softcap is not None:
-        raise UserError("model.qk_norm / model.logit_softcap have no place in a GPT-2 or Llama config; such a "
-                        "model cannot be exported with --format hf")
-    if config.value_embeds:
-        raise UserError(f"model.value_embeds={config.value_embeds}: GPT-2 and Llama have no value-embedding tables, "
-                        f"so {target} cannot run this model")
-    needs = {
-        GPT2: {"norm": "layernorm", "pos": "learned", "act": "gelu", "bias": True},
-        LLAMA: {"norm": "rmsnorm", "pos": "rope", "act": "swiglu", "bias": False},
-    }
+    maths; else a UserError naming every setting in the way and the overrides that train an
+    exportable model (one line: the user fixes everything in one go)."""
+    extras = _extras(config)
+    mismatches = {family: _mismatches(config, family) for family in _NEEDS}
+    family = min(mismatches, key=lambda f: len(mismatches[f]))  # the nearest; GPT-2 on a tie
+    pruned = bool(config.layer_heads or config.layer_ff)
+    if not extras and not mismatches[family] and not pruned:
+        return family
     problems = []
-    for family, fields in needs.items():
-        wrong = [f"model.{key}={_fmt(getattr(config, key))}" for key, want in fields.items()
-                 if getattr(config, key) != want]
-        if family == GPT2 and config.kv_heads != config.n_head:
-            wrong.append(f"model.n_kv_head={config.n_kv_head}")
-        if not wrong:
-            return family
-        problems.append(f"{', '.join(wrong)} cannot be exported as {FAMILY_NAME[family]}")
-    raise UserError("; ".join(problems) + " (GPT-2 needs layernorm, learned positions, gelu, bias=true and "
-                    "n_kv_head=n_head; Llama needs rmsnorm, rope, swiglu and bias=false)")
+    if pruned:
+        problems.append("a pruned model (per-layer model.layer_heads / model.layer_ff): GPT-2 and Llama give "
+                        "every layer the same heads and MLP width")
+    if extras:
+        problems.append(f"{', '.join(s for s, _ in extras)}: GPT-2 and Llama have no QK-norm, logit "
+                        "soft-capping or value-embedding tables")
+    if mismatches[family]:  # the nearest family differs, so both do: name both
+        problems.append("; ".join(f"{', '.join(s for s, _ in mismatches[f])} cannot be exported as "
+                                  f"{FAMILY_NAME[f]}" for f in _NEEDS))
+    fixes = " ".join(fix for _, fix in extras + mismatches[family])
+    name = FAMILY_NAME[family]
+    advice = (f"train an exportable model with the overrides {fixes} (it then exports as {name})" if fixes
+              else f"export the model it was pruned from (it exports as {name})")
+    if pruned and fixes:
+        advice += " and do not prune it structurally"
+    raise UserError(f"{target} cannot run this model: {'; '.join(problems)}; {advice}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,14 +47,16 @@ def serve_with_vllm(opts: ServeOptions, name: str) -> None:
 
 
 def check_servable(src: Path) -> None:
-    """A one-line refusal for a checkpoint vLLM cannot load (its family does not export, or it is
-    an encoder-decoder: vLLM serves decoder-only models)."""
+    """A one-line refusal for a checkpoint vLLM cannot load (its family or its config does not
+    export, or it is an encoder-decoder: vLLM serves decoder-only models)."""
     from llmcli.hf.export import exportable_config
+    from llmcli.hf.mapping import export_family
 
     config = exportable_config(src)
     if config.task == "seq2seq":
         raise UserError(f"{src} holds a sequence-to-sequence model (model.arch={config.arch}, exported as "
                         "MarianMTModel), which vLLM does not serve; use --engine llmcli")
+    export_family(config, "vLLM")
 
 
 def export_dir(src: Path) -> Path:

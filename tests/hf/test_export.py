@@ -91,8 +91,18 @@ def test_exported_tokenizer_gives_identical_ids(tmp_path, transformers, bpe_json
     ("gpt2", {"n_kv_head": 2}, ["model.n_kv_head=2 cannot be exported as GPT-2"]),
     ("llama", {"bias": True}, ["model.bias=true cannot be exported as Llama"]),
     ("llama", {"act": "gelu"}, ["model.act=gelu cannot be exported as Llama"]),
-    ("llama", {"value_embeds": 1}, [("model.value_embeds=1: GPT-2 and Llama have no value-embedding tables, so "
-                                    "transformers cannot run this model")]),
+    ("gpt2", {"act": "relu"}, ["model.act=relu cannot be exported as GPT-2",
+                               "with the overrides model.act=gelu (it then exports as GPT-2)"]),
+    # the shakespeare-char recipe's extras: every one named at once, with the overrides that train an
+    # exportable model
+    ("llama", {"qk_norm": True, "value_embeds": 1, "logit_softcap": 15.0},
+     [("transformers cannot run this model: model.qk_norm=true, model.logit_softcap=15.0, model.value_embeds=1: "
+      "GPT-2 and Llama have no QK-norm, logit soft-capping or value-embedding tables; train an exportable model "
+      "with the overrides model.qk_norm=false model.logit_softcap=null model.value_embeds=0 (it then exports as "
+      "Llama)")]),
+    ("llama", {"value_embeds": 1, "act": "gelu"},
+     ["model.value_embeds=1: GPT-2 and Llama have no", "model.act=gelu cannot be exported as Llama",
+      "with the overrides model.value_embeds=0 model.act=swiglu (it then exports as Llama)"]),
 ])
 def test_export_refuses_configs_without_a_transformers_counterpart(tmp_path, bpe_json, make_model, save_run,
                                                                    preset, extra, fragments):

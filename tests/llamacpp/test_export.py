@@ -277,14 +277,20 @@ def test_only_the_transformer_family_runs_in_llama_cpp():
 
 @pytest.mark.parametrize("extra,fragment", [
     ({"act": "relu"}, "model.act=relu cannot be exported as GPT-2"),
-    ({"layer_ff": [64, 32]}, "a pruned model (per-layer model.layer_heads / model.layer_ff) has no llama.cpp config"),
-    ({"value_embeds": 1}, ("model.value_embeds=1: GPT-2 and Llama have no value-embedding tables, so llama.cpp "
-                          "cannot run this model")),
+    ({"layer_ff": [64, 32]}, ("llama.cpp cannot run this model: a pruned model (per-layer model.layer_heads / "
+                              "model.layer_ff): GPT-2 and Llama give every layer the same heads and MLP width; "
+                              "export the model it was pruned from (it exports as GPT-2)")),
+    ({"qk_norm": True, "value_embeds": 1, "logit_softcap": 15.0},
+     ("llama.cpp cannot run this model: model.qk_norm=true, model.logit_softcap=15.0, model.value_embeds=1: GPT-2 "
+      "and Llama have no QK-norm, logit soft-capping or value-embedding tables; train an exportable model with the "
+      "overrides model.qk_norm=false model.logit_softcap=null model.value_embeds=0 (it then exports as GPT-2)")),
 ])
 def test_transformers_without_a_llama_cpp_architecture_are_refused(tmp_path, make_run, cli, one_line_error,
                                                                     extra, fragment):
-    one_line_error(cli("export", make_run("gpt2", **extra), "--format", "gguf", "--out", tmp_path / "m.gguf"),
+    run = make_run("gpt2", **extra)
+    one_line_error(cli("export", run, "--format", "gguf", "--out", tmp_path / "m.gguf", "--ollama"),
                    fragment, alone=True)
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
 
 def test_output_rules(tmp_path, make_run, cli, one_line_error):

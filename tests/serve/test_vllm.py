@@ -73,7 +73,7 @@ def test_cli_without_vllm_is_one_line_naming_the_package(run, cli, one_line_erro
     assert not export_dir(run).exists()
 
 
-def test_cli_refusals(tmp_path, run, tiny_recurrent, char_tokenizer, write_run, cli, one_line_error):
+def test_cli_refusals(tmp_path, run, tiny_model, tiny_recurrent, char_tokenizer, write_run, cli, one_line_error):
     one_line_error(cli("serve", run, "--", "--tensor-parallel-size", "2"), "only go to --engine vllm", alone=True)
     one_line_error(cli("serve", run, "--engine", "tgi"), "--engine must be llmcli or vllm", alone=True)
     one_line_error(cli("serve", run, "--engine", "vllm", "--threads", "2"), "drop --device/--threads", alone=True)
@@ -84,3 +84,8 @@ def test_cli_refusals(tmp_path, run, tiny_recurrent, char_tokenizer, write_run, 
     one_line_error(cli("serve", lstm, "--engine", "vllm"), "transformers has no lstm class to export it as",
                    alone=True)
     assert not export_dir(lstm).exists()
+    extras = write_run(tmp_path / "qk", tiny_model(char_tokenizer.get_vocab_size(), preset="llama", qk_norm=True,
+                                                   value_embeds=1), char_tokenizer)
+    one_line_error(cli("serve", extras, "--engine", "vllm"), "vLLM cannot run this model: model.qk_norm=true, "
+                   "model.value_embeds=1", "with the overrides model.qk_norm=false model.value_embeds=0", alone=True)
+    assert not export_dir(extras).exists()
