@@ -57,7 +57,7 @@ def _extras(config: ModelConfig) -> list[tuple[str, str]]:
         found.append(("model.qk_norm=true", "model.qk_norm=false"))
     if config.logit_softcap is not None:
         found.append((f"model.logit_softcap={_fmt(config.logit_softcap)}", "model.logit_softcap=null"))
-    if config.value_embeds or any(t >= 0 for t in config.layer_value_embeds or []):
+    if config.value_embeds:  # layer_value_embeds only ever names tables 0..value_embeds - 1
         found.append((f"model.value_embeds={config.value_embeds}", "model.value_embeds=0"))
     return found
 

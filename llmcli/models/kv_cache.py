@@ -262,7 +262,6 @@ def grouped_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tenso
     B, heads, _, dim = q.shape
     block_len, kv_heads = pool_k.shape[1], pool_k.shape[2]
     per_block = B * block_len * kv_heads * dim * q.element_size()
-    size = max(1, group_bytes // per_block)
     if per_block * tables.shape[1] <= copy_bytes:  # 1) one copy: SDPA over it (kv heads repeated)
         k, v = (gather_blocks(pool, tables, mask.shape[-1]).transpose(1, 2).to(q.dtype) for pool in (pool_k, pool_v))
         if kv_heads != heads:
@@ -273,6 +272,7 @@ def grouped_attention(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tenso
     mask = F.pad(mask.view(B, 1, 1, -1), (0, tables.shape[1] * block_len - mask.shape[-1]))
     top = torch.full((B, kv_heads, heads // kv_heads, 1), float("-inf"), device=q.device)
     total, out = torch.zeros_like(top), torch.zeros_like(qg)
+    size = max(1, group_bytes // per_block)  # blocks per group
     for first in range(0, tables.shape[1], size):
         group = tables[:, first:first + size]
         k, v = (gather_blocks(pool, group, group.shape[1] * block_len).float().permute(0, 2, 1, 3)
