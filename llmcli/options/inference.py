@@ -143,7 +143,7 @@ class EngineOptions(Options):
              "chunks of what is left, so a long prompt does not stall the others (chunked prefill, as vLLM's "
              "option). Default: none for generate (each prompt prefilled whole), 512 for serve.")
     compile: str = option("auto", "--compile", help="Compile the decode step with torch.compile for a few batch "
-                                                    "shapes: on, off, or auto (on for serve's transformer models, "
+                                                    "shapes: on, off, or auto (on for serve's transformer models but int4 ones, "
                                                     "where it measures faster once warm; its warm-up is cached on "
                                                     "disk and reported).")
 
